@@ -1,0 +1,1 @@
+"""memchat engine: everything that is not drawing. Never imports Textual."""

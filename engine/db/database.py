@@ -1,0 +1,177 @@
+"""The connection pool and the only two ways into the data: per user, or admin.
+
+``scoped(user_id)`` is a transaction in which PostgreSQL's row-level security
+shows and accepts that user's rows only. ``admin()`` is a read-only transaction
+across users, for the inspector and audits. Pool connections run as the
+non-superuser role ``memchat_app`` (set as a startup parameter, so the pool's
+``RESET ALL`` on release keeps it), which cannot bypass row-level security.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from engine.config import Settings
+from engine.db.embedded import DATABASE_NAME, EmbeddedServer, start_embedded
+from engine.db.migrate import ADMIN_ROLE, APP_ROLE, migrate
+from engine.errors import DatabaseError
+from engine.validation import validate_user_id
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "the server or the connection is gone", as opposed to a
+# statement the server refused.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with its password replaced, fit to show or log."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "<unparseable database URL>"
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseInfo:
+    embedded: bool
+    location: str
+    """The data dir for the embedded server, the redacted DSN otherwise."""
+    server_version: str
+
+    @property
+    def label(self) -> str:
+        if self.embedded:
+            return f"embedded PostgreSQL {self.server_version}"
+        host = urlsplit(self.location).hostname or "local socket"
+        return f"PostgreSQL {self.server_version} at {host}"
+
+
+class Database:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        info: DatabaseInfo,
+        embedded: EmbeddedServer | None,
+    ) -> None:
+        self.pool = pool
+        self.info = info
+        self._embedded = embedded
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Database:
+        """Start the embedded server if needed, migrate, and open the pool."""
+        db_settings = settings.database
+        if db_settings.url is not None:
+            return await cls._open_at(db_settings.url.get_secret_value(), settings, None)
+        embedded = await asyncio.to_thread(start_embedded, settings.data_dir())
+        try:
+            await _ensure_database(embedded, db_settings.connect_timeout)
+            return await cls._open_at(embedded.dsn_for(DATABASE_NAME), settings, embedded)
+        except BaseException:
+            await asyncio.to_thread(embedded.release)
+            raise
+
+    @classmethod
+    async def _open_at(
+        cls, dsn: str, settings: Settings, embedded: EmbeddedServer | None
+    ) -> Database:
+        db_settings = settings.database
+        shown = redact_dsn(dsn)
+        try:
+            owner = await asyncpg.connect(dsn, timeout=db_settings.connect_timeout)
+        except CONNECTION_ERRORS as exc:
+            raise DatabaseError(f"cannot connect to {shown}: {_reason(exc)}") from None
+        except asyncpg.PostgresError as exc:
+            raise DatabaseError(f"cannot connect to {shown}: {exc}") from None
+        try:
+            applied = await migrate(owner)
+            if applied:
+                log.info("applied migrations %s", applied)
+            version = str(await owner.fetchval("SHOW server_version")).split()[0]
+        finally:
+            await owner.close()
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min(db_settings.pool_min_size, db_settings.pool_max_size),
+                max_size=db_settings.pool_max_size,
+                command_timeout=db_settings.command_timeout,
+                timeout=db_settings.connect_timeout,
+                server_settings={"role": APP_ROLE, "application_name": "memchat"},
+            )
+        except CONNECTION_ERRORS as exc:
+            raise DatabaseError(f"cannot open a pool to {shown}: {_reason(exc)}") from None
+        info = DatabaseInfo(
+            embedded=embedded is not None,
+            location=str(embedded.data_dir) if embedded else shown,
+            server_version=version,
+        )
+        return cls(pool, info, embedded)
+
+    async def close(self) -> None:
+        await self.pool.close()
+        if self._embedded is not None:
+            # Stopping takes a moment and must not block the event loop.
+            await asyncio.to_thread(self._embedded.release)
+            self._embedded = None
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            async with self.pool.acquire() as conn:
+                yield conn
+        except CONNECTION_ERRORS as exc:
+            raise DatabaseError(f"lost the database connection: {_reason(exc)}") from None
+
+    @asynccontextmanager
+    async def scoped(self, user_id: str) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction that can see and write ``user_id``'s rows only."""
+        user_id = validate_user_id(user_id)
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("SELECT set_config('memchat.user_id', $1, true)", user_id)
+            yield conn
+
+    @asynccontextmanager
+    async def admin(self) -> AsyncIterator[asyncpg.Connection]:
+        """A read-only transaction across all users: the inspector's path, nothing else."""
+        async with self._connection() as conn, conn.transaction(readonly=True):
+            await conn.execute(f"SET LOCAL ROLE {ADMIN_ROLE}")
+            yield conn
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text or type(exc).__name__
+
+
+async def _ensure_database(server: EmbeddedServer, connect_timeout: float) -> None:
+    conn = await asyncpg.connect(server.dsn, timeout=connect_timeout)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE_NAME)
+        if not exists:
+            # Another process may create it first.
+            with contextlib.suppress(asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+                await conn.execute(f'CREATE DATABASE "{DATABASE_NAME}"')
+    finally:
+        await conn.close()

@@ -1,0 +1,140 @@
+"""Versioned SQL migrations, applied at start under an advisory lock.
+
+Files are ``engine/db/migrations/NNNN_name.sql``. All pending ones run in a
+single transaction that first takes a transaction-level advisory lock, so two
+processes starting at once serialise: the second finds nothing left to do.
+Applied versions are recorded in ``memchat_migrations`` with a checksum; an
+applied file that was edited afterwards is refused rather than silently skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import asyncpg
+
+from engine.errors import DatabaseError
+
+# Any stable 64-bit number; "memchat" in ASCII.
+MIGRATION_LOCK_KEY = 0x6D656D63686174
+APP_ROLE = "memchat_app"
+ADMIN_ROLE = "memchat_admin"
+
+_FILE_RE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def available_migrations() -> list[Migration]:
+    found = []
+    for entry in resources.files("engine.db").joinpath("migrations").iterdir():
+        match = _FILE_RE.fullmatch(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text("utf-8")))
+    return sorted(found, key=lambda m: m.version)
+
+
+# Roles are cluster-wide, so several databases (and racing processes) may try
+# to create them: duplicate_object / unique_violation mean someone else won.
+_ENSURE_ROLES = f"""
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN
+        BEGIN
+            CREATE ROLE {APP_ROLE} NOLOGIN NOSUPERUSER NOBYPASSRLS NOINHERIT;
+        EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+        END;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{ADMIN_ROLE}') THEN
+        BEGIN
+            CREATE ROLE {ADMIN_ROLE} NOLOGIN NOSUPERUSER NOBYPASSRLS NOINHERIT;
+        EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+        END;
+    END IF;
+END
+$$;
+"""
+
+_MEMBERSHIP = f"""
+SELECT pg_has_role(current_user, '{APP_ROLE}', 'MEMBER')
+   AND pg_has_role(current_user, '{ADMIN_ROLE}', 'MEMBER')
+"""
+
+
+async def ensure_roles(conn: asyncpg.Connection) -> None:
+    """Create the runtime roles and make sure the connecting user may SET ROLE to them."""
+    try:
+        await conn.execute(_ENSURE_ROLES)
+        if not await conn.fetchval(_MEMBERSHIP):
+            await conn.execute(f"GRANT {APP_ROLE}, {ADMIN_ROLE} TO CURRENT_USER")
+    except asyncpg.InsufficientPrivilegeError as exc:
+        raise DatabaseError(
+            f"the database user cannot create or use the roles {APP_ROLE} and {ADMIN_ROLE} "
+            f"({exc}); connect as a superuser once, or ask an administrator to run: "
+            f"CREATE ROLE {APP_ROLE} NOLOGIN NOBYPASSRLS; CREATE ROLE {ADMIN_ROLE} NOLOGIN; "
+            f"GRANT {APP_ROLE}, {ADMIN_ROLE} TO <your user>;"
+        ) from None
+
+
+async def migrate(conn: asyncpg.Connection) -> list[int]:
+    """Apply every pending migration; return the versions applied by this call."""
+    await ensure_roles(conn)
+    wanted = available_migrations()
+    applied_now: list[int] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+        await conn.execute(
+            """
+            CREATE TABLE IF NOT EXISTS memchat_migrations (
+                version    integer PRIMARY KEY,
+                name       text NOT NULL,
+                checksum   text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )
+            """
+        )
+        rows = await conn.fetch("SELECT version, name, checksum FROM memchat_migrations")
+        done = {row["version"]: row for row in rows}
+        known = {m.version for m in wanted}
+        if newer := sorted(set(done) - known):
+            raise DatabaseError(
+                f"the database schema is at version {max(newer)}, newer than this memchat "
+                f"knows ({max(known)}): upgrade memchat"
+            )
+        for migration in wanted:
+            row = done.get(migration.version)
+            if row is not None:
+                if row["checksum"] != migration.checksum:
+                    raise DatabaseError(
+                        f"migration {migration.version:04d}_{migration.name} was changed after "
+                        "it was applied to this database; restore the original file"
+                    )
+                continue
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO memchat_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                migration.version,
+                migration.name,
+                migration.checksum,
+            )
+            applied_now.append(migration.version)
+    return applied_now
+
+
+async def current_version(conn: asyncpg.Connection) -> int | None:
+    exists = await conn.fetchval("SELECT to_regclass('memchat_migrations') IS NOT NULL")
+    if not exists:
+        return None
+    return await conn.fetchval("SELECT max(version) FROM memchat_migrations")

@@ -1,0 +1,67 @@
+"""Plain, immutable rows handed out by the store. No behaviour, no database handles."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+MessageRole = Literal["user", "assistant"]
+MessageStatus = Literal["complete", "failed", "cancelled"]
+MemoryOp = Literal["add", "update", "delete"]
+JobStatus = Literal["pending", "running", "done", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    user_id: str
+    display_name: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    session_id: uuid.UUID
+    user_id: str
+    title: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    message_id: int
+    session_id: uuid.UUID
+    user_id: str
+    role: MessageRole
+    content: str
+    status: MessageStatus
+    error: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    memory_id: uuid.UUID
+    user_id: str
+    content: str
+    topics: tuple[str, ...]
+    source_session_id: uuid.UUID | None
+    source_message_id: int | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryEvent:
+    event_id: int
+    memory_id: uuid.UUID
+    user_id: str
+    op: MemoryOp
+    before: str | None
+    after: str | None
+    job_id: int | None
+    source_message_id: int | None
+    actor: str
+    at: datetime

@@ -1,0 +1,438 @@
+"""Users, sessions, messages and memories, always within one user's scope.
+
+Use it as ``async with store.scope(user_id) as s: await s.list_sessions()``.
+Everything done through one ``UserScope`` is one transaction, so a turn can
+store its reply and enqueue its memory job atomically. The scope's
+transaction is the database's row-level security scope too: an id that
+belongs to another user is simply not there.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from engine.config import LimitSettings
+from engine.db import Database
+from engine.errors import InvalidInput, NotFound
+from engine.records import (
+    Memory,
+    MemoryEvent,
+    Message,
+    MessageRole,
+    MessageStatus,
+    Session,
+    User,
+)
+from engine.validation import (
+    clean_text,
+    clean_title,
+    default_title,
+    parse_memory_id,
+    parse_session_id,
+    printable,
+    storable,
+    validate_user_id,
+)
+
+MEMORY_CHANNEL = "memchat_memory"
+MAX_TOPICS = 10
+MAX_TOPIC_CHARS = 40
+
+_SESSION_COLUMNS = "session_id, user_id, title, created_at, updated_at"
+_MESSAGE_COLUMNS = "message_id, session_id, user_id, role, content, status, error, created_at"
+_MEMORY_COLUMNS = (
+    "memory_id, user_id, content, topics, source_session_id, source_message_id, "
+    "created_at, updated_at"
+)
+_EVENT_COLUMNS = (
+    "event_id, memory_id, user_id, op, before, after, job_id, source_message_id, actor, at"
+)
+
+
+class Store:
+    def __init__(self, db: Database, limits: LimitSettings | None = None) -> None:
+        self.db = db
+        self.limits = limits or LimitSettings()
+
+    @asynccontextmanager
+    async def scope(self, user_id: str) -> AsyncIterator[UserScope]:
+        user_id = validate_user_id(user_id)
+        async with self.db.scoped(user_id) as conn:
+            yield UserScope(conn, user_id, self.limits)
+
+
+class UserScope:
+    """One user's view of the data, inside one transaction."""
+
+    def __init__(self, conn: asyncpg.Connection, user_id: str, limits: LimitSettings) -> None:
+        self.conn = conn
+        self.user_id = user_id
+        self.limits = limits
+
+    # -- users -------------------------------------------------------------
+
+    async def ensure_user(self, display_name: str | None = None) -> User:
+        """Create this user on first use; return it either way."""
+        name = display_name or self.user_id
+        row = await self.conn.fetchrow(
+            """
+            WITH created AS (
+                INSERT INTO users (user_id, display_name) VALUES ($1, $2)
+                ON CONFLICT (user_id) DO NOTHING
+                RETURNING user_id, display_name, created_at
+            )
+            SELECT * FROM created
+            UNION ALL
+            SELECT user_id, display_name, created_at FROM users WHERE user_id = $1
+            LIMIT 1
+            """,
+            self.user_id,
+            storable(name),
+        )
+        assert row is not None
+        return User(**row)
+
+    async def get_user(self) -> User | None:
+        row = await self.conn.fetchrow(
+            "SELECT user_id, display_name, created_at FROM users WHERE user_id = $1",
+            self.user_id,
+        )
+        return User(**row) if row else None
+
+    async def delete_user(self) -> bool:
+        """Remove this user and everything they own (sessions, messages, memories, jobs)."""
+        status = await self.conn.execute("DELETE FROM users WHERE user_id = $1", self.user_id)
+        return status != "DELETE 0"
+
+    # -- sessions ----------------------------------------------------------
+
+    async def create_session(self, title: str | None = None) -> Session:
+        await self.ensure_user()
+        clean = clean_title(title, max_chars=self.limits.max_title_chars) if title else None
+        row = await self.conn.fetchrow(
+            f"INSERT INTO sessions (user_id, title) VALUES ($1, $2) RETURNING {_SESSION_COLUMNS}",
+            self.user_id,
+            clean,
+        )
+        return Session(**row)
+
+    async def list_sessions(self) -> list[Session]:
+        rows = await self.conn.fetch(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE user_id = $1 "
+            "ORDER BY updated_at DESC, created_at DESC",
+            self.user_id,
+        )
+        return [Session(**row) for row in rows]
+
+    async def get_session(self, session_id: str | uuid.UUID) -> Session:
+        sid = parse_session_id(session_id)
+        row = await self.conn.fetchrow(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = $1", sid
+        )
+        if row is None:
+            raise self._no_session(sid)
+        return Session(**row)
+
+    async def rename_session(self, session_id: str | uuid.UUID, title: str) -> Session:
+        sid = parse_session_id(session_id)
+        clean = clean_title(title, max_chars=self.limits.max_title_chars)
+        row = await self.conn.fetchrow(
+            f"UPDATE sessions SET title = $2 WHERE session_id = $1 RETURNING {_SESSION_COLUMNS}",
+            sid,
+            clean,
+        )
+        if row is None:
+            raise self._no_session(sid)
+        return Session(**row)
+
+    async def delete_session(self, session_id: str | uuid.UUID) -> None:
+        """Delete a session with its messages; memories stay, without their source."""
+        sid = parse_session_id(session_id)
+        status = await self.conn.execute("DELETE FROM sessions WHERE session_id = $1", sid)
+        if status == "DELETE 0":
+            raise self._no_session(sid)
+
+    def _no_session(self, sid: uuid.UUID) -> NotFound:
+        return NotFound(f"no session {sid} for user {printable(self.user_id)}")
+
+    # -- messages ----------------------------------------------------------
+
+    async def append_message(
+        self,
+        session_id: str | uuid.UUID,
+        role: MessageRole,
+        content: str,
+        *,
+        status: MessageStatus = "complete",
+        error: str | None = None,
+    ) -> Message:
+        """Append one message; a user's first message becomes the session's title."""
+        sid = parse_session_id(session_id)
+        content = storable(content)
+        title = default_title(content) if role == "user" else None
+        try:
+            row = await self.conn.fetchrow(
+                f"""
+                WITH touched AS (
+                    UPDATE sessions
+                       SET updated_at = clock_timestamp(), title = COALESCE(title, $7)
+                     WHERE session_id = $1
+                    RETURNING session_id
+                )
+                INSERT INTO messages (session_id, user_id, role, content, status, error)
+                SELECT session_id, $2, $3, $4, $5, $6 FROM touched
+                RETURNING {_MESSAGE_COLUMNS}
+                """,
+                sid,
+                self.user_id,
+                role,
+                content,
+                status,
+                storable(error) if error is not None else None,
+                title,
+            )
+        except asyncpg.ForeignKeyViolationError:
+            row = None
+        if row is None:
+            raise self._no_session(sid)
+        return Message(**row)
+
+    async def last_messages(self, session_id: str | uuid.UUID, limit: int) -> list[Message]:
+        """The last ``limit`` messages of a session, oldest first."""
+        sid = parse_session_id(session_id)
+        if limit <= 0:
+            return []
+        rows = await self.conn.fetch(
+            f"""
+            SELECT * FROM (
+                SELECT {_MESSAGE_COLUMNS} FROM messages
+                 WHERE session_id = $1
+                 ORDER BY message_id DESC
+                 LIMIT $2
+            ) recent ORDER BY message_id
+            """,
+            sid,
+            limit,
+        )
+        return [Message(**row) for row in rows]
+
+    async def messages_before(
+        self, session_id: str | uuid.UUID, before_id: int | None, limit: int
+    ) -> list[Message]:
+        """A page of older messages (for scrolling back), oldest first."""
+        sid = parse_session_id(session_id)
+        rows = await self.conn.fetch(
+            f"""
+            SELECT * FROM (
+                SELECT {_MESSAGE_COLUMNS} FROM messages
+                 WHERE session_id = $1 AND ($2::bigint IS NULL OR message_id < $2)
+                 ORDER BY message_id DESC
+                 LIMIT $3
+            ) page ORDER BY message_id
+            """,
+            sid,
+            before_id,
+            limit,
+        )
+        return [Message(**row) for row in rows]
+
+    async def count_messages(self, session_id: str | uuid.UUID) -> int:
+        sid = parse_session_id(session_id)
+        return await self.conn.fetchval("SELECT count(*) FROM messages WHERE session_id = $1", sid)
+
+    # -- memories ----------------------------------------------------------
+
+    async def list_memories(self) -> list[Memory]:
+        rows = await self.conn.fetch(
+            f"SELECT {_MEMORY_COLUMNS} FROM memories WHERE user_id = $1 "
+            "ORDER BY updated_at DESC, created_at DESC, memory_id",
+            self.user_id,
+        )
+        return [_memory(row) for row in rows]
+
+    async def get_memory(self, memory_id: str | uuid.UUID) -> Memory:
+        mid = parse_memory_id(memory_id)
+        row = await self.conn.fetchrow(
+            f"SELECT {_MEMORY_COLUMNS} FROM memories WHERE memory_id = $1", mid
+        )
+        if row is None:
+            raise self._no_memory(mid)
+        return _memory(row)
+
+    async def add_memory(
+        self,
+        content: str,
+        topics: Sequence[str] = (),
+        *,
+        source_session_id: uuid.UUID | None = None,
+        source_message_id: int | None = None,
+        job_id: int | None = None,
+        actor: str = "user",
+    ) -> Memory | None:
+        """Remember a fact; None when the user already has the same memory."""
+        content = self._clean_memory(content)
+        row = await self.conn.fetchrow(
+            f"""
+            INSERT INTO memories (user_id, content, topics, source_session_id, source_message_id)
+            VALUES ($1, $2, $3, $4, $5)
+            ON CONFLICT (user_id, content_key) DO NOTHING
+            RETURNING {_MEMORY_COLUMNS}
+            """,
+            self.user_id,
+            content,
+            _clean_topics(topics),
+            source_session_id,
+            source_message_id,
+        )
+        if row is None:
+            return None
+        memory = _memory(row)
+        await self._record(memory.memory_id, "add", None, content, job_id, source_message_id, actor)
+        return memory
+
+    async def update_memory(
+        self,
+        memory_id: str | uuid.UUID,
+        content: str,
+        topics: Sequence[str] | None = None,
+        *,
+        job_id: int | None = None,
+        source_message_id: int | None = None,
+        actor: str = "user",
+    ) -> Memory:
+        mid = parse_memory_id(memory_id)
+        content = self._clean_memory(content)
+        try:
+            # A savepoint, so that a duplicate leaves the caller's transaction usable.
+            async with self.conn.transaction():
+                row = await self.conn.fetchrow(
+                    f"""
+                    WITH old AS (
+                        SELECT memory_id, content FROM memories WHERE memory_id = $1 FOR UPDATE
+                    )
+                    UPDATE memories m
+                       SET content = $2,
+                           topics = COALESCE($3, m.topics),
+                           updated_at = clock_timestamp()
+                      FROM old
+                     WHERE m.memory_id = old.memory_id
+                    RETURNING {", ".join("m." + c for c in _MEMORY_COLUMNS.split(", "))},
+                              old.content AS before
+                    """,
+                    mid,
+                    content,
+                    _clean_topics(topics) if topics is not None else None,
+                )
+        except asyncpg.UniqueViolationError:
+            raise InvalidInput("another memory of this user already says that") from None
+        if row is None:
+            raise self._no_memory(mid)
+        fields = dict(row)
+        before = fields.pop("before")
+        memory = _memory(fields)
+        await self._record(mid, "update", before, content, job_id, source_message_id, actor)
+        return memory
+
+    async def delete_memory(
+        self,
+        memory_id: str | uuid.UUID,
+        *,
+        job_id: int | None = None,
+        source_message_id: int | None = None,
+        actor: str = "user",
+    ) -> Memory:
+        mid = parse_memory_id(memory_id)
+        row = await self.conn.fetchrow(
+            f"DELETE FROM memories WHERE memory_id = $1 RETURNING {_MEMORY_COLUMNS}", mid
+        )
+        if row is None:
+            raise self._no_memory(mid)
+        memory = _memory(row)
+        await self._record(mid, "delete", memory.content, None, job_id, source_message_id, actor)
+        return memory
+
+    async def memory_events(self, memory_id: str | uuid.UUID | None = None) -> list[MemoryEvent]:
+        """The audit trail, oldest first: of one memory, or of all this user's memories."""
+        mid = parse_memory_id(memory_id) if memory_id is not None else None
+        rows = await self.conn.fetch(
+            f"SELECT {_EVENT_COLUMNS} FROM memory_events "
+            "WHERE user_id = $1 AND ($2::uuid IS NULL OR memory_id = $2) ORDER BY event_id",
+            self.user_id,
+            mid,
+        )
+        return [MemoryEvent(**row) for row in rows]
+
+    def _clean_memory(self, content: str) -> str:
+        text = clean_text(
+            content,
+            what="memory",
+            max_chars=self.limits.max_memory_chars,
+            setting="limits.max_memory_chars",
+        )
+        # A memory is one line: newlines and tabs inside it are just spacing.
+        return " ".join(text.split())
+
+    def _no_memory(self, mid: uuid.UUID) -> NotFound:
+        return NotFound(f"no memory {mid} for user {printable(self.user_id)}")
+
+    async def _record(
+        self,
+        memory_id: uuid.UUID,
+        op: str,
+        before: str | None,
+        after: str | None,
+        job_id: int | None,
+        source_message_id: int | None,
+        actor: str,
+    ) -> None:
+        """Audit the change and tell listeners (delivered when the transaction commits)."""
+        await self.conn.execute(
+            """
+            WITH ev AS (
+                INSERT INTO memory_events
+                    (memory_id, user_id, op, before, after, job_id, source_message_id, actor)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                RETURNING event_id
+            )
+            SELECT pg_notify($9, json_build_object(
+                'user_id', $2::text, 'memory_id', $1::uuid, 'op', $3::text,
+                'event_id', (SELECT event_id FROM ev))::text)
+            """,
+            memory_id,
+            self.user_id,
+            op,
+            before,
+            after,
+            job_id,
+            source_message_id,
+            actor,
+            MEMORY_CHANNEL,
+        )
+
+
+def _memory(row: Any) -> Memory:
+    fields = dict(row)
+    fields["topics"] = tuple(fields["topics"] or ())
+    return Memory(**fields)
+
+
+def _clean_topics(topics: Sequence[str]) -> list[str]:
+    cleaned: list[str] = []
+    for topic in topics:
+        if not isinstance(topic, str):
+            continue
+        text = " ".join(storable(topic).split())[:MAX_TOPIC_CHARS].lower()
+        if text and text not in cleaned:
+            cleaned.append(text)
+    return cleaned[:MAX_TOPICS]
+
+
+def notification_payload(payload: str) -> dict[str, Any]:
+    """Decode a ``memchat_memory`` notification."""
+    return json.loads(payload)
