@@ -277,19 +277,30 @@ class UserScope:
     ) -> Memory | None:
         """Remember a fact; None when the user already has the same memory."""
         content = self._clean_memory(content)
-        row = await self.conn.fetchrow(
-            f"""
-            INSERT INTO memories (user_id, content, topics, source_session_id, source_message_id)
-            VALUES ($1, $2, $3, $4, $5)
-            ON CONFLICT (user_id, content_key) DO NOTHING
-            RETURNING {_MEMORY_COLUMNS}
-            """,
-            self.user_id,
-            content,
-            _clean_topics(topics),
-            source_session_id,
-            source_message_id,
-        )
+        try:
+            row = await self.conn.fetchrow(
+                f"""
+                INSERT INTO memories
+                    (user_id, content, topics, source_session_id, source_message_id)
+                VALUES ($1, $2, $3, $4, $5)
+                ON CONFLICT (user_id, content_key) DO NOTHING
+                RETURNING {_MEMORY_COLUMNS}
+                """,
+                self.user_id,
+                content,
+                _clean_topics(topics),
+                source_session_id,
+                source_message_id,
+            )
+        except asyncpg.ForeignKeyViolationError as exc:
+            missing = (
+                "no such user"
+                if exc.constraint_name == "memories_user_id_fkey"
+                else "its source session or message is not this user's"
+            )
+            raise NotFound(
+                f"cannot add a memory for user {printable(self.user_id)}: {missing}"
+            ) from None
         if row is None:
             return None
         memory = _memory(row)

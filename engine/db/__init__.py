@@ -1,5 +1,6 @@
 """PostgreSQL access: the pool, the embedded server, migrations."""
 
-from engine.db.database import Database, DatabaseInfo, redact_dsn
+from engine.db.database import Database, DatabaseInfo
+from engine.db.dsn import redact_dsn, with_database
 
-__all__ = ["Database", "DatabaseInfo", "redact_dsn"]
+__all__ = ["Database", "DatabaseInfo", "redact_dsn", "with_database"]

@@ -15,11 +15,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 
 from engine.config import Settings
+from engine.db.dsn import redact_dsn, with_database
 from engine.db.embedded import DATABASE_NAME, EmbeddedServer, start_embedded
 from engine.db.migrate import ADMIN_ROLE, APP_ROLE, migrate
 from engine.errors import DatabaseError
@@ -38,18 +39,6 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
 )
-
-
-def redact_dsn(dsn: str) -> str:
-    """The DSN with its password replaced, fit to show or log."""
-    try:
-        parts = urlsplit(dsn)
-    except ValueError:
-        return "<unparseable database URL>"
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +76,8 @@ class Database:
         embedded = await asyncio.to_thread(start_embedded, settings.data_dir())
         try:
             await _ensure_database(embedded, db_settings.connect_timeout)
-            return await cls._open_at(embedded.dsn_for(DATABASE_NAME), settings, embedded)
+            dsn = with_database(embedded.dsn, DATABASE_NAME)
+            return await cls._open_at(dsn, settings, embedded)
         except BaseException:
             await asyncio.to_thread(embedded.release)
             raise

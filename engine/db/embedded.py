@@ -35,9 +35,6 @@ class EmbeddedServer:
     """DSN of the maintenance database ``postgres``."""
     _handle: Any = field(repr=False, compare=False)
 
-    def dsn_for(self, database: str) -> str:
-        return self.dsn.replace("/postgres?", f"/{database}?", 1)
-
     def release(self) -> None:
         """Let go of the server; it stops when no other memchat process holds it."""
         self._handle.cleanup()

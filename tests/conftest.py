@@ -1,0 +1,132 @@
+"""Shared fixtures: a real PostgreSQL, a fresh migrated database per test.
+
+The server is the embedded one (pgserver, in a temporary data dir) unless
+``MEMCHAT_TEST_DSN`` names another; each test gets its own database, cloned
+from a template that was migrated once, and dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from engine.config import Settings, load_settings
+from engine.db import Database, with_database
+from engine.db.embedded import start_embedded
+from engine.db.migrate import migrate
+from engine.store import Store
+
+TEST_DSN_VAR = "MEMCHAT_TEST_DSN"
+
+# Tests must not pick up the developer's own settings or keys.
+for _name in list(os.environ):
+    if (_name.startswith("MEMCHAT_") and _name != TEST_DSN_VAR) or _name.startswith("OPENAI_"):
+        del os.environ[_name]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_user_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    home = tmp_path_factory.mktemp("xdg")
+    saved = {k: os.environ.get(k) for k in ("XDG_CONFIG_HOME", "XDG_DATA_HOME")}
+    os.environ["XDG_CONFIG_HOME"] = str(home / "config")
+    os.environ["XDG_DATA_HOME"] = str(home / "data")
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _execute(dsn: str, *statements: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_server_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """DSN of the maintenance database of the server the tests use."""
+    external = os.environ.get(TEST_DSN_VAR)
+    if external:
+        yield external
+        return
+    server = start_embedded(tmp_path_factory.mktemp("pg") / "data")
+    yield server.dsn
+    server.release()
+
+
+@pytest.fixture(scope="session")
+def template_database(pg_server_dsn: str) -> Iterator[str]:
+    name = f"memchat_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    _run(_execute(pg_server_dsn, f'CREATE DATABASE "{name}"'))
+
+    async def _migrate() -> None:
+        conn = await asyncpg.connect(with_database(pg_server_dsn, name))
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    _run(_migrate())
+    yield name
+    _run(_execute(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def database_dsn(pg_server_dsn: str, template_database: str) -> Iterator[str]:
+    """A fresh, migrated database of its own for one test."""
+    name = f"memchat_t_{uuid.uuid4().hex[:12]}"
+    _run(_execute(pg_server_dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"'))
+    yield with_database(pg_server_dsn, name)
+    _run(_execute(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def empty_database_dsn(pg_server_dsn: str) -> Iterator[str]:
+    """A fresh database with no schema at all (for migration tests)."""
+    name = f"memchat_e_{uuid.uuid4().hex[:12]}"
+    _run(_execute(pg_server_dsn, f'CREATE DATABASE "{name}"'))
+    yield with_database(pg_server_dsn, name)
+    _run(_execute(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def make_settings(tmp_path: Path, **sections: dict[str, Any]) -> Settings:
+    """Settings from an empty file in tmp_path plus the given sections."""
+    config = tmp_path / "config.toml"
+    if not config.exists():
+        config.write_text("")
+    return load_settings(config, overrides=sections)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_dsn: str) -> Settings:
+    return make_settings(tmp_path, database={"url": database_dsn, "pool_max_size": 20})
+
+
+@pytest.fixture
+async def db(settings: Settings) -> AsyncIterator[Database]:
+    database = await Database.open(settings)
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+@pytest.fixture
+def store(db: Database, settings: Settings) -> Store:
+    return Store(db, settings.limits)

@@ -1,0 +1,135 @@
+"""Settings: file, environment, precedence, and one clear line for every mistake."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.config import load_settings, user_config_path
+from engine.errors import ConfigError
+
+
+@pytest.fixture
+def env() -> Iterator[dict[str, str]]:
+    """Set variables for one test, restoring the environment afterwards."""
+    saved = dict(os.environ)
+    yield os.environ  # type: ignore[misc]
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_defaults_without_any_file(in_tmp: Path) -> None:
+    settings = load_settings()
+    assert settings.config_file is None
+    assert settings.database.url is None
+    assert settings.model.resolved_provider == "offline"
+    assert settings.ui.users == ["user_1@example.com", "user_2@example.com", "user_3@example.com"]
+
+
+def test_file_then_env_override(in_tmp: Path, env: dict[str, str]) -> None:
+    config = in_tmp / "my.toml"
+    config.write_text(
+        '[database]\nurl = "postgresql://u:pw@db.example:5432/m"\npool_max_size = 5\n'
+        "[memory]\nconcurrency = 3\n"
+    )
+    env["MEMCHAT_MEMORY__CONCURRENCY"] = "9"
+    settings = load_settings(config)
+    assert settings.config_file == config
+    assert settings.database.pool_max_size == 5
+    assert settings.memory.concurrency == 9
+    assert settings.database.url is not None
+    assert "pw" not in repr(settings)
+
+
+def test_explicit_overrides_beat_environment(in_tmp: Path, env: dict[str, str]) -> None:
+    env["MEMCHAT_UI__USERS"] = '["a", "b"]'
+    assert load_settings().ui.users == ["a", "b"]
+    assert load_settings(overrides={"ui": {"users": ["c"]}}).ui.users == ["c"]
+
+
+def test_lookup_order(in_tmp: Path, env: dict[str, str]) -> None:
+    user_file = user_config_path()
+    user_file.parent.mkdir(parents=True, exist_ok=True)
+    user_file.write_text("[history]\nmax_messages = 1\n")
+    try:
+        assert load_settings().history.max_messages == 1
+        (in_tmp / "config.toml").write_text("[history]\nmax_messages = 2\n")
+        assert load_settings().history.max_messages == 2
+        (in_tmp / "env.toml").write_text("[history]\nmax_messages = 3\n")
+        env["MEMCHAT_CONFIG"] = str(in_tmp / "env.toml")
+        assert load_settings().history.max_messages == 3
+        (in_tmp / "flag.toml").write_text("[history]\nmax_messages = 4\n")
+        assert load_settings(in_tmp / "flag.toml").history.max_messages == 4
+    finally:
+        user_file.unlink()
+
+
+def test_openai_variables(in_tmp: Path, env: dict[str, str]) -> None:
+    env["OPENAI_API_KEY"] = "sk-test-secret"
+    env["OPENAI_BASE_URL"] = "http://127.0.0.1:9/v1"
+    settings = load_settings()
+    assert settings.model.resolved_provider == "openai"
+    assert settings.model.base_url == "http://127.0.0.1:9/v1"
+    assert settings.model.api_key is not None
+    assert settings.model.api_key.get_secret_value() == "sk-test-secret"
+    assert "sk-test-secret" not in repr(settings)
+    env["MEMCHAT_MODEL__BASE_URL"] = "http://127.0.0.1:10/v1"
+    assert load_settings().model.base_url == "http://127.0.0.1:10/v1"
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("[memory\n", "invalid TOML"),
+        ("[memory]\nconcurrency = 'many'\n", "memory.concurrency: Input should be a valid integer"),
+        ("[memory]\nconcurency = 2\n", "memory.concurency: unknown setting"),
+        ("[nonsense]\nx = 1\n", "nonsense: unknown setting"),
+        ("[model]\nprovider = 'gpt'\n", "model.provider"),
+        ("[database]\npool_max_size = 0\n", "database.pool_max_size"),
+        ("[ui]\nusers = []\n", "ui.users"),
+    ],
+)
+def test_bad_file_gives_one_line_naming_file_and_key(
+    in_tmp: Path, content: str, expected: str
+) -> None:
+    config = in_tmp / "bad.toml"
+    config.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        load_settings(config)
+    message = str(info.value)
+    assert str(config) in message
+    assert expected in message
+    assert "\n" not in message
+    assert info.value.exit_code == 2
+
+
+def test_bad_environment_names_the_variable(in_tmp: Path, env: dict[str, str]) -> None:
+    env["MEMCHAT_MEMORY__MAX_ATTEMPTS"] = "lots"
+    with pytest.raises(ConfigError, match="environment variable MEMCHAT_MEMORY__MAX_ATTEMPTS"):
+        load_settings()
+
+
+@pytest.mark.parametrize("problem", ["missing", "directory", "binary", "unreadable"])
+def test_unusable_file(in_tmp: Path, problem: str) -> None:
+    path = in_tmp / "c.toml"
+    if problem == "directory":
+        path.mkdir()
+    elif problem == "binary":
+        path.write_bytes(b"\xff\xfe\x00garbage")
+    elif problem == "unreadable":
+        path.write_text("")
+        path.chmod(0)
+        if os.access(path, os.R_OK):  # root reads anything: use a path through a file
+            path = in_tmp / "c.toml" / "nested.toml"
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert str(path) in str(info.value)

@@ -1,0 +1,92 @@
+"""Migrations: versioned, recorded, idempotent, safe when processes race."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+
+import asyncpg
+import pytest
+
+from engine.db.migrate import available_migrations, current_version, migrate
+from engine.errors import DatabaseError
+
+pytestmark = pytest.mark.db
+
+
+async def test_fresh_database_is_migrated_and_recorded(empty_database_dsn: str) -> None:
+    conn = await asyncpg.connect(empty_database_dsn)
+    try:
+        assert await current_version(conn) is None
+        applied = await migrate(conn)
+        assert applied == [m.version for m in available_migrations()]
+        assert await current_version(conn) == available_migrations()[-1].version
+        assert await migrate(conn) == []  # idempotent
+        rows = await conn.fetch("SELECT version, checksum FROM memchat_migrations")
+        assert {r["version"]: r["checksum"] for r in rows} == {
+            m.version: m.checksum for m in available_migrations()
+        }
+    finally:
+        await conn.close()
+
+
+async def test_edited_migration_is_refused(database_dsn: str) -> None:
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        await conn.execute("UPDATE memchat_migrations SET checksum = 'x' WHERE version = 1")
+        with pytest.raises(DatabaseError, match="was changed after it was applied"):
+            await migrate(conn)
+    finally:
+        await conn.close()
+
+
+async def test_newer_schema_is_refused(database_dsn: str) -> None:
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO memchat_migrations (version, name, checksum) VALUES (9999, 'future', '')"
+        )
+        with pytest.raises(DatabaseError, match="newer than this memchat"):
+            await migrate(conn)
+    finally:
+        await conn.close()
+
+
+_MIGRATE_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, sys
+    import asyncpg
+    from engine.db.migrate import migrate
+
+    async def main():
+        conn = await asyncpg.connect(sys.argv[1])
+        try:
+            print(await migrate(conn))
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_two_processes_migrating_at_once_both_succeed(empty_database_dsn: str) -> None:
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _MIGRATE_SCRIPT,
+            empty_database_dsn,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(3)
+    ]
+    results = [await p.communicate() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err.decode() for _, err in results]
+    outputs = sorted(out.decode().strip() for out, _ in results)
+    everything = str([m.version for m in available_migrations()])
+    # Exactly one process applied the migrations; the others found nothing to do.
+    assert outputs == sorted(["[]", "[]", everything])
