@@ -1,0 +1,88 @@
+"""The offline chat model: deterministic, no network, the default provider.
+
+It exists so that the demo, the tests and the UI snapshots run anywhere. Its
+replies (:mod:`engine.models.offline_replies`) and memory tool calls
+(:mod:`engine.models.offline_rules`) are pure functions of the messages it is
+given, so the whole pipeline is exercised exactly as with a real model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Sequence
+
+from engine.models.base import (
+    ChatMessage,
+    StreamEnd,
+    StreamEvent,
+    TextDelta,
+    ToolCall,
+    ToolResponse,
+    ToolSpec,
+    Usage,
+)
+from engine.models.offline_replies import compose_reply
+from engine.models.offline_rules import plan_memory_calls
+from engine.models.prompt_blocks import (
+    MEMORIES_TAG,
+    extract_block,
+    parse_extraction_memories,
+    parse_extraction_request,
+)
+
+OFFLINE_LABEL = "offline model"
+
+_DELTA = re.compile(r"\S+\s*|\s+")
+
+
+class OfflineChatModel:
+    label: str = OFFLINE_LABEL
+    is_offline: bool = True
+
+    def __init__(self, token_delay_ms: float = 0.0) -> None:
+        if token_delay_ms < 0:
+            raise ValueError("token_delay_ms must not be negative")
+        self._delay = token_delay_ms / 1000.0
+
+    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[StreamEvent]:
+        reply = compose_reply(messages)
+        for index, delta in enumerate(split_deltas(reply)):
+            # Always suspend, even without a delay, so that many concurrent
+            # turns interleave the way they do with a real server.
+            await asyncio.sleep(self._delay if index else 0)
+            yield TextDelta(delta)
+        yield StreamEnd(reply, Usage(count_words(messages), len(reply.split())), "stop")
+
+    async def call_tools(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]
+    ) -> ToolResponse:
+        await asyncio.sleep(0)
+        request_text = next((m.content for m in reversed(messages) if m.role == "user"), "")
+        request = parse_extraction_request(request_text)
+        memories = list(request.memories)
+        if extract_block(request_text, MEMORIES_TAG) is None:
+            # Tolerate a memory manager that puts the memories in the system prompt.
+            for message in messages:
+                if message.role == "system":
+                    memories.extend(parse_extraction_memories(message.content))
+        planned = plan_memory_calls(request.user_message, memories, {t.name for t in tools})
+        calls = tuple(
+            ToolCall(id=f"call_{number}", name=call.name, arguments=call.arguments)
+            for number, call in enumerate(planned, start=1)
+        )
+        completion = sum(len(json.dumps(call.arguments).split()) for call in calls)
+        return ToolResponse("", calls, Usage(count_words(messages), completion))
+
+    async def aclose(self) -> None:
+        return None
+
+
+def split_deltas(reply: str) -> list[str]:
+    """Word-sized deltas (each word with the whitespace after it) that join to ``reply``."""
+    return _DELTA.findall(reply)
+
+
+def count_words(messages: Sequence[ChatMessage]) -> int:
+    return sum(len(message.content.split()) for message in messages)

@@ -1,0 +1,781 @@
+"""A fake OpenAI-compatible HTTP server, for tests and benchmarks.
+
+A real HTTP/1.1 server on 127.0.0.1 (asyncio streams, no dependencies) that
+runs its own event loop in a background thread, so that async tests, sync
+tests and subprocesses can all talk to it over a socket, exactly as the
+``openai`` client talks to a real endpoint. It speaks::
+
+    POST /v1/chat/completions   non-streaming and streaming (SSE), tools
+    GET  /v1/models
+
+Replies are deterministic ("Echo: <last user message>"). Faults are injected
+on demand (``fail_next``) or at a seeded random rate (``fault_rate``).
+
+Usage::
+
+    with FakeOpenAI(token_delay=0.001) as server:
+        client = openai.AsyncOpenAI(base_url=server.base_url, api_key="x")
+        server.fail_next("429", retry_after=0.001)
+
+or as a process (benchmarks)::
+
+    python -m tests.fake_openai --port 0 --latency-ms 200 --token-delay-ms 2
+    # prints "READY http://127.0.0.1:PORT/v1", serves until SIGTERM/SIGINT
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http
+import json
+import math
+import random
+import signal
+import sys
+import threading
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, Self
+
+FaultKind = Literal["429", "500", "cut", "malformed", "timeout", "bad_tool_args"]
+FAULT_KINDS: tuple[FaultKind, ...] = ("429", "500", "cut", "malformed", "timeout", "bad_tool_args")
+# Chaos runs default to faults that resolve quickly; "timeout" holds a
+# connection until the client gives up, so it must be asked for explicitly.
+DEFAULT_RANDOM_FAULTS: tuple[FaultKind, ...] = ("429", "500", "cut", "malformed")
+
+CREATED = 1_700_000_000  # a fixed timestamp keeps responses byte-for-byte repeatable
+MAX_ECHO_CHARS = 200
+MAX_MEMORY_CHARS = 200
+MAX_HEADER_LINES = 100
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    kind: FaultKind
+    after: int = 2  # "cut": chunks sent before the connection drops
+    clean: bool = False  # "cut": end the body properly instead of dropping the connection
+    retry_after: float | None = None  # "429"/"500": seconds, sent as Retry-After headers
+
+
+@dataclass(slots=True)
+class _Request:
+    method: str
+    target: str
+    version: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+    @property
+    def keep_alive(self) -> bool:
+        connection = self.headers.get("connection", "").lower()
+        if self.version == "HTTP/1.0":
+            return connection == "keep-alive"
+        return connection != "close"
+
+
+class _BadRequest(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class _State:
+    """Everything shared between the test thread and the server thread."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    changed: threading.Condition = field(init=False)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    faults: deque[Fault] = field(default_factory=deque)
+    tool_call_queue: deque[list[dict[str, Any]]] = field(default_factory=deque)
+    fault_rate: float = 0.0
+    fault_kinds: tuple[FaultKind, ...] = DEFAULT_RANDOM_FAULTS
+    connections: int = 0  # open now
+    accepted: int = 0  # ever
+
+    def __post_init__(self) -> None:
+        self.changed = threading.Condition(self.lock)
+
+
+class FakeOpenAI:
+    """See the module docstring. Knobs are in seconds."""
+
+    def __init__(
+        self,
+        first_token_latency: float = 0.0,
+        token_delay: float = 0.0,
+        reply_tokens: int | None = None,
+        seed: int = 0,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        reject_stream_options: bool = False,
+    ) -> None:
+        if first_token_latency < 0 or token_delay < 0:
+            raise ValueError("latencies must not be negative")
+        if reply_tokens is not None and reply_tokens < 1:
+            raise ValueError("reply_tokens must be at least 1")
+        self.first_token_latency = first_token_latency
+        self.token_delay = token_delay
+        self.reply_tokens = reply_tokens
+        # Models a compatible server that predates stream_options.
+        self.reject_stream_options = reject_stream_options
+        self._host = host
+        self._requested_port = port
+        self._random = random.Random(seed)
+        self._state = _State()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._port: int | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> Self:
+        if self._thread is not None:
+            raise RuntimeError("FakeOpenAI is already started")
+        self._thread = threading.Thread(target=self._run, name="fake-openai", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._startup_error is not None:
+            self._thread.join()
+            raise RuntimeError(f"fake OpenAI server failed to start: {self._startup_error}")
+        return self
+
+    def stop(self) -> None:
+        thread, loop, stopping = self._thread, self._loop, self._stopping
+        if thread is None or loop is None or stopping is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop may already be gone
+            loop.call_soon_threadsafe(stopping.set)
+        thread.join(timeout=10)
+        self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("FakeOpenAI is not started")
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self._host}:{self.port}/v1"
+
+    # --- controls (any thread) ------------------------------------------------------
+
+    def fail_next(
+        self,
+        kind: FaultKind,
+        count: int = 1,
+        *,
+        after: int = 2,
+        retry_after: float | None = None,
+        clean: bool = False,
+    ) -> None:
+        """Make the next ``count`` chat requests fail with ``kind``.
+
+        ``retry_after`` (seconds) is sent as ``Retry-After`` and
+        ``retry-after-ms``; for "429" it defaults to 1 s. ``after`` is the
+        number of SSE chunks a "cut" stream delivers before the connection
+        drops; with ``clean`` the body ends properly instead, but early (no
+        finish_reason, no ``[DONE]``), as from a proxy that gave up politely.
+        """
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
+        if kind == "429" and retry_after is None:
+            retry_after = 1.0
+        with self._state.lock:
+            self._state.faults.extend(
+                Fault(kind, after=after, retry_after=retry_after, clean=clean) for _ in range(count)
+            )
+
+    def fault_rate(self, rate: float, kinds: Sequence[FaultKind] = DEFAULT_RANDOM_FAULTS) -> None:
+        """Fail each chat request with probability ``rate`` (seeded, so runs repeat)."""
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError("rate must be between 0 and 1")
+        unknown = set(kinds) - set(FAULT_KINDS)
+        if unknown or not kinds:
+            raise ValueError(f"kinds must be a non-empty subset of {FAULT_KINDS}")
+        with self._state.lock:
+            self._state.fault_rate = rate
+            self._state.fault_kinds = tuple(kinds)
+
+    def queue_tool_calls(self, calls: Iterable[dict[str, Any]]) -> None:
+        """The next request that offers tools answers with these calls.
+
+        Each call is ``{"name": ..., "arguments": dict | str}``; a string is
+        sent as is, which is how to send arguments that are not a JSON object.
+        """
+        with self._state.lock:
+            self._state.tool_call_queue.append([dict(call) for call in calls])
+
+    def reset(self) -> None:
+        """Forget recorded requests, pending faults, fault rate and queued tool calls."""
+        with self._state.lock:
+            self._state.requests.clear()
+            self._state.faults.clear()
+            self._state.tool_call_queue.clear()
+            self._state.fault_rate = 0.0
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """JSON bodies of the chat requests received so far (a snapshot)."""
+        with self._state.lock:
+            return list(self._state.requests)
+
+    @property
+    def request_count(self) -> int:
+        with self._state.lock:
+            return len(self._state.requests)
+
+    @property
+    def open_connections(self) -> int:
+        with self._state.lock:
+            return self._state.connections
+
+    @property
+    def accepted_connections(self) -> int:
+        """Connections accepted since start: tells keep-alive reuse from reconnects."""
+        with self._state.lock:
+            return self._state.accepted
+
+    def wait_for_requests(self, count: int, timeout: float = 10.0) -> bool:
+        """Block until at least ``count`` chat requests arrived; False on timeout."""
+        with self._state.changed:
+            return self._state.changed.wait_for(
+                lambda: len(self._state.requests) >= count, timeout=timeout
+            )
+
+    # --- server thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve())
+        finally:
+            loop.close()
+
+    async def _serve(self) -> None:
+        self._stopping = asyncio.Event()
+        try:
+            server = await asyncio.start_server(
+                self._on_connection, self._host, self._requested_port, backlog=4096
+            )
+        except OSError as exc:
+            self._startup_error = exc
+            self._ready.set()
+            return
+        self._port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            server.close()
+            for task in list(self._handlers):
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+            await server.wait_closed()
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        with self._state.lock:
+            self._state.connections += 1
+            self._state.accepted += 1
+        try:
+            while True:
+                request = await _read_request(reader)
+                if request is None:
+                    break
+                keep_open = await self._respond(request, reader, writer)
+                if not keep_open or not request.keep_alive:
+                    break
+        except (_BadRequest, asyncio.LimitOverrunError, ValueError):
+            with contextlib.suppress(ConnectionError):
+                await _send_json(writer, 400, _error_body("bad request", "invalid_request_error"))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client went away; nothing to answer
+        except asyncio.CancelledError:
+            # stop() cancels open connections. Ending the task normally keeps
+            # Python 3.11's start_server from logging every one as an error.
+            writer.transport.abort()
+        finally:
+            with self._state.lock:
+                self._state.connections -= 1
+            self._handlers.discard(task)
+            writer.close()
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                await writer.wait_closed()
+
+    async def _respond(
+        self, request: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        """Answer one request; False when the connection must be closed afterwards."""
+        path = request.path.removeprefix("/v1")
+        if request.method == "GET" and path == "/models":
+            await _send_json(writer, 200, _models_body())
+            return True
+        if path != "/chat/completions":
+            await _send_json(writer, 404, _error_body(f"no route {request.path}", "not_found"))
+            return True
+        if request.method != "POST":
+            await _send_json(writer, 405, _error_body("use POST", "invalid_request_error"))
+            return True
+        try:
+            body = json.loads(request.body)
+        except ValueError:
+            await _send_json(writer, 400, _error_body("body is not JSON", "invalid_request_error"))
+            return True
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            await _send_json(writer, 400, _error_body("messages missing", "invalid_request_error"))
+            return True
+        number, fault, queued_calls = self._record(body)
+        if self.reject_stream_options and "stream_options" in body:
+            message = "Unrecognized request argument supplied: stream_options"
+            await _send_json(writer, 400, _error_body(message, "invalid_request_error"))
+            return True
+        return await self._answer_chat(number, body, fault, queued_calls, reader, writer)
+
+    def _record(
+        self, body: dict[str, Any]
+    ) -> tuple[int, Fault | None, list[dict[str, Any]] | None]:
+        with self._state.changed:
+            self._state.requests.append(body)
+            number = len(self._state.requests)
+            fault = self._state.faults.popleft() if self._state.faults else None
+            rate = self._state.fault_rate
+            if fault is None and rate > 0 and self._random.random() < rate:
+                kind = self._random.choice(self._state.fault_kinds)
+                fault = Fault(kind, after=1 + self._random.randrange(4), retry_after=0.001)
+            queued = None
+            if body.get("tools") and self._state.tool_call_queue and fault is None:
+                queued = self._state.tool_call_queue.popleft()
+            self._state.changed.notify_all()
+        return number, fault, queued
+
+    async def _answer_chat(
+        self,
+        number: int,
+        body: dict[str, Any],
+        fault: Fault | None,
+        queued_calls: list[dict[str, Any]] | None,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> bool:
+        stream = bool(body.get("stream"))
+        if fault is not None and fault.kind in ("429", "500"):
+            status = int(fault.kind)
+            headers = _retry_after_headers(fault.retry_after)
+            kind = "rate_limit_exceeded" if status == 429 else "server_error"
+            await _send_json(writer, status, _error_body(f"fake {status}", kind), headers)
+            return True
+        if fault is not None and fault.kind == "timeout":
+            # Say nothing until the client gives up and closes the connection.
+            while await reader.read(65536):
+                pass
+            return False
+        reply = _Reply.for_request(number, body, self.reply_tokens, fault, queued_calls)
+        if stream:
+            return await self._stream_reply(reply, body, fault, writer)
+        # A real server needs the whole generation time before a non-streaming answer.
+        await asyncio.sleep(self.first_token_latency + self.token_delay * max(0, reply.steps - 1))
+        if fault is not None and fault.kind == "malformed":
+            await _send_raw(
+                writer, 200, b'{"id": "chatcmpl-broken", "choices": [', "application/json"
+            )
+            return True
+        payload = json.dumps(reply.completion()).encode()
+        if fault is not None and fault.kind == "cut":
+            head = _head(200, "application/json", {"Content-Length": str(len(payload))})
+            writer.write(head + payload[: len(payload) // 2])
+            await writer.drain()
+            return False
+        await _send_raw(writer, 200, payload, "application/json")
+        return True
+
+    async def _stream_reply(
+        self, reply: _Reply, body: dict[str, Any], fault: Fault | None, writer: asyncio.StreamWriter
+    ) -> bool:
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        events = reply.chunks(include_usage)
+        if fault is not None and fault.kind == "malformed":
+            events[0] = "{not json"
+        cut = fault is not None and fault.kind == "cut"
+        drop_connection = cut and fault is not None and not fault.clean
+        if cut and fault is not None:
+            events = events[: fault.after]
+        loop = asyncio.get_running_loop()
+        first_due = loop.time() + self.first_token_latency
+        # Chunk i is due at first_due + i * token_delay. Every chunk that is due
+        # goes out in one write: one send per chunk costs far more CPU than
+        # anything else here, and under load a server that falls behind
+        # catches up in bursts, like a real one, instead of falling further behind.
+        batch = bytearray(_head(200, "text/event-stream", {"Transfer-Encoding": "chunked"}))
+        for index, event in enumerate(events):
+            delay = first_due + index * self.token_delay - loop.time()
+            if delay > 0:
+                if batch:
+                    writer.write(batch)
+                    batch.clear()
+                    await writer.drain()
+                await asyncio.sleep(delay)
+            batch += _chunk(f"data: {event}\n\n".encode())
+        if drop_connection:
+            writer.write(batch)
+            await writer.drain()
+            writer.transport.abort()  # no terminating chunk: the body is incomplete
+            return False
+        if not cut:
+            batch += _chunk(b"data: [DONE]\n\n")
+        writer.write(batch + b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+
+# --- replies ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Reply:
+    """What to answer to one chat request: text tokens or tool calls."""
+
+    completion_id: str
+    model: str
+    tokens: list[str]
+    tool_calls: list[dict[str, Any]]
+    prompt_tokens: int
+
+    @classmethod
+    def for_request(
+        cls,
+        number: int,
+        body: dict[str, Any],
+        reply_tokens: int | None,
+        fault: Fault | None,
+        queued_calls: list[dict[str, Any]] | None,
+    ) -> _Reply:
+        messages = [m for m in body["messages"] if isinstance(m, dict)]
+        last_user = next(
+            (_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), ""
+        )
+        prompt_tokens = sum(len(_text(m.get("content")).split()) for m in messages)
+        model = str(body.get("model") or "fake-model")
+        completion_id = f"chatcmpl-fake-{number}"
+        if fault is not None and fault.kind == "bad_tool_args":
+            calls = [{"name": _first_tool_name(body), "arguments": '{"memory": "unterminated'}]
+            return cls(completion_id, model, [], _tool_calls(calls), prompt_tokens)
+        if queued_calls is not None:
+            return cls(completion_id, model, [], _tool_calls(queued_calls), prompt_tokens)
+        if body.get("tools"):
+            memory = _user_message_block(last_user)[:MAX_MEMORY_CHARS].strip() or "(empty)"
+            calls = [{"name": "add_memory", "arguments": {"memory": memory, "topics": ["general"]}}]
+            return cls(completion_id, model, [], _tool_calls(calls), prompt_tokens)
+        return cls(completion_id, model, echo_tokens(last_user, reply_tokens), [], prompt_tokens)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.tokens)
+
+    @property
+    def steps(self) -> int:
+        return len(self.tokens) if self.tokens else 1
+
+    @property
+    def finish_reason(self) -> str:
+        return "tool_calls" if self.tool_calls else "stop"
+
+    def usage(self) -> dict[str, int]:
+        completion_tokens = len(self.tokens) or sum(
+            len(call["function"]["arguments"].split()) for call in self.tool_calls
+        )
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+        }
+
+    def completion(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": self.text or None}
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        return {
+            "id": self.completion_id,
+            "object": "chat.completion",
+            "created": CREATED,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": self.finish_reason,
+                }
+            ],
+            "usage": self.usage(),
+        }
+
+    def chunks(self, include_usage: bool) -> list[str]:
+        """SSE data payloads, in order, without the final ``[DONE]``."""
+        deltas: list[dict[str, Any]] = []
+        if self.tool_calls:
+            calls = [{"index": i, **call} for i, call in enumerate(self.tool_calls)]
+            deltas.append({"role": "assistant", "content": None, "tool_calls": calls})
+        for index, token in enumerate(self.tokens):
+            deltas.append(
+                {"role": "assistant", "content": token} if index == 0 else {"content": token}
+            )
+        if not deltas:
+            deltas.append({"role": "assistant", "content": ""})
+        usage_field = {"usage": None} if include_usage else {}
+        payloads = [self._chunk([_choice(delta, None)], usage_field) for delta in deltas]
+        payloads.append(self._chunk([_choice({}, self.finish_reason)], usage_field))
+        if include_usage:
+            payloads.append(self._chunk([], {"usage": self.usage()}))
+        return payloads
+
+    def _chunk(self, choices: list[dict[str, Any]], extra: dict[str, Any]) -> str:
+        chunk = {
+            "id": self.completion_id,
+            "object": "chat.completion.chunk",
+            "created": CREATED,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+        return json.dumps(chunk)
+
+
+def echo_tokens(text: str, reply_tokens: int | None) -> list[str]:
+    """The default reply, as stream tokens: "Echo: <text>" word by word.
+
+    With ``reply_tokens`` the reply has exactly that many tokens: the echo is
+    cut, or padded with "tokN" words, so benchmarks control the length while
+    replies still show which request they answer.
+    """
+    words = ["Echo:", *" ".join(text.split())[:MAX_ECHO_CHARS].split()]
+    if reply_tokens is not None:
+        words = (words + [f"tok{i}" for i in range(len(words), reply_tokens)])[:reply_tokens]
+    return [word + (" " if index < len(words) - 1 else "") for index, word in enumerate(words)]
+
+
+def _choice(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+def _tool_calls(calls: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    result = []
+    for number, call in enumerate(calls, start=1):
+        arguments = call.get("arguments", {})
+        raw = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        result.append(
+            {
+                "id": call.get("id", f"call_{number}"),
+                "type": "function",
+                "function": {"name": call["name"], "arguments": raw},
+            }
+        )
+    return result
+
+
+def _first_tool_name(body: dict[str, Any]) -> str:
+    for tool in body.get("tools") or ():
+        name = (tool.get("function") or {}).get("name") if isinstance(tool, dict) else None
+        if isinstance(name, str):
+            return name
+    return "add_memory"
+
+
+def _user_message_block(text: str) -> str:
+    start = text.find("<user_message>")
+    if start < 0:
+        return text.strip()
+    start += len("<user_message>")
+    end = text.find("</user_message>", start)
+    return (text[start:] if end < 0 else text[start:end]).strip()
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}]
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return ""
+
+
+def _models_body() -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [{"id": "fake-model", "object": "model", "created": CREATED, "owned_by": "fake"}],
+    }
+
+
+def _error_body(message: str, kind: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": kind}}
+
+
+def _retry_after_headers(retry_after: float | None) -> dict[str, str]:
+    if retry_after is None:
+        return {}
+    # The openai client prefers retry-after-ms, which allows sub-second waits.
+    return {
+        "Retry-After": str(math.ceil(retry_after)),
+        "retry-after-ms": str(round(retry_after * 1000)),
+    }
+
+
+# --- HTTP/1.1 wire ------------------------------------------------------------------
+
+
+async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
+    """The next request on a connection, or None when the client closed it."""
+    line = await reader.readline()
+    while line in (b"\r\n", b"\n"):  # tolerate stray blank lines between requests
+        line = await reader.readline()
+    if not line:
+        return None
+    parts = line.decode("latin-1").split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        raise _BadRequest(line)
+    method, target, version = parts
+    headers: dict[str, str] = {}
+    for _ in range(MAX_HEADER_LINES):
+        raw = await reader.readline()
+        if raw in (b"\r\n", b"\n", b""):
+            break
+        name, sep, value = raw.decode("latin-1").partition(":")
+        if not sep:
+            raise _BadRequest(raw)
+        headers[name.strip().lower()] = value.strip()
+    else:
+        raise _BadRequest("too many headers")
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body = await _read_chunked(reader)
+    else:
+        length = int(headers.get("content-length", "0") or 0)
+        if not 0 <= length <= MAX_BODY_BYTES:
+            raise _BadRequest("bad content-length")
+        body = await reader.readexactly(length) if length else b""
+    return _Request(method, target, version, headers, body)
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    body = bytearray()
+    while True:
+        size = int((await reader.readline()).split(b";", 1)[0].strip() or b"0", 16)
+        if size == 0:
+            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+            return bytes(body)
+        body += await reader.readexactly(size)
+        await reader.readexactly(2)
+        if len(body) > MAX_BODY_BYTES:
+            raise _BadRequest("body too large")
+
+
+def _head(status: int, content_type: str, headers: dict[str, str] | None = None) -> bytes:
+    lines = [
+        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
+        f"Content-Type: {content_type}",
+        "Connection: keep-alive",
+        *(f"{name}: {value}" for name, value in (headers or {}).items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+async def _send_raw(
+    writer: asyncio.StreamWriter,
+    status: int,
+    payload: bytes,
+    content_type: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    all_headers = {"Content-Length": str(len(payload)), **(headers or {})}
+    writer.write(_head(status, content_type, all_headers) + payload)
+    await writer.drain()
+
+
+async def _send_json(
+    writer: asyncio.StreamWriter,
+    status: int,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> None:
+    await _send_raw(writer, status, json.dumps(body).encode(), "application/json", headers)
+
+
+# --- command line -------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.fake_openai", description="Fake OpenAI-compatible server."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="before the first token")
+    parser.add_argument("--token-delay-ms", type=float, default=0.0, help="between tokens")
+    parser.add_argument("--reply-tokens", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fault-rate", type=float, default=0.0)
+    parser.add_argument(
+        "--fault-kinds",
+        default=",".join(DEFAULT_RANDOM_FAULTS),
+        help=f"comma-separated subset of {','.join(FAULT_KINDS)}",
+    )
+    args = parser.parse_args(argv)
+    server = FakeOpenAI(
+        first_token_latency=args.latency_ms / 1000,
+        token_delay=args.token_delay_ms / 1000,
+        reply_tokens=args.reply_tokens,
+        seed=args.seed,
+        host=args.host,
+        port=args.port,
+    )
+    if args.fault_rate:
+        kinds = [kind.strip() for kind in args.fault_kinds.split(",") if kind.strip()]
+        server.fault_rate(args.fault_rate, kinds)  # type: ignore[arg-type]
+    # Block the signals before the server thread starts so that only the main
+    # thread receives them, in sigwait below.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    server.start()
+    print(f"READY {server.base_url}", flush=True)
+    try:
+        signal.sigwait(stop_signals)
+    finally:
+        server.stop()
+    print(f"STOPPED after {server.request_count} chat requests", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
