@@ -65,3 +65,21 @@ class MemoryEvent:
     source_message_id: int | None
     actor: str
     at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryJob:
+    job_id: int
+    user_id: str
+    session_id: uuid.UUID | None
+    user_message_id: int | None
+    assistant_message_id: int | None
+    status: JobStatus
+    attempts: int
+    run_after: datetime
+    lease_until: datetime | None
+    worker: str | None
+    last_error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None

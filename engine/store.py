@@ -21,8 +21,10 @@ from engine.config import LimitSettings
 from engine.db import Database
 from engine.errors import InvalidInput, NotFound
 from engine.records import (
+    JobStatus,
     Memory,
     MemoryEvent,
+    MemoryJob,
     Message,
     MessageRole,
     MessageStatus,
@@ -41,6 +43,7 @@ from engine.validation import (
 )
 
 MEMORY_CHANNEL = "memchat_memory"
+JOB_CHANNEL = "memchat_jobs"
 MAX_TOPICS = 10
 MAX_TOPIC_CHARS = 40
 
@@ -49,6 +52,10 @@ _MESSAGE_COLUMNS = "message_id, session_id, user_id, role, content, status, erro
 _MEMORY_COLUMNS = (
     "memory_id, user_id, content, topics, source_session_id, source_message_id, "
     "created_at, updated_at"
+)
+_JOB_COLUMNS = (
+    "job_id, user_id, session_id, user_message_id, assistant_message_id, status, attempts, "
+    "run_after, lease_until, worker, last_error, created_at, started_at, finished_at"
 )
 _EVENT_COLUMNS = (
     "event_id, memory_id, user_id, op, before, after, job_id, source_message_id, actor, at"
@@ -378,6 +385,98 @@ class UserScope:
             mid,
         )
         return [MemoryEvent(**row) for row in rows]
+
+    # -- memory jobs -------------------------------------------------------
+
+    async def enqueue_memory_job(self, user_message: Message, reply: Message) -> int:
+        """Queue extraction for one turn; workers hear of it when this transaction commits."""
+        return await self.conn.fetchval(
+            """
+            WITH job AS (
+                INSERT INTO memory_jobs
+                    (user_id, session_id, user_message_id, assistant_message_id)
+                VALUES ($1, $2, $3, $4)
+                RETURNING job_id
+            )
+            SELECT job_id FROM job, LATERAL pg_notify($5, json_build_object(
+                'user_id', $1::text, 'job_id', job_id, 'state', 'pending')::text) n
+            """,
+            self.user_id,
+            user_message.session_id,
+            user_message.message_id,
+            reply.message_id,
+            JOB_CHANNEL,
+        )
+
+    async def get_messages(self, message_ids: Sequence[int]) -> dict[int, Message]:
+        rows = await self.conn.fetch(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE message_id = ANY($1::bigint[])",
+            list(message_ids),
+        )
+        return {row["message_id"]: Message(**row) for row in rows}
+
+    async def list_jobs(self, limit: int = 100) -> list[MemoryJob]:
+        rows = await self.conn.fetch(
+            f"SELECT {_JOB_COLUMNS} FROM memory_jobs WHERE user_id = $1 "
+            "ORDER BY job_id DESC LIMIT $2",
+            self.user_id,
+            limit,
+        )
+        return [MemoryJob(**row) for row in rows]
+
+    async def open_job_count(self) -> int:
+        return await self.conn.fetchval(
+            "SELECT count(*) FROM memory_jobs WHERE user_id = $1 "
+            "AND status IN ('pending', 'running')",
+            self.user_id,
+        )
+
+    async def settle_job(
+        self,
+        job_id: int,
+        worker: str,
+        status: JobStatus,
+        *,
+        error: str | None = None,
+        retry_in: float | None = None,
+    ) -> bool:
+        """Record a job's outcome, if this worker still holds it.
+
+        False means the lease was lost (another worker took the job over): the
+        caller must roll back what it did, so the job's effect happens once.
+        """
+        row = await self.conn.fetchrow(
+            """
+            UPDATE memory_jobs
+               SET status = $3,
+                   last_error = COALESCE($4, last_error),
+                   run_after = CASE WHEN $5::float8 IS NULL THEN run_after
+                                    ELSE clock_timestamp() + make_interval(secs => $5) END,
+                   finished_at = CASE WHEN $3 IN ('done', 'failed') THEN clock_timestamp() END,
+                   lease_until = NULL,
+                   worker = CASE WHEN $3 = 'pending' THEN NULL ELSE worker END
+             WHERE job_id = $1 AND worker = $2 AND status = 'running'
+            RETURNING user_id, job_id, pg_notify($6, json_build_object(
+                'user_id', user_id, 'job_id', job_id, 'state', $3::text)::text)
+            """,
+            job_id,
+            worker,
+            status,
+            storable(error) if error is not None else None,
+            retry_in,
+            JOB_CHANNEL,
+        )
+        return row is not None
+
+    async def extend_lease(self, job_id: int, worker: str, seconds: float) -> bool:
+        status = await self.conn.execute(
+            "UPDATE memory_jobs SET lease_until = clock_timestamp() + make_interval(secs => $3) "
+            "WHERE job_id = $1 AND worker = $2 AND status = 'running'",
+            job_id,
+            worker,
+            seconds,
+        )
+        return status == "UPDATE 1"
 
     def _clean_memory(self, content: str) -> str:
         text = clean_text(

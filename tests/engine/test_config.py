@@ -133,3 +133,31 @@ def test_unusable_file(in_tmp: Path, problem: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(path)
     assert str(path) in str(info.value)
+
+
+def test_example_file_lists_every_setting_with_its_default(in_tmp: Path) -> None:
+    import re
+    import tomllib
+
+    from engine.config import Settings
+
+    example = Path(__file__).parents[2] / "config.example.toml"
+    uncommented = re.sub(r"(?m)^# (\w+ = .*)$", r"\1", example.read_text())
+    data = tomllib.loads(uncommented)
+    defaults = Settings().model_dump(mode="json", exclude={"config_file"})
+    # The example shows a placeholder where the default is "unset".
+    placeholders = {
+        ("database", "url"),
+        ("database", "data_dir"),
+        ("model", "api_key"),
+        ("model", "base_url"),
+        ("model", "temperature"),
+    }
+    assert set(data) == set(defaults)
+    for section, values in defaults.items():
+        assert set(data[section]) == set(values), section
+        for key, value in values.items():
+            if (section, key) not in placeholders:
+                assert data[section][key] == value, f"{section}.{key}"
+    (in_tmp / "ex.toml").write_text(uncommented.replace('api_key = "sk-..."', ""))
+    assert load_settings(in_tmp / "ex.toml").model.api_key is None

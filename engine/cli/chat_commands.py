@@ -1,0 +1,165 @@
+"""``memchat chat``, ``sessions`` and ``history``: the headless chat."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from engine.agent import TurnCancelled, TurnCompleted, TurnDelta, TurnFailed, TurnStarted
+from engine.cli.output import print_json, say, table, warn, when
+from engine.config import Settings
+from engine.errors import InvalidInput
+from engine.records import Session
+from engine.runtime import Runtime, open_runtime
+from engine.store import Store
+
+
+def register(commands: argparse._SubParsersAction[Any], exit_codes: str) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    chat = commands.add_parser(
+        "chat",
+        help="send one message as a user and stream the reply",
+        description=(
+            "Send one message and stream the reply to stdout. The user is created on "
+            "first use. Without --session or --new-session the user's most recent "
+            "session is continued (or a first one started)."
+        ),
+        epilog='example:\n  memchat chat --user alice@example.com "My name is Alice."\n\n'
+        + exit_codes,
+        formatter_class=fmt,
+    )
+    chat.add_argument("--user", required=True, help="user id, e.g. alice@example.com")
+    where = chat.add_mutually_exclusive_group()
+    where.add_argument("--session", help="session id (see `memchat sessions`)")
+    where.add_argument("--new-session", action="store_true", help="start a new session")
+    chat.add_argument("text", help='the message; "-" reads it from stdin')
+    chat.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    chat.set_defaults(handler=chat_command)
+
+    sessions = commands.add_parser(
+        "sessions",
+        help="list a user's sessions, newest first",
+        epilog="example:\n  memchat sessions --user alice@example.com\n\n" + exit_codes,
+        formatter_class=fmt,
+    )
+    sessions.add_argument("--user", required=True)
+    sessions.add_argument("--json", action="store_true", help="print JSON")
+    sessions.set_defaults(handler=sessions_command)
+
+    history = commands.add_parser(
+        "history",
+        help="show the messages of one session",
+        epilog="example:\n  memchat history --user alice@example.com --session 3f2b...\n\n"
+        + exit_codes,
+        formatter_class=fmt,
+    )
+    history.add_argument("--user", required=True)
+    history.add_argument("--session", required=True)
+    history.add_argument("--limit", type=int, default=50, help="last N messages (default 50)")
+    history.add_argument("--json", action="store_true", help="print JSON")
+    history.set_defaults(handler=history_command)
+
+
+def _read_text(text: str) -> str:
+    if text != "-":
+        return text
+    data = sys.stdin.buffer.read()
+    return data.decode("utf-8", errors="replace")
+
+
+async def _pick_session(store: Store, user_id: str, session: str | None, new: bool) -> Session:
+    async with store.scope(user_id) as s:
+        await s.ensure_user()
+        if session is not None:
+            return await s.get_session(session)
+        if not new and (existing := await s.list_sessions()):
+            return existing[0]
+        return await s.create_session()
+
+
+async def chat_command(args: argparse.Namespace, settings: Settings) -> int:
+    text = _read_text(args.text)
+    async with open_runtime(settings) as rt:
+        text = rt.agent.check_text(text)
+        session = await _pick_session(rt.store, args.user, args.session, args.new_session)
+        return await _stream_turn(rt, args, session, text)
+
+
+async def _stream_turn(rt: Runtime, args: argparse.Namespace, session: Session, text: str) -> int:
+    result: dict[str, Any] = {"user_id": session.user_id, "session_id": session.session_id}
+    code = 0
+    streamed = False
+    async for event in rt.agent.stream(session.user_id, session.session_id, text):
+        match event:
+            case TurnStarted(user_message=message):
+                result["user_message_id"] = message.message_id
+            case TurnDelta(text=delta):
+                if not args.json:
+                    say(delta, end="")
+                    streamed = True
+            case TurnCompleted(reply=reply) | TurnCancelled(reply=reply):
+                result.update(status=reply.status, reply=reply.content)
+                result["reply_message_id"] = reply.message_id
+            case TurnFailed(reply=reply, error=error):
+                result.update(status="failed", reply=reply.content, error=error)
+                result["reply_message_id"] = reply.message_id
+                code = 1
+    if args.json:
+        print_json(result)
+    else:
+        if streamed:
+            say()
+        if code:
+            warn(f"error: the reply failed: {result['error']} (your message is saved)")
+    return code
+
+
+async def sessions_command(args: argparse.Namespace, settings: Settings) -> int:
+    async with open_runtime(settings) as rt, rt.store.scope(args.user) as s:
+        sessions = await s.list_sessions()
+        counts = {x.session_id: await s.count_messages(x.session_id) for x in sessions}
+    if args.json:
+        print_json(
+            [
+                {
+                    "session_id": x.session_id,
+                    "title": x.title,
+                    "messages": counts[x.session_id],
+                    "created_at": x.created_at,
+                    "updated_at": x.updated_at,
+                }
+                for x in sessions
+            ]
+        )
+        return 0
+    if not sessions:
+        say(f"{args.user} has no sessions yet")
+        return 0
+    table(
+        [
+            [str(x.session_id), when(x.updated_at), str(counts[x.session_id]), x.title or ""]
+            for x in sessions
+        ],
+        ["SESSION", "UPDATED", "MESSAGES", "TITLE"],
+    )
+    return 0
+
+
+async def history_command(args: argparse.Namespace, settings: Settings) -> int:
+    if args.limit < 1:
+        raise InvalidInput("--limit must be at least 1")
+    async with open_runtime(settings) as rt, rt.store.scope(args.user) as s:
+        session = await s.get_session(args.session)
+        messages = await s.last_messages(session.session_id, args.limit)
+    if args.json:
+        print_json({"session": session, "messages": messages})
+        return 0
+    say(f"# {session.title or 'untitled'} ({session.session_id})")
+    for m in messages:
+        mark = "" if m.status == "complete" else f" [{m.status}]"
+        say(f"\n{m.role}{mark} · {when(m.created_at)}")
+        say(m.content)
+        if m.error:
+            say(f"(error: {m.error})")
+    return 0

@@ -1,0 +1,79 @@
+"""``memchat users`` and ``memchat config``: what is there, and how it is set up."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from engine.admin import AdminReader
+from engine.cli.output import print_json, say, table, when
+from engine.config import Settings
+from engine.db import Database, redact_dsn
+
+
+def register(commands: argparse._SubParsersAction[Any], exit_codes: str) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    users = commands.add_parser(
+        "users",
+        help="list every user with counts (admin, read-only)",
+        epilog="example:\n  memchat users --json\n\n" + exit_codes,
+        formatter_class=fmt,
+    )
+    users.add_argument("--json", action="store_true", help="print JSON")
+    users.set_defaults(handler=users_command)
+
+    config = commands.add_parser(
+        "config",
+        help="show the settings in effect and where they came from (secrets redacted)",
+        epilog="example:\n  memchat --config ./config.toml config\n\n" + exit_codes,
+        formatter_class=fmt,
+    )
+    config.add_argument("--json", action="store_true", help="print JSON")
+    config.set_defaults(handler=config_command)
+
+
+async def users_command(args: argparse.Namespace, settings: Settings) -> int:
+    db = await Database.open(settings)
+    try:
+        users = await AdminReader(db).list_users()
+    finally:
+        await db.close()
+    if args.json:
+        print_json(users)
+        return 0
+    if not users:
+        say("no users yet")
+        return 0
+    table(
+        [
+            [u.user_id, when(u.created_at), str(u.sessions), str(u.messages), str(u.memories)]
+            for u in users
+        ],
+        ["USER", "CREATED", "SESSIONS", "MESSAGES", "MEMORIES"],
+    )
+    return 0
+
+
+def redacted_settings(settings: Settings) -> dict[str, Any]:
+    data = settings.model_dump(mode="json")
+    if settings.database.url is not None:
+        data["database"]["url"] = redact_dsn(settings.database.url.get_secret_value())
+    data["database"]["data_dir"] = str(settings.data_dir())
+    if settings.model.api_key is not None:
+        data["model"]["api_key"] = "***"
+    data["model"]["resolved_provider"] = settings.model.resolved_provider
+    return data
+
+
+async def config_command(args: argparse.Namespace, settings: Settings) -> int:
+    data = redacted_settings(settings)
+    source = str(settings.config_file) if settings.config_file else None
+    if args.json:
+        print_json({"config_file": source, "settings": data})
+        return 0
+    say(f"# settings file: {source or 'none (defaults and environment only)'}")
+    for section, values in data.items():
+        say(f"\n[{section}]")
+        for key, value in values.items():
+            say(f"{key} = {value!r}")
+    return 0

@@ -1,0 +1,77 @@
+"""``memchat``: the command line. Every user mistake is one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from engine.cli import chat_commands, info_commands
+from engine.cli.output import warn
+from engine.config import Settings, load_settings
+from engine.errors import MemchatError
+
+EXIT_CODES = """\
+exit codes:
+  0    success
+  1    the turn failed (model error; the message is stored) or an unexpected error
+  2    bad usage, bad input or broken settings
+  3    not found (unknown session or memory of that user)
+  4    database unreachable or refused the work
+  130  interrupted (Ctrl-C); a reply being streamed is stored as cancelled
+"""
+
+Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit 2, no usage dump
+        self.exit(2, f"memchat: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="memchat",
+        description="Multi-user chat with per-user memory in PostgreSQL.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="settings file (default: $MEMCHAT_CONFIG, ./config.toml, user config dir)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    chat_commands.register(commands, EXIT_CODES)
+    info_commands.register(commands, EXIT_CODES)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    if args.command is None:
+        parser.print_help()
+        return 0
+    handler: Handler = args.handler
+    try:
+        settings = load_settings(args.config)
+        return asyncio.run(handler(args, settings))
+    except MemchatError as exc:
+        warn(f"error: {exc.message}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        warn("interrupted")
+        return 130
+
+
+def run() -> None:
+    sys.exit(main())
