@@ -1,0 +1,41 @@
+# memchat: `make demo` runs it, `make test` tests it. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-external lint format clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+		|| { echo "memchat needs Python 3.11 or newer: make PYTHON=python3.11 ..."; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/memchat chat --user demo@example.com --new-session "Hi, my name is Ada and I like chess."
+	$(BIN)/memchat sessions --user demo@example.com
+
+test: $(STAMP)
+	$(BIN)/ruff check engine tui tests
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The database tests against another PostgreSQL, e.g.
+#   make test-external MEMCHAT_TEST_DSN=postgresql://postgres@127.0.0.1:5432/postgres
+test-external: $(STAMP)
+	@test -n "$(MEMCHAT_TEST_DSN)" || { echo "set MEMCHAT_TEST_DSN"; exit 2; }
+	MEMCHAT_TEST_DSN='$(MEMCHAT_TEST_DSN)' $(BIN)/python -m pytest -m db $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check engine tui tests
+	$(BIN)/ruff format --check engine tui tests
+
+format: $(STAMP)
+	$(BIN)/ruff format engine tui tests
+	$(BIN)/ruff check --fix engine tui tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
