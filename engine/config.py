@@ -67,6 +67,12 @@ class ModelSettings(_Section):
     offline_token_delay_ms: float = Field(
         default=0.0, ge=0, le=5000, description="Pause between offline model deltas."
     )
+    offline_latency_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=600_000,
+        description="Simulated latency of each offline model call (first delta, tool calls).",
+    )
 
     @property
     def resolved_provider(self) -> Literal["offline", "openai"]:
@@ -95,6 +101,9 @@ class MemorySettings(_Section):
     max_attempts: int = Field(default=3, ge=1, le=100)
     drain_timeout: float = Field(default=5.0, ge=0)
     lease_seconds: float = Field(default=60.0, gt=0)
+    retry_delay: float = Field(
+        default=1.0, ge=0, description="First retry delay in seconds; doubles each attempt."
+    )
 
 
 class LimitSettings(_Section):

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.agent import Agent
 from engine.config import Settings
 from engine.db import Database
+from engine.events import EventHub, JobChanged, Resync
+from engine.jobs import MemoryWorkers
+from engine.memory import MemoryManager
 from engine.models import ChatModel, create_model
-from engine.store import Store
+from engine.records import Message
+from engine.store import Store, UserScope
+
+log = logging.getLogger(__name__)
+
+
+async def enqueue_memory_job(scope: UserScope, user_message: Message, reply: Message) -> None:
+    """The agent's after-reply hook: the job is written with the reply, atomically."""
+    await scope.enqueue_memory_job(user_message, reply)
 
 
 @dataclass(slots=True)
@@ -20,25 +34,63 @@ class Runtime:
     store: Store
     model: ChatModel
     agent: Agent
+    workers: MemoryWorkers
+    events: EventHub
+    _relay: asyncio.Task[None] | None = field(default=None, repr=False)
 
-    async def close(self) -> None:
+    async def close(self, drain_timeout: float | None = None) -> None:
+        """Drain memory jobs (bounded), then let go of everything, in reverse order."""
         try:
-            await self.model.aclose()
+            await self.workers.stop(drain_timeout)
         finally:
-            await self.db.close()
+            if self._relay is not None:
+                self._relay.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._relay
+            await self.events.close()
+            try:
+                await self.model.aclose()
+            finally:
+                await self.db.close()
+
+
+async def _wake_workers_on_new_jobs(events: EventHub, workers: MemoryWorkers) -> None:
+    # Jobs enqueued here or by any other process arrive as NOTIFY; polling
+    # in the workers covers the time the listener is reconnecting.
+    async with events.subscribe(None) as subscription:
+        async for event in subscription:
+            # A new job, or a finished one (which may unblock that user's next
+            # job); after a reconnect, anything may have happened.
+            if isinstance(event, Resync) or (
+                isinstance(event, JobChanged) and event.state in ("pending", "done", "failed")
+            ):
+                workers.wake()
 
 
 @asynccontextmanager
-async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    """Model first (a missing key fails fast), then the database."""
-    model = create_model(settings.model)
+async def open_runtime(
+    settings: Settings, *, run_workers: bool = True, model: ChatModel | None = None
+) -> AsyncIterator[Runtime]:
+    """Model first (a missing key fails fast), then the database, events and workers."""
+    model = model or create_model(settings.model)
     try:
         db = await Database.open(settings)
     except BaseException:
         await model.aclose()
         raise
     store = Store(db, settings.limits)
-    runtime = Runtime(settings, db, store, model, Agent(store, model, settings))
+    agent = Agent(store, model, settings, after_reply=enqueue_memory_job)
+    workers = MemoryWorkers(db, store, MemoryManager(model), settings.memory)
+    events = EventHub(db)
+    runtime = Runtime(settings, db, store, model, agent, workers, events)
+    try:
+        await events.start()
+        if run_workers:
+            workers.start()
+            runtime._relay = asyncio.create_task(_wake_workers_on_new_jobs(events, workers))
+    except BaseException:
+        await runtime.close(0)
+        raise
     try:
         yield runtime
     finally:

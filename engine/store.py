@@ -468,6 +468,23 @@ class UserScope:
         )
         return row is not None
 
+    async def release_job(self, job_id: int, worker: str) -> bool:
+        """Give an unfinished job back (shutdown): pending again, this attempt not counted."""
+        row = await self.conn.fetchrow(
+            """
+            UPDATE memory_jobs
+               SET status = 'pending', attempts = greatest(attempts - 1, 0), worker = NULL,
+                   lease_until = NULL, run_after = clock_timestamp()
+             WHERE job_id = $1 AND worker = $2 AND status = 'running'
+            RETURNING pg_notify($3, json_build_object(
+                'user_id', user_id, 'job_id', job_id, 'state', 'pending')::text)
+            """,
+            job_id,
+            worker,
+            JOB_CHANNEL,
+        )
+        return row is not None
+
     async def extend_lease(self, job_id: int, worker: str, seconds: float) -> bool:
         status = await self.conn.execute(
             "UPDATE memory_jobs SET lease_until = clock_timestamp() + make_interval(secs => $3) "

@@ -83,7 +83,11 @@ async def chat_command(args: argparse.Namespace, settings: Settings) -> int:
     async with open_runtime(settings) as rt:
         text = rt.agent.check_text(text)
         session = await _pick_session(rt.store, args.user, args.session, args.new_session)
-        return await _stream_turn(rt, args, session, text)
+        code = await _stream_turn(rt, args, session, text)
+        # Learn from this turn before leaving, within the drain timeout; a job
+        # still open then stays queued for the next memchat process.
+        await rt.workers.wait_idle([session.user_id], within=settings.memory.drain_timeout)
+        return code
 
 
 async def _stream_turn(rt: Runtime, args: argparse.Namespace, session: Session, text: str) -> int:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from engine.cli import chat_commands, info_commands
+from engine.cli import chat_commands, info_commands, memory_commands
 from engine.cli.output import warn
 from engine.config import Settings, load_settings
 from engine.errors import MemchatError
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     chat_commands.register(commands, EXIT_CODES)
+    memory_commands.register(commands, EXIT_CODES)
     info_commands.register(commands, EXIT_CODES)
     return parser
 

@@ -62,10 +62,29 @@ class Database:
         pool: asyncpg.Pool,
         info: DatabaseInfo,
         embedded: EmbeddedServer | None,
+        dsn: str,
+        settings: Settings,
     ) -> None:
         self.pool = pool
         self.info = info
         self._embedded = embedded
+        self._dsn = dsn
+        self._settings = settings.database
+
+    async def connect_dedicated(self) -> asyncpg.Connection:
+        """A connection outside the pool (for LISTEN), as the runtime role.
+
+        The caller owns it and must close it. It is not scoped to any user:
+        use it for LISTEN only, never to read rows.
+        """
+        try:
+            return await asyncpg.connect(
+                self._dsn,
+                timeout=self._settings.connect_timeout,
+                server_settings={"role": APP_ROLE, "application_name": "memchat-listen"},
+            )
+        except CONNECTION_ERRORS as exc:
+            raise DatabaseError(f"cannot connect to {self.info.location}: {_reason(exc)}") from None
 
     @classmethod
     async def open(cls, settings: Settings) -> Database:
@@ -117,7 +136,7 @@ class Database:
             location=str(embedded.data_dir) if embedded else shown,
             server_version=version,
         )
-        return cls(pool, info, embedded)
+        return cls(pool, info, embedded, dsn, settings)
 
     async def close(self) -> None:
         await self.pool.close()
@@ -140,6 +159,16 @@ class Database:
         user_id = validate_user_id(user_id)
         async with self._connection() as conn, conn.transaction():
             await conn.execute("SELECT set_config('memchat.user_id', $1, true)", user_id)
+            yield conn
+
+    @asynccontextmanager
+    async def unscoped(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection in no user's scope: row-level security shows it no rows.
+
+        Only for the job-queue functions (claim, requeue, counts), which are
+        SECURITY DEFINER and return ids, never user content.
+        """
+        async with self._connection() as conn:
             yield conn
 
     @asynccontextmanager

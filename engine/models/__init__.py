@@ -58,7 +58,10 @@ __all__ = [
 def create_model(settings: ModelSettings) -> ChatModel:
     """The model the settings ask for; raises ModelConfigError when they cannot work."""
     if settings.resolved_provider == "offline":
-        return OfflineChatModel(token_delay_ms=settings.offline_token_delay_ms)
+        return OfflineChatModel(
+            token_delay_ms=settings.offline_token_delay_ms,
+            latency_ms=settings.offline_latency_ms,
+        )
     # Imported here: the openai package is heavy and the offline model does not need it.
     from engine.models.openai_model import OpenAIChatModel
 

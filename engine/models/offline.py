@@ -41,24 +41,27 @@ class OfflineChatModel:
     label: str = OFFLINE_LABEL
     is_offline: bool = True
 
-    def __init__(self, token_delay_ms: float = 0.0) -> None:
-        if token_delay_ms < 0:
-            raise ValueError("token_delay_ms must not be negative")
+    def __init__(self, token_delay_ms: float = 0.0, latency_ms: float = 0.0) -> None:
+        """``latency_ms`` is waited before the first delta and before tool calls,
+        to simulate a remote model in load scenarios."""
+        if token_delay_ms < 0 or latency_ms < 0:
+            raise ValueError("delays must not be negative")
         self._delay = token_delay_ms / 1000.0
+        self._latency = latency_ms / 1000.0
 
     async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[StreamEvent]:
         reply = compose_reply(messages)
         for index, delta in enumerate(split_deltas(reply)):
             # Always suspend, even without a delay, so that many concurrent
             # turns interleave the way they do with a real server.
-            await asyncio.sleep(self._delay if index else 0)
+            await asyncio.sleep(self._delay if index else self._latency)
             yield TextDelta(delta)
         yield StreamEnd(reply, Usage(count_words(messages), len(reply.split())), "stop")
 
     async def call_tools(
         self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]
     ) -> ToolResponse:
-        await asyncio.sleep(0)
+        await asyncio.sleep(self._latency)
         request_text = next((m.content for m in reversed(messages) if m.role == "user"), "")
         request = parse_extraction_request(request_text)
         memories = list(request.memories)

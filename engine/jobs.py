@@ -1,0 +1,318 @@
+"""Background memory workers over the durable ``memory_jobs`` queue.
+
+Each worker loops: claim the oldest claimable job (``memchat_claim_job``: the
+head of some user's queue, so one job per user at a time across every
+process), read the turn in the user's scope, ask the model (no transaction
+held), then apply the tool calls and settle the job in one scoped
+transaction. Settling checks that this worker still holds the job; if its
+lease ran out and another worker took over, the transaction is rolled back,
+so a job's effect happens exactly once.
+
+Failures are retried with exponential backoff up to ``memory.max_attempts``,
+then the job stays ``failed`` with its error. A crashed process's job is
+requeued when its lease expires (any live process does that periodically).
+``stop()`` lets running jobs finish within ``memory.drain_timeout`` and gives
+back the ones that could not, so the next start resumes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from engine.config import MemorySettings
+from engine.db import Database
+from engine.errors import MemchatError
+from engine.memory import ApplyResult, MemoryManager
+from engine.records import JobStatus
+from engine.store import Store
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_SECONDS = 1.0
+REQUEUE_EVERY_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    job_id: int
+    user_id: str
+    session_id: uuid.UUID | None
+    user_message_id: int | None
+    assistant_message_id: int | None
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobCounts:
+    pending: int
+    running: int
+    failed: int
+    done: int
+
+    @property
+    def open(self) -> int:
+        return self.pending + self.running
+
+
+class LeaseLost(Exception):
+    """Another worker took this job over; what we did must be rolled back."""
+
+
+async def job_counts(db: Database) -> JobCounts:
+    async with db.unscoped() as conn:
+        row = await conn.fetchrow("SELECT * FROM memchat_job_counts()")
+    return JobCounts(**row)
+
+
+class MemoryWorkers:
+    def __init__(
+        self,
+        db: Database,
+        store: Store,
+        manager: MemoryManager,
+        settings: MemorySettings,
+        *,
+        name: str | None = None,
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.manager = manager
+        self.settings = settings
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._wake = asyncio.Event()
+        self._settled = asyncio.Condition()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running: dict[int, asyncio.Task[None]] = {}
+        self._stopping = False
+        self._last_requeue = 0.0
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        if self._tasks:
+            return
+        self._stopping = False
+        self._tasks = [
+            asyncio.create_task(self._loop(i), name=f"memory-worker-{i}")
+            for i in range(self.settings.concurrency)
+        ]
+
+    def wake(self) -> None:
+        """New work may be there (a turn finished here, or a NOTIFY arrived)."""
+        self._wake.set()
+
+    @property
+    def running_jobs(self) -> int:
+        return len(self._running)
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Finish running jobs within the timeout; give back the rest. Pending jobs stay."""
+        timeout = self.settings.drain_timeout if drain_timeout is None else drain_timeout
+        self._stopping = True
+        self._wake.set()
+        if self._running:
+            await asyncio.wait(list(self._running.values()), timeout=timeout)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    # -- waiting -----------------------------------------------------------
+
+    async def wait_idle(self, user_ids: Iterable[str] | None = None, within: float = 60.0) -> bool:
+        """Wait until the given users (or everyone) have no open job; False on timeout."""
+        users = list(user_ids) if user_ids is not None else None
+        deadline = time.monotonic() + within
+        while True:
+            if await self._open_jobs(users) == 0:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            # Settles here wake us at once; jobs run by other processes are polled.
+            async with self._settled:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._settled.wait(), min(remaining, 0.25))
+
+    async def _open_jobs(self, users: list[str] | None) -> int:
+        if users is None:
+            return (await job_counts(self.db)).open
+        if len(users) == 1:
+            async with self.store.scope(users[0]) as s:
+                return await s.open_job_count()
+        # Many users: one read-only count across them, not one scope each.
+        async with self.db.admin() as conn:
+            return await conn.fetchval(
+                "SELECT count(*) FROM memory_jobs WHERE user_id = ANY($1::text[]) "
+                "AND status IN ('pending', 'running')",
+                users,
+            )
+
+    # -- the loop ----------------------------------------------------------
+
+    async def _loop(self, index: int) -> None:
+        while not self._stopping:
+            try:
+                await self._maybe_requeue_expired()
+                job = await self._claim_shielded()
+            except MemchatError as exc:
+                log.warning("memory worker %s: %s", index, exc.message)
+                job = None
+                await self._idle()
+                continue
+            if job is None:
+                await self._idle()
+                continue
+            task = asyncio.create_task(self._process(job), name=f"memory-job-{job.job_id}")
+            self._running[job.job_id] = task
+            try:
+                # Shielded: stop() decides whether a running job may finish.
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+                    await self._give_back(job)
+                raise
+            finally:
+                self._running.pop(job.job_id, None)
+                async with self._settled:
+                    self._settled.notify_all()
+
+    async def _idle(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS)
+        self._wake.clear()
+
+    async def _claim_shielded(self) -> ClaimedJob | None:
+        # A cancel (shutdown) must not land between the claim's commit and our
+        # seeing its result, or the job would sit "running" until its lease ends.
+        claim = asyncio.create_task(self._claim())
+        try:
+            return await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            job = None
+            with contextlib.suppress(Exception):
+                job = await claim
+            if job is not None:
+                await self._give_back(job)
+            raise
+
+    async def _claim(self) -> ClaimedJob | None:
+        async with self.db.unscoped() as conn:
+            row = await conn.fetchrow(
+                "SELECT * FROM memchat_claim_job($1, $2)", self.name, self.settings.lease_seconds
+            )
+        return ClaimedJob(**row) if row else None
+
+    async def _maybe_requeue_expired(self) -> None:
+        now = time.monotonic()
+        if now - self._last_requeue < REQUEUE_EVERY_SECONDS:
+            return
+        self._last_requeue = now
+        async with self.db.unscoped() as conn:
+            requeued = await conn.fetchval("SELECT memchat_requeue_expired_jobs()")
+        if requeued:
+            log.warning("requeued %d memory job(s) whose worker was lost", requeued)
+
+    async def run_once(self) -> bool:
+        """Claim and process one job in the calling task (for tests and scripts)."""
+        job = await self._claim()
+        if job is None:
+            return False
+        await self._process(job)
+        return True
+
+    # -- one job -----------------------------------------------------------
+
+    async def _process(self, job: ClaimedJob) -> None:
+        if job.attempts > self.settings.max_attempts:
+            await self._settle(job, "failed", error="gave up: the worker running it was lost")
+            return
+        heartbeat = asyncio.create_task(self._heartbeat(job))
+        try:
+            result = await self._extract_and_apply(job)
+        except LeaseLost:
+            # Its lease ran out and another worker took it, or its user was deleted.
+            log.warning("memory job %s is no longer ours; its changes were rolled back", job.job_id)
+            return
+        except MemchatError as exc:
+            await self._fail_or_retry(job, exc.message)
+            return
+        except Exception as exc:
+            log.exception("memory job %s failed unexpectedly", job.job_id)
+            await self._fail_or_retry(job, f"internal error: {type(exc).__name__}: {exc}")
+            return
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        if result is not None and result.rejected:
+            log.info("memory job %s rejected: %s", job.job_id, "; ".join(result.rejected))
+
+    async def _extract_and_apply(self, job: ClaimedJob) -> ApplyResult | None:
+        wanted = [i for i in (job.user_message_id, job.assistant_message_id) if i is not None]
+        async with self.store.scope(job.user_id) as s:
+            messages = await s.get_messages(wanted)
+            memories = await s.list_memories()
+        user_message = messages.get(job.user_message_id or -1)
+        if user_message is None:
+            # The session was deleted meanwhile: nothing left to learn from.
+            await self._settle(job, "done")
+            return None
+        reply = messages.get(job.assistant_message_id or -1)
+        plan = await self.manager.plan(memories, user_message, reply)
+        async with self.store.scope(job.user_id) as s:
+            result = await self.manager.apply(s, plan, source=user_message, job_id=job.job_id)
+            if not await s.settle_job(job.job_id, self.name, "done"):
+                raise LeaseLost
+        return result
+
+    async def _fail_or_retry(self, job: ClaimedJob, error: str) -> None:
+        if job.attempts >= self.settings.max_attempts:
+            log.warning("memory job %s failed for good: %s", job.job_id, error)
+            await self._settle(job, "failed", error=error)
+        else:
+            delay = min(self.settings.retry_delay * 2 ** (job.attempts - 1), 300.0)
+            await self._settle(job, "pending", error=error, retry_in=delay)
+
+    async def _settle(
+        self,
+        job: ClaimedJob,
+        status: JobStatus,
+        *,
+        error: str | None = None,
+        retry_in: float | None = None,
+    ) -> None:
+        try:
+            async with self.store.scope(job.user_id) as s:
+                await s.settle_job(job.job_id, self.name, status, error=error, retry_in=retry_in)
+        except MemchatError as exc:
+            # The lease will expire and the job be retried: nothing is lost.
+            log.warning("could not settle memory job %s: %s", job.job_id, exc.message)
+
+    async def _give_back(self, job: ClaimedJob) -> None:
+        try:
+            async with self.store.scope(job.user_id) as s:
+                await s.release_job(job.job_id, self.name)
+        except (MemchatError, asyncio.CancelledError):
+            log.warning("could not give back memory job %s; its lease will expire", job.job_id)
+
+    async def _heartbeat(self, job: ClaimedJob) -> None:
+        interval = self.settings.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                async with self.store.scope(job.user_id) as s:
+                    await s.extend_lease(job.job_id, self.name, self.settings.lease_seconds)
+            except MemchatError as exc:
+                log.warning("could not extend the lease of job %s: %s", job.job_id, exc.message)

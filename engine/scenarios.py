@@ -1,0 +1,210 @@
+"""Scripted multi-user runs: the seed conversation and a load generator.
+
+``seed`` is the well-known agent-framework example's exact script: three users
+run at once (``asyncio.gather``), each user's turns in order. It resets its
+own three users first, so repeated runs give the same result; session names
+are the sessions' titles.
+
+``load`` runs N users x S sessions x T turns concurrently, waits for every
+memory job, then audits the result through the admin path: every user's
+memories must mention only that user's unique token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from engine.agent import TurnCompleted
+from engine.runtime import Runtime
+
+SEED_SCRIPT: dict[str, list[tuple[str, str]]] = {
+    "user_1@example.com": [
+        ("user_1_session_1", "My name is Mark Gonzales and I like anime and video games."),
+        ("user_1_session_1", "I also enjoy reading manga and playing video games."),
+        ("user_1_session_2", "I'm going to the movies tonight."),
+        ("user_1_session_1", "What do you suggest I do this weekend?"),
+    ],
+    "user_2@example.com": [
+        ("user_2_session_1", "Hi my name is John Doe."),
+        ("user_2_session_1", "I'm planning to hike this weekend."),
+    ],
+    "user_3@example.com": [
+        ("user_3_session_1", "Hi my name is Jane Smith."),
+        ("user_3_session_1", "I'm going to the gym tomorrow."),
+    ],
+}
+
+
+@dataclass(slots=True)
+class SeedResult:
+    memories: dict[str, list[str]]
+    runs: int
+    wall_s: float
+    failed_turns: int
+
+    def as_json(self) -> dict[str, object]:
+        return {"users": self.memories, "runs": self.runs, "wall_s": round(self.wall_s, 3)}
+
+
+async def reset_users(runtime: Runtime, user_ids: list[str]) -> None:
+    for user_id in user_ids:
+        async with runtime.store.scope(user_id) as s:
+            await s.delete_user()
+
+
+async def run_seed(runtime: Runtime, *, wait_within: float = 120.0) -> SeedResult:
+    users = list(SEED_SCRIPT)
+    await reset_users(runtime, users)
+    started = time.perf_counter()
+    failures = await asyncio.gather(*(_seed_user(runtime, u, SEED_SCRIPT[u]) for u in users))
+    await runtime.workers.wait_idle(users, within=wait_within)
+    wall = time.perf_counter() - started
+    memories: dict[str, list[str]] = {}
+    for user_id in users:
+        async with runtime.store.scope(user_id) as s:
+            # Oldest first reads like the conversation did.
+            memories[user_id] = [m.content for m in reversed(await s.list_memories())]
+    runs = sum(len(turns) for turns in SEED_SCRIPT.values())
+    return SeedResult(memories, runs, wall, sum(failures))
+
+
+async def _seed_user(runtime: Runtime, user_id: str, turns: list[tuple[str, str]]) -> int:
+    sessions: dict[str, str] = {}
+    failed = 0
+    for session_name, text in turns:
+        if session_name not in sessions:
+            async with runtime.store.scope(user_id) as s:
+                sessions[session_name] = str((await s.create_session(session_name)).session_id)
+        end = await runtime.agent.run(user_id, sessions[session_name], text)
+        failed += not isinstance(end, TurnCompleted)
+    return failed
+
+
+@dataclass(slots=True)
+class LoadResult:
+    users: int
+    runs: int
+    wall_s: float
+    memories: int
+    leaks: int
+    lost: int
+    duplicates: int
+    failed_jobs: int
+    failed_turns: int
+    turn_latencies: list[float] = field(default_factory=list, repr=False)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "users": self.users,
+            "runs": self.runs,
+            "wall_s": round(self.wall_s, 3),
+            "runs_per_s": round(self.runs / self.wall_s, 1) if self.wall_s else None,
+            "memories": self.memories,
+            "leaks": self.leaks,
+            "lost": self.lost,
+            "duplicates": self.duplicates,
+            "failed_jobs": self.failed_jobs,
+            "failed_turns": self.failed_turns,
+        }
+
+
+def load_user_id(i: int) -> str:
+    return f"load_{i}@example.com"
+
+
+def load_message(i: int, session: int, turn: int) -> str:
+    if session == 0 and turn == 0:
+        return f"My name is LoadUser{i} and my favourite number is {7 * i}."
+    return f"LoadUser{i} here again, session {session + 1}, turn {turn + 1}. I like tea number {i}."
+
+
+_TOKEN = re.compile(r"LoadUser(\d+)\b")
+
+
+async def run_load(
+    runtime: Runtime, users: int, sessions: int, turns: int, *, wait_within: float = 600.0
+) -> LoadResult:
+    ids = [load_user_id(i) for i in range(1, users + 1)]
+    await reset_users(runtime, ids)
+    latencies: list[float] = []
+    started = time.perf_counter()
+    failed = await asyncio.gather(
+        *(_load_user(runtime, i, sessions, turns, latencies) for i in range(1, users + 1))
+    )
+    await runtime.workers.wait_idle(ids, within=wait_within)
+    wall = time.perf_counter() - started
+    audit = await audit_load(runtime, ids)
+    return LoadResult(
+        users=users,
+        runs=users * sessions * turns,
+        wall_s=wall,
+        failed_turns=sum(failed),
+        turn_latencies=latencies,
+        **audit,
+    )
+
+
+async def _load_user(
+    runtime: Runtime, i: int, sessions: int, turns: int, latencies: list[float]
+) -> int:
+    user_id = load_user_id(i)
+    failed = 0
+    for session in range(sessions):
+        async with runtime.store.scope(user_id) as s:
+            sid = (await s.create_session(f"load session {session + 1}")).session_id
+        for turn in range(turns):
+            began = time.perf_counter()
+            end = await runtime.agent.run(user_id, sid, load_message(i, session, turn))
+            latencies.append(time.perf_counter() - began)
+            failed += not isinstance(end, TurnCompleted)
+    return failed
+
+
+async def audit_load(runtime: Runtime, user_ids: list[str]) -> dict[str, int]:
+    """Leaks, lost jobs, duplicates and failures for these users (admin path, read-only)."""
+    async with runtime.db.admin() as conn:
+        memories = await conn.fetch(
+            "SELECT user_id, content FROM memories WHERE user_id = ANY($1::text[])", user_ids
+        )
+        duplicates = await conn.fetchval(
+            "SELECT count(*) - count(DISTINCT (user_id, content_key)) FROM memories "
+            "WHERE user_id = ANY($1::text[])",
+            user_ids,
+        )
+        jobs = await conn.fetch(
+            "SELECT status, count(*) AS n FROM memory_jobs WHERE user_id = ANY($1::text[]) "
+            "GROUP BY status",
+            user_ids,
+        )
+        replies_without_job = await conn.fetchval(
+            """
+            SELECT count(*) FROM messages m
+             WHERE m.user_id = ANY($1::text[]) AND m.role = 'assistant'
+               AND m.status = 'complete'
+               AND NOT EXISTS (SELECT 1 FROM memory_jobs j
+                                WHERE j.user_id = m.user_id
+                                  AND j.assistant_message_id = m.message_id)
+            """,
+            user_ids,
+        )
+    own_token = {uid: uid.split("@")[0].removeprefix("load_") for uid in user_ids}
+    leaks = 0
+    per_user: dict[str, int] = defaultdict(int)
+    for row in memories:
+        per_user[row["user_id"]] += 1
+        mentioned = set(_TOKEN.findall(row["content"]))
+        if mentioned - {own_token.get(row["user_id"], "")}:
+            leaks += 1
+    by_status = {row["status"]: row["n"] for row in jobs}
+    not_done = sum(n for status, n in by_status.items() if status != "done")
+    return {
+        "memories": len(memories),
+        "leaks": leaks,
+        "lost": not_done + replies_without_job,
+        "duplicates": duplicates,
+        "failed_jobs": by_status.get("failed", 0),
+    }
