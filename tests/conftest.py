@@ -8,7 +8,10 @@ from a template that was migrated once, and dropped afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -65,9 +68,31 @@ def pg_server_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if external:
         yield external
         return
-    server = start_embedded(tmp_path_factory.mktemp("pg") / "data")
-    yield server.dsn
-    server.release()
+    with outside_pytest_tmp() as base:
+        server = start_embedded(base / "data")
+        yield server.dsn
+        server.release()
+
+
+@contextlib.contextmanager
+def outside_pytest_tmp() -> Iterator[Path]:
+    """A temporary directory for an embedded server's data.
+
+    Not under pytest's tmp: pytest resets /tmp/pytest-of-<user> to mode 0700
+    whenever a pytest run starts, and as root the server runs as another
+    system user who must be able to traverse to its data dir.
+    """
+    path = Path(tempfile.mkdtemp(prefix="memchat-test-pg-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def embedded_base() -> Iterator[Path]:
+    with outside_pytest_tmp() as path:
+        yield path
 
 
 @pytest.fixture(scope="session")

@@ -87,7 +87,9 @@ def test_chat_against_an_openai_compatible_server(memchat: Run, fake: FakeOpenAI
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "Echo: hello server"
-    assert fake.requests[-1]["stream"] is True
+    chat, extraction = fake.requests
+    assert chat["stream"] is True
+    assert {t["function"]["name"] for t in extraction["tools"]} >= {"add_memory"}
 
 
 def test_model_failure_exits_1_and_keeps_the_message(memchat: Run, fake: FakeOpenAI) -> None:

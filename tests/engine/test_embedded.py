@@ -63,8 +63,8 @@ def _postmaster(data_dir: Path) -> psutil.Process | None:
     return psutil.Process(int(pid_file.read_text().splitlines()[0]))
 
 
-def test_fresh_start_reuse_and_clean_stop(tmp_path: Path) -> None:
-    data_dir = tmp_path / "pgdata"
+def test_fresh_start_reuse_and_clean_stop(embedded_base: Path) -> None:
+    data_dir = embedded_base / "pgdata"
     marker, listen, _ = _run(data_dir, "write")
     assert marker == "kept"
     assert listen == "<none>", "the embedded server must not listen on TCP"
@@ -75,8 +75,8 @@ def test_fresh_start_reuse_and_clean_stop(tmp_path: Path) -> None:
     assert marker == "kept,kept", "the second run must reuse the same data"
 
 
-def test_survives_a_killed_server_and_a_stale_pid_file(tmp_path: Path) -> None:
-    data_dir = tmp_path / "pgdata"
+def test_survives_a_killed_server_and_a_stale_pid_file(embedded_base: Path) -> None:
+    data_dir = embedded_base / "pgdata"
     _, _, started = _run(data_dir, "write", "keep")
     postmaster = _postmaster(data_dir)
     assert postmaster is not None and postmaster.is_running()
