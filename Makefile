@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/memchat chat --user demo@example.com --new-session "Hi, my name is Ada and I like chess."
-	$(BIN)/memchat sessions --user demo@example.com
+	$(BIN)/memchat scenario seed
+	$(BIN)/memchat chat --user user_1@example.com "What is my name?"
 
 test: $(STAMP)
 	$(BIN)/ruff check engine tui tests
