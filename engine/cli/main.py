@@ -32,6 +32,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"memchat: error: {message} (see `{self.prog} --help`)\n")
 
 
+Interactive = Callable[[argparse.Namespace, Settings], int]
+"""What `memchat` with no command runs (the TUI, supplied by the tui package)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="memchat",
@@ -52,19 +56,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    configure: Callable[[argparse.ArgumentParser], None] | None = None,
+    interactive: Interactive | None = None,
+) -> int:
     parser = build_parser()
+    if configure is not None:
+        configure(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    if args.command is None:
+    if args.command is None and interactive is None:
         parser.print_help()
         return 0
-    handler: Handler = args.handler
     try:
         settings = load_settings(args.config)
+        if args.command is None:
+            assert interactive is not None
+            return interactive(args, settings)
+        handler: Handler = args.handler
         return asyncio.run(handler(args, settings))
     except MemchatError as exc:
         warn(f"error: {exc.message}")

@@ -1,0 +1,352 @@
+"""The memchat Textual app: one pane per user, side by side, on one engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+from contextlib import AsyncExitStack
+
+from rich.text import Text
+from textual import work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.reactive import reactive
+from textual.screen import Screen
+from textual.widgets import Footer, Static
+
+from engine.admin import AdminReader
+from engine.config import Settings
+from engine.errors import MemchatError
+from engine.events import JobChanged, Resync
+from engine.jobs import job_counts
+from engine.runtime import Runtime, open_runtime
+from engine.terminal import terminal_safe
+from engine.validation import validate_user_id
+from tui.demo import DemoPlayer
+from tui.screens.dialogs import PromptDialog
+from tui.screens.help import HelpScreen
+from tui.widgets.pane import PaneOptions, UserPane
+
+MAX_PANES = 9
+
+
+class StatusBar(Static):
+    """Model, database and memory jobs, in one line at the top."""
+
+
+class MemchatApp(App[None]):
+    CSS_PATH = "app.tcss"
+    TITLE = "memchat"
+    BINDINGS = [
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+        Binding("f1", "help", "Help"),
+        Binding("question_mark", "help", "Help", show=False),
+        Binding("f2", "toggle_layout", "Layout"),
+        Binding("f3", "inspector", "Inspector"),
+        Binding("f4", "demo", "Demo"),
+        Binding("shift+f4", "stop_demo", "Stop demo", show=False),
+        Binding("ctrl+n", "add_user", "Add user"),
+        Binding("ctrl+w", "close_pane", "Close pane", show=False),
+        Binding("ctrl+right", "focus_user(1)", "Next user", priority=True, show=False),
+        Binding("ctrl+left", "focus_user(-1)", "Previous user", priority=True, show=False),
+        *(
+            Binding(f"alt+{n}", f"focus_user_number({n})", f"User {n}", show=False)
+            for n in range(1, 10)
+        ),
+    ]
+
+    layout_mode: reactive[str] = reactive("grid")
+    running_jobs: reactive[int] = reactive(0)
+    database_ok: reactive[bool] = reactive(True)
+
+    def __init__(
+        self,
+        settings: Settings,
+        users: Iterable[str] | None = None,
+        *,
+        play: str | None = None,
+        animate: bool = True,
+        highlight_seconds: float = 5.0,
+        demo_char_delay: float = 0.04,
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.initial_users = [validate_user_id(u) for u in (users or settings.ui.users)]
+        self.play = play
+        self.animate = animate
+        self.pane_options = PaneOptions(highlight_seconds=highlight_seconds, animate=animate)
+        self.demo = DemoPlayer(self, char_delay=demo_char_delay)
+        self.runtime: Runtime | None = None
+        self._stack = AsyncExitStack()
+        self.ready = asyncio.Event()
+        self._quitting = False
+
+    # -- building ----------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield StatusBar("Starting: opening the database…", classes="status")
+        yield Horizontal(classes="panes -grid")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.open_engine()
+
+    @work(group="engine", exclusive=True)
+    async def open_engine(self) -> None:
+        try:
+            self.runtime = await self._stack.enter_async_context(open_runtime(self.settings))
+        except MemchatError as exc:
+            self.query_one(StatusBar).update(
+                Text(f"Cannot start: {terminal_safe(exc.message)}  (ctrl+q quits)", style="bold")
+            )
+            return
+        for user_id in self.initial_users:
+            await self.add_pane(user_id)
+        panes = self.panes
+        if panes:
+            panes[0].focus_input()
+        await asyncio.gather(*(pane.ready.wait() for pane in panes))
+        self._render_status()
+        self.watch_jobs()
+        self.watch_database()
+        self.ready.set()
+        if self.play:
+            self.demo.start(self.play)
+
+    @property
+    def panes(self) -> list[UserPane]:
+        return list(self.query(UserPane))
+
+    def pane_of(self, user_id: str) -> UserPane | None:
+        return next((p for p in self.panes if p.user_id == user_id), None)
+
+    async def add_pane(self, user_id: str) -> UserPane | None:
+        assert self.runtime is not None
+        if (existing := self.pane_of(user_id)) is not None:
+            return existing
+        if len(self.panes) >= MAX_PANES:
+            self.notify(f"At most {MAX_PANES} panes; close one first (ctrl+w).")
+            return None
+        pane = UserPane(self.runtime, user_id, self.pane_options)
+        await self.query_one(".panes").mount(pane)
+        self._apply_layout()
+        return pane
+
+    # -- status ------------------------------------------------------------
+
+    def _render_status(self) -> None:
+        if self.runtime is None:
+            return
+        model = self.runtime.model
+        text = Text()
+        text.append(" memchat ", style="bold reverse")
+        text.append("  model: ")
+        text.append(
+            "offline model (deterministic, no network)" if model.is_offline else model.label,
+            style="bold",
+        )
+        text.append("  ·  database: ")
+        db_label = self.runtime.db.info.label
+        text.append(db_label if self.database_ok else f"{db_label} UNREACHABLE, retrying…")
+        text.append("  ·  memory jobs running: ")
+        text.append(str(self.running_jobs), style="bold")
+        self.query_one(StatusBar).update(text)
+        self.query_one(StatusBar).set_class(not self.database_ok, "-error")
+
+    def watch_running_jobs(self) -> None:
+        self._render_status()
+
+    def watch_database_ok(self) -> None:
+        self._render_status()
+
+    @work(group="jobs")
+    async def watch_jobs(self) -> None:
+        assert self.runtime is not None
+        runtime = self.runtime
+        async with runtime.events.subscribe(None) as subscription:
+            await self._count_jobs(runtime)
+            async for event in subscription:
+                if isinstance(event, JobChanged | Resync):
+                    await self._count_jobs(runtime)
+
+    async def _count_jobs(self, runtime: Runtime) -> None:
+        with contextlib.suppress(MemchatError):
+            self.running_jobs = (await job_counts(runtime.db)).running
+
+    @work(group="health")
+    async def watch_database(self) -> None:
+        assert self.runtime is not None
+        while True:
+            await asyncio.sleep(2.0)
+            self.database_ok = self.runtime.events.connected
+
+    # -- layout and focus --------------------------------------------------
+
+    def action_toggle_layout(self) -> None:
+        self.layout_mode = "focus" if self.layout_mode == "grid" else "grid"
+
+    def watch_layout_mode(self) -> None:
+        self._apply_layout()
+
+    def _apply_layout(self) -> None:
+        container = self.query_one(".panes")
+        container.set_class(self.layout_mode == "grid", "-grid")
+        container.set_class(self.layout_mode == "focus", "-focus")
+        current = self._focused_pane() or (self.panes[0] if self.panes else None)
+        for pane in self.panes:
+            pane.set_class(pane is current, "-current")
+
+    def _focused_pane(self) -> UserPane | None:
+        node = self.focused
+        while node is not None and not isinstance(node, UserPane):
+            node = node.parent  # type: ignore[assignment]
+        return node
+
+    def on_descendant_focus(self) -> None:
+        self._apply_layout()
+
+    def action_focus_user(self, step: int) -> None:
+        panes = self.panes
+        if not panes:
+            return
+        current = self._focused_pane()
+        index = panes.index(current) if current in panes else 0
+        self._focus_pane(panes[(index + step) % len(panes)])
+
+    def action_focus_user_number(self, number: int) -> None:
+        panes = self.panes
+        if 1 <= number <= len(panes):
+            self._focus_pane(panes[number - 1])
+
+    def _focus_pane(self, pane: UserPane) -> None:
+        pane.focus_input()
+        self._apply_layout()
+
+    @work(group="dialogs")
+    async def action_add_user(self) -> None:
+        if self.runtime is None:
+            return
+        user_id = await self.push_screen_wait(
+            PromptDialog("Add a user (id, e.g. dave@example.com):", placeholder="user id")
+        )
+        if not user_id:
+            return
+        try:
+            user_id = validate_user_id(user_id)
+        except MemchatError as exc:
+            self.notify(terminal_safe(exc.message), severity="error")
+            return
+        pane = await self.add_pane(user_id)
+        if pane is not None:
+            self._focus_pane(pane)
+
+    async def action_close_pane(self) -> None:
+        pane = self._focused_pane()
+        if pane is None:
+            return
+        if pane.busy:
+            pane.action_cancel()
+        panes = self.panes
+        index = panes.index(pane)
+        await pane.remove()
+        rest = self.panes
+        if rest:
+            self._focus_pane(rest[min(index, len(rest) - 1)])
+
+    # -- screens -----------------------------------------------------------
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_inspector(self) -> None:
+        if self.runtime is None:
+            return
+        from tui.screens.inspector import InspectorScreen
+
+        self.push_screen(InspectorScreen(AdminReader(self.runtime.db)))
+
+    def action_demo(self) -> None:
+        if not self.ready.is_set():
+            return
+        if self.demo.running:
+            self.demo.toggle_pause()
+        else:
+            self.demo.start("seed")
+
+    def action_stop_demo(self) -> None:
+        self.demo.stop()
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Help: every key", "Show all keys (F1)", self.action_help)
+        yield SystemCommand(
+            "Layout: grid / focus", "All users, or one full width (F2)", self.action_toggle_layout
+        )
+        yield SystemCommand(
+            "Isolation inspector", "What the database holds per user (F3)", self.action_inspector
+        )
+        yield SystemCommand(
+            "Add user", "Open a pane for another user (ctrl+n)", self.action_add_user
+        )
+        yield SystemCommand(
+            "Close pane", "Close the focused user's pane (ctrl+w)", self.action_close_pane
+        )
+        yield SystemCommand(
+            "Demo: play seed scenario",
+            "Type the seed script into the panes (F4)",
+            lambda: self.demo.start("seed"),
+        )
+        yield SystemCommand("Demo: pause / resume", "(F4 while playing)", self.demo.toggle_pause)
+        yield SystemCommand("Demo: stop", "(shift+F4)", self.demo.stop)
+        for number, pane in enumerate(self.panes, start=1):
+            yield SystemCommand(
+                f"Focus user {pane.user_id}", f"alt+{number}", lambda p=pane: self._focus_pane(p)
+            )
+        if (pane := self._focused_pane()) is not None:
+            who = pane.user_id
+            yield SystemCommand(
+                f"Sessions of {who}", "Pick a session (ctrl+o)", pane.action_pick_session
+            )
+            yield SystemCommand(f"New session for {who}", "(ctrl+t)", pane.action_new_session)
+            yield SystemCommand(f"Rename session of {who}", "(f6)", pane.action_rename_session)
+            yield SystemCommand(
+                f"Delete session of {who}", "Asks first (f7)", pane.action_delete_session
+            )
+            yield SystemCommand(f"Cancel reply of {who}", "(Esc)", pane.action_cancel)
+            yield SystemCommand(f"Retry failed reply of {who}", "(ctrl+r)", pane.action_retry)
+
+    # -- quitting ----------------------------------------------------------
+
+    async def action_quit(self) -> None:
+        if self._quitting:
+            return
+        self._quitting = True
+        self.demo.stop()
+        running = self.runtime.workers.running_jobs if self.runtime else 0
+        if running:
+            self.query_one(StatusBar).update(
+                Text(
+                    f"Quitting: letting {running} memory job(s) finish "
+                    f"(up to {self.settings.memory.drain_timeout:g}s)…",
+                    style="bold",
+                )
+            )
+        await self.close_engine()
+        self.exit()
+
+    async def close_engine(self) -> None:
+        """Cancel replies (stored as cancelled), drain memory jobs, close the engine."""
+        turns = [w for w in self.workers if w.group == "turn" and not w.is_finished]
+        for pane in self.panes:
+            pane.action_cancel()
+        for worker in turns:
+            with contextlib.suppress(Exception):
+                await worker.wait()
+        self.workers.cancel_group(self, "jobs")
+        self.workers.cancel_group(self, "health")
+        await self._stack.aclose()
+
+    async def on_unmount(self) -> None:
+        await self.close_engine()

@@ -1,0 +1,47 @@
+"""Every key, on one screen (F1 or ?)."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Markdown
+
+HELP = """\
+# memchat keys
+
+| key | what it does |
+|---|---|
+| **Enter** | send the message in the focused pane |
+| **Esc** | cancel the reply being streamed |
+| **ctrl+r** | retry the last failed reply |
+| **ctrl+left / ctrl+right** | focus the previous / next user |
+| **alt+1 … alt+9** | focus user 1 … 9 |
+| **ctrl+n** | add a user (a new pane) |
+| **ctrl+w** | close the focused pane |
+| **ctrl+o** | pick a session of this user |
+| **ctrl+t** | start a new session |
+| **f6** | rename the session |
+| **f7** | delete the session (asks first) |
+| **tab** | move between input and memory list |
+| **e / d** | in the memory list: edit / forget the memory (asks first) |
+| **f2** | switch layout: grid (all users) / focus (one user) |
+| **f3** | isolation inspector (what the database holds per user) |
+| **f4** | play the seed demo; again to pause / resume |
+| **shift+f4** | stop the demo |
+| **ctrl+p** | command palette: every action by name |
+| **f1 / ?** | this help |
+| **ctrl+q** | quit (running memory jobs get a moment to finish) |
+
+Text from users and the model is shown literally: markup and terminal
+escape sequences in it are displayed, never obeyed.
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,f1,q,question_mark", "dismiss", "Close")]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(classes="help"):
+            yield Markdown(HELP)

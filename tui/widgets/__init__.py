@@ -1,0 +1,1 @@
+"""memchat's widgets. None of them runs SQL: they call the engine."""

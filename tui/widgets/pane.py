@@ -1,0 +1,413 @@
+"""One user's column: title, conversation, input and memory sidebar.
+
+Each pane streams its replies in its own worker, so every pane can stream at
+once and typing in one is never blocked by another. It follows its user's
+memory and job events from the engine's event hub (LISTEN/NOTIFY), so changes
+made by the background job, the CLI or another memchat show up by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message as TextualMessage
+from textual.reactive import reactive
+from textual.widgets import Input, Markdown, Static
+from textual.worker import Worker, WorkerState
+
+from engine.agent import TurnCancelled, TurnCompleted, TurnDelta, TurnFailed, TurnStarted
+from engine.errors import MemchatError
+from engine.events import JobChanged, MemoryChanged, Resync
+from engine.records import Session
+from engine.runtime import Runtime
+from engine.terminal import terminal_safe
+from tui.screens.dialogs import ConfirmDialog, PromptDialog, SessionPicker
+from tui.widgets.messages import (
+    AssistantMessage,
+    MessageList,
+    OlderMessages,
+    TurnError,
+    UserMessage,
+)
+from tui.widgets.sidebar import MemorySidebar
+
+PAGE_SIZE = 50
+
+
+@dataclass(frozen=True, slots=True)
+class PaneOptions:
+    highlight_seconds: float = 5.0
+    animate: bool = True
+
+
+class UserPane(Vertical):
+    BINDINGS = [
+        Binding("escape", "cancel", "Cancel reply"),
+        Binding("ctrl+r", "retry", "Retry"),
+        Binding("ctrl+o", "pick_session", "Sessions"),
+        Binding("ctrl+t", "new_session", "New session"),
+        Binding("f6", "rename_session", "Rename", show=False),
+        Binding("f7", "delete_session", "Delete session", show=False),
+    ]
+
+    session: reactive[Session | None] = reactive(None)
+    busy: reactive[bool] = reactive(False)
+
+    class TurnFinished(TextualMessage):
+        """A turn of this pane ended (completed, failed or cancelled)."""
+
+        def __init__(self, pane: UserPane, status: str) -> None:
+            super().__init__()
+            self.pane = pane
+            self.status = status
+
+    def __init__(self, runtime: Runtime, user_id: str, options: PaneOptions) -> None:
+        super().__init__(classes="pane")
+        self.runtime = runtime
+        self.user_id = user_id
+        self.options = options
+        self.last_failed_text: str | None = None
+        self._oldest_id: int | None = None
+        self._loading_older = False
+        self.ready = asyncio.Event()
+
+    def compose(self) -> ComposeResult:
+        yield Static(classes="pane-title")
+        with Horizontal(classes="pane-body"):
+            with Vertical(classes="chat"):
+                yield MessageList(OlderMessages(0), classes="messages")
+                yield Input(
+                    placeholder=f"Message as {self.user_id}… (Enter sends)",
+                    classes="chat-input",
+                    max_length=self.runtime.settings.limits.max_message_chars,
+                )
+            yield MemorySidebar(
+                highlight_seconds=self.options.highlight_seconds, animate=self.options.animate
+            )
+
+    def on_mount(self) -> None:
+        self.query_one(Input).cursor_blink = self.options.animate
+        self._render_title()
+        self.load_session()
+        self.follow_events()
+
+    # -- helpers -----------------------------------------------------------
+
+    @property
+    def input(self) -> Input:
+        return self.query_one(Input)
+
+    @property
+    def messages(self) -> MessageList:
+        return self.query_one(MessageList)
+
+    @property
+    def sidebar(self) -> MemorySidebar:
+        return self.query_one(MemorySidebar)
+
+    def focus_input(self) -> None:
+        self.input.focus()
+
+    def watch_session(self) -> None:
+        self._render_title()
+
+    def watch_busy(self) -> None:
+        self._render_title()
+
+    def _render_title(self) -> None:
+        if not self.is_mounted:
+            return
+        title = Text(terminal_safe(self.user_id), style="bold")
+        session = self.session.title if self.session else None
+        title.append(f" · {terminal_safe(session or 'New session')}", style="")
+        if self.busy:
+            title.append("  ● replying (Esc cancels)", style="italic")
+        self.query_one(".pane-title", Static).update(title)
+
+    def _report(self, exc: MemchatError) -> None:
+        self.app.notify(terminal_safe(exc.message), title=self.user_id, severity="error")
+
+    # -- loading -----------------------------------------------------------
+
+    @work(group="load", exclusive=True)
+    async def load_session(self, session_id: uuid.UUID | None = None) -> None:
+        try:
+            async with self.runtime.store.scope(self.user_id) as s:
+                await s.ensure_user()
+                if session_id is not None:
+                    session = await s.get_session(session_id)
+                else:
+                    sessions = await s.list_sessions()
+                    session = sessions[0] if sessions else await s.create_session()
+                history = await s.last_messages(session.session_id, PAGE_SIZE)
+                total = await s.count_messages(session.session_id)
+                memories = await s.list_memories()
+                jobs = await s.list_jobs(limit=1)
+        except MemchatError as exc:
+            self._report(exc)
+            return
+        self.session = session
+        self._oldest_id = history[0].message_id if history else None
+        messages = self.messages
+        await messages.remove_children(
+            [child for child in messages.children if not isinstance(child, OlderMessages)]
+        )
+        messages.query_one(OlderMessages).set_count(total - len(history))
+        await messages.mount_all(messages.message_widgets(history))
+        messages.anchor()
+        self.sidebar.show(memories)
+        if jobs and jobs[0].status == "failed":
+            self.sidebar.job_error = jobs[0].last_error or ""
+            self.sidebar.job_state = "failed"
+        elif jobs and jobs[0].status == "running":
+            self.sidebar.job_state = "running"
+        self.ready.set()
+
+    async def load_older(self) -> None:
+        """Mount the page of messages before the oldest one shown."""
+        if self._loading_older or self._oldest_id is None or self.session is None:
+            return
+        self._loading_older = True
+        try:
+            async with self.runtime.store.scope(self.user_id) as s:
+                page = await s.messages_before(self.session.session_id, self._oldest_id, PAGE_SIZE)
+            if not page:
+                return
+            self._oldest_id = page[0].message_id
+            marker = self.messages.query_one(OlderMessages)
+            marker.set_count(max(marker.count - len(page), 0))
+            await self.messages.mount_all(self.messages.message_widgets(page), after=marker)
+        except MemchatError as exc:
+            self._report(exc)
+        finally:
+            self._loading_older = False
+
+    async def on_message_list_reached_top(self, event: MessageList.ReachedTop) -> None:
+        event.stop()
+        await self.load_older()
+
+    async def reload_memories(self) -> None:
+        try:
+            async with self.runtime.store.scope(self.user_id) as s:
+                memories = await s.list_memories()
+        except MemchatError as exc:
+            self._report(exc)
+            return
+        self.sidebar.show(memories)
+
+    async def _job_failed_error(self) -> str:
+        async with self.runtime.store.scope(self.user_id) as s:
+            jobs = await s.list_jobs(limit=1)
+        return (jobs[0].last_error or "") if jobs else ""
+
+    @work(group="events")
+    async def follow_events(self) -> None:
+        async with self.runtime.events.subscribe(self.user_id) as subscription:
+            async for event in subscription:
+                try:
+                    await self._on_engine_event(event)
+                except MemchatError as exc:
+                    self._report(exc)
+
+    async def _on_engine_event(self, event: object) -> None:
+        match event:
+            case MemoryChanged():
+                await self.reload_memories()
+            case JobChanged(state="running"):
+                self.sidebar.job_state = "running"
+            case JobChanged(state="done"):
+                self.sidebar.job_state = "idle"
+            case JobChanged(state="failed"):
+                self.sidebar.job_error = await self._job_failed_error()
+                self.sidebar.job_state = "failed"
+            case Resync():
+                await self.reload_memories()
+
+    # -- turns -------------------------------------------------------------
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.send(event.value)
+
+    def send(self, text: str) -> Worker[None] | None:
+        """Start a turn; returns its worker (None when refused)."""
+        if self.busy:
+            self.app.notify("A reply is still streaming: wait, or Esc to cancel it.")
+            return None
+        if self.session is None:
+            self.app.notify("This pane is still loading.")
+            return None
+        try:
+            text = self.runtime.agent.check_text(text)
+        except MemchatError as exc:
+            self._report(exc)  # the input keeps what was typed
+            return None
+        self.input.value = ""
+        self.busy = True
+        return self.run_worker(self._turn(text), group="turn", exclusive=True)
+
+    async def _turn(self, text: str) -> None:
+        assert self.session is not None
+        messages = self.messages
+        await messages.mount(UserMessage(text))
+        reply = AssistantMessage()
+        await messages.mount(reply)
+        messages.anchor()
+        stream = Markdown.get_stream(reply)
+        parts: list[str] = []
+        status = "failed"
+        try:
+            async for event in self.runtime.agent.stream(
+                self.user_id, self.session.session_id, text
+            ):
+                match event:
+                    case TurnStarted():
+                        self.last_failed_text = None
+                    case TurnDelta(text=delta):
+                        parts.append(delta)
+                        await stream.write(terminal_safe(delta))
+                    case TurnCompleted(reply=message) | TurnCancelled(reply=message):
+                        status = message.status
+                        parts = [message.content]
+                    case TurnFailed(reply=message, error=error):
+                        status = "failed"
+                        parts = [message.content]
+                        self.last_failed_text = text
+                        await messages.mount(TurnError(error))
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        except MemchatError as exc:
+            self.last_failed_text = text
+            await messages.mount(TurnError(exc.message))
+        finally:
+            await stream.stop()
+            # One full render at the end: streamed fragments can leave code
+            # fences half-drawn.
+            await reply.update(terminal_safe("".join(parts)))
+            reply.mark_outcome(status)
+            self.busy = False
+            self.post_message(self.TurnFinished(self, status))
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.worker.group == "turn" and event.state in (
+            WorkerState.CANCELLED,
+            WorkerState.ERROR,
+        ):
+            self.busy = False
+
+    def action_cancel(self) -> None:
+        if self.busy:
+            self.workers.cancel_group(self, "turn")
+
+    def action_retry(self) -> None:
+        if self.last_failed_text is None:
+            self.app.notify("Nothing to retry in this pane.")
+            return
+        self.send(self.last_failed_text)
+
+    # -- sessions ----------------------------------------------------------
+
+    @work(group="sessions")
+    async def action_pick_session(self) -> None:
+        try:
+            async with self.runtime.store.scope(self.user_id) as s:
+                sessions = await s.list_sessions()
+        except MemchatError as exc:
+            self._report(exc)
+            return
+        chosen = await self.app.push_screen_wait(
+            SessionPicker(self.user_id, sessions, self.session)
+        )
+        if chosen is not None:
+            self.load_session(chosen.session_id)
+
+    @work(group="sessions")
+    async def action_new_session(self, title: str | None = None) -> None:
+        if self.busy:
+            self.app.notify("Wait for the reply (or Esc) before switching sessions.")
+            return
+        try:
+            async with self.runtime.store.scope(self.user_id) as s:
+                session = await s.create_session(title)
+        except MemchatError as exc:
+            self._report(exc)
+            return
+        self.load_session(session.session_id)
+
+    async def switch_to_titled(self, title: str) -> None:
+        """Show the session with this title, creating it if needed (demo mode)."""
+        async with self.runtime.store.scope(self.user_id) as s:
+            found = [x for x in await s.list_sessions() if x.title == title]
+            session = found[0] if found else await s.create_session(title)
+        self.ready.clear()
+        self.load_session(session.session_id)
+        await self.ready.wait()
+
+    @work(group="sessions")
+    async def action_rename_session(self) -> None:
+        if self.session is None:
+            return
+        title = await self.app.push_screen_wait(
+            PromptDialog("Rename this session to:", value=self.session.title or "")
+        )
+        if title is None:
+            return
+        try:
+            async with self.runtime.store.scope(self.user_id) as s:
+                self.session = await s.rename_session(self.session.session_id, title)
+        except MemchatError as exc:
+            self._report(exc)
+
+    @work(group="sessions")
+    async def action_delete_session(self) -> None:
+        if self.session is None or self.busy:
+            return
+        name = self.session.title or "this session"
+        if not await self.app.push_screen_wait(
+            ConfirmDialog(f"Delete “{name}” and all its messages?", yes="Delete")
+        ):
+            return
+        try:
+            async with self.runtime.store.scope(self.user_id) as s:
+                await s.delete_session(self.session.session_id)
+        except MemchatError as exc:
+            self._report(exc)
+            return
+        self.load_session()
+
+    # -- memories ----------------------------------------------------------
+
+    @work(group="memories")
+    async def on_memory_sidebar_edit_requested(self, event: MemorySidebar.EditRequested) -> None:
+        text = await self.app.push_screen_wait(
+            PromptDialog("Edit this memory:", value=event.memory.content)
+        )
+        if text is None or text == event.memory.content:
+            return
+        try:
+            async with self.runtime.store.scope(self.user_id) as s:
+                await s.update_memory(event.memory.memory_id, text)
+        except MemchatError as exc:
+            self._report(exc)
+
+    @work(group="memories")
+    async def on_memory_sidebar_delete_requested(
+        self, event: MemorySidebar.DeleteRequested
+    ) -> None:
+        if not await self.app.push_screen_wait(
+            ConfirmDialog(f"Forget “{event.memory.content}”?", yes="Forget")
+        ):
+            return
+        try:
+            async with self.runtime.store.scope(self.user_id) as s:
+                await s.delete_memory(event.memory.memory_id)
+        except MemchatError as exc:
+            self._report(exc)

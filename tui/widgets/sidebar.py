@@ -1,0 +1,140 @@
+"""A user's memories, newest first, live: new and changed ones are marked for a while."""
+
+from __future__ import annotations
+
+import uuid
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.message import Message as TextualMessage
+from textual.reactive import reactive
+from textual.widgets import ListItem, ListView, Static
+
+from engine.records import Memory
+from engine.terminal import terminal_safe
+
+SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+
+class MemoryItem(ListItem):
+    def __init__(self, memory: Memory, mark: str | None) -> None:
+        self.memory = memory
+        text = Text("• ")
+        text.append(terminal_safe(memory.content))
+        if mark:
+            text.append(f"  {mark}", style="bold")
+        super().__init__(Static(text), classes=f"memory -{mark}" if mark else "memory")
+
+
+class MemorySidebar(Vertical):
+    """Shows memories handed to it; the pane loads them and tells it about jobs."""
+
+    BINDINGS = [
+        Binding("e", "edit", "Edit memory"),
+        Binding("d,delete", "delete", "Forget memory"),
+    ]
+
+    job_state: reactive[str] = reactive("idle")
+    """idle | running | failed"""
+    job_error: reactive[str] = reactive("")
+
+    class EditRequested(TextualMessage):
+        def __init__(self, memory: Memory) -> None:
+            super().__init__()
+            self.memory = memory
+
+    class DeleteRequested(TextualMessage):
+        def __init__(self, memory: Memory) -> None:
+            super().__init__()
+            self.memory = memory
+
+    def __init__(self, *, highlight_seconds: float = 5.0, animate: bool = True) -> None:
+        super().__init__(classes="sidebar")
+        self.highlight_seconds = highlight_seconds
+        self.animate = animate
+        self._known: dict[uuid.UUID, str] = {}
+        self._marks: dict[uuid.UUID, str] = {}
+        self._memories: list[Memory] = []
+        self._frame = 0
+        self._loaded = False
+
+    def compose(self) -> ComposeResult:
+        yield Static("Memories", classes="sidebar-title")
+        yield Static("", classes="job-status")
+        yield ListView(classes="memory-list")
+        yield Static("No memories yet.", classes="no-memories")
+
+    def on_mount(self) -> None:
+        if self.animate:
+            self.set_interval(0.1, self._spin)
+        self._render_job_status()
+
+    def show(self, memories: list[Memory]) -> None:
+        """Replace the list; anything new or changed since last time gets a mark."""
+        for memory in memories:
+            before = self._known.get(memory.memory_id)
+            if self._loaded and self.highlight_seconds > 0 and before != memory.content:
+                mark = "new" if before is None else "changed"
+                self._marks[memory.memory_id] = mark
+                self.set_timer(
+                    self.highlight_seconds, lambda mid=memory.memory_id: self._unmark(mid)
+                )
+        self._known = {m.memory_id: m.content for m in memories}
+        self._memories = memories
+        self._loaded = True
+        self._rebuild()
+
+    def _unmark(self, memory_id: uuid.UUID) -> None:
+        if self._marks.pop(memory_id, None) is not None:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        view = self.query_one(ListView)
+        index = view.index
+        view.clear()
+        view.extend(MemoryItem(m, self._marks.get(m.memory_id)) for m in self._memories)
+        if index is not None and self._memories:
+            view.index = min(index, len(self._memories) - 1)
+        self.query_one(".sidebar-title", Static).update(f"Memories ({len(self._memories)})")
+        self.query_one(".no-memories", Static).display = not self._memories
+
+    @property
+    def selected(self) -> Memory | None:
+        view = self.query_one(ListView)
+        item = view.highlighted_child
+        return item.memory if isinstance(item, MemoryItem) else None
+
+    def action_edit(self) -> None:
+        if (memory := self.selected) is not None:
+            self.post_message(self.EditRequested(memory))
+
+    def action_delete(self) -> None:
+        if (memory := self.selected) is not None:
+            self.post_message(self.DeleteRequested(memory))
+
+    def watch_job_state(self) -> None:
+        self._render_job_status()
+
+    def watch_job_error(self) -> None:
+        self._render_job_status()
+
+    def _spin(self) -> None:
+        if self.job_state == "running":
+            self._frame = (self._frame + 1) % len(SPINNER)
+            self._render_job_status()
+
+    def _render_job_status(self) -> None:
+        if not self.is_mounted:
+            return
+        status = self.query_one(".job-status", Static)
+        if self.job_state == "running":
+            spinner = SPINNER[self._frame] if self.animate else "…"
+            status.update(Text(f"{spinner} learning from the last turn", style="italic"))
+        elif self.job_state == "failed":
+            text = Text("⚠ memory job failed: ", style="bold")
+            text.append(terminal_safe(self.job_error or "unknown error"))
+            status.update(text)
+        status.display = self.job_state != "idle"
+        status.set_class(self.job_state == "failed", "-failed")
