@@ -3,14 +3,36 @@
 Used by the inspector, audits and `memchat users`. Everything here runs in
 ``Database.admin()``, a read-only transaction as the ``memchat_admin`` role,
 which the database allows to SELECT and nothing else.
+
+Each view reads every user at once with a few set-based queries and groups the
+rows in Python, so its cost grows with the data, not with round trips per user.
 """
 
 from __future__ import annotations
 
+import re
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
+
+import asyncpg
 
 from engine.db import Database
+from engine.db.migrate import APP_ROLE
+from engine.records import MemoryOp
+from engine.validation import printable
+
+USER_OWNED_TABLES = ("users", "sessions", "messages", "memories", "memory_events", "memory_jobs")
+
+MAX_FINDINGS = 50
+"""Per check: a systemic failure over thousands of rows needs examples, not all of them."""
+
+MIN_NAME_CHARS = 3
+"""Shorter names ("Al", "Jo") match too many ordinary words to mean a leak."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,9 +45,124 @@ class UserSummary:
     memories: int
 
 
+@dataclass(frozen=True, slots=True)
+class SessionOverview:
+    session_id: uuid.UUID
+    number: int
+    """1 for the user's first session, in creation order: stable, unlike ids and times."""
+    title: str | None
+    messages: int
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryChange:
+    op: MemoryOp
+    before: str | None
+    after: str | None
+    actor: str
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryOverview:
+    memory_id: uuid.UUID
+    content: str
+    topics: tuple[str, ...]
+    source_session_title: str | None
+    source_session_number: int | None
+    """None when the memory has no source session (added by hand, or the session was deleted)."""
+    created_at: datetime
+    updated_at: datetime
+    history: tuple[MemoryChange, ...]
+    """Oldest first."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobCounts:
+    pending: int = 0
+    running: int = 0
+    done: int = 0
+    failed: int = 0
+    last_error: str | None = None
+    """The error of the user's newest failed job."""
+
+    @property
+    def total(self) -> int:
+        return self.pending + self.running + self.done + self.failed
+
+
+@dataclass(frozen=True, slots=True)
+class UserOverview:
+    user_id: str
+    display_name: str
+    sessions: tuple[SessionOverview, ...]
+    """Most recently active first."""
+    memories: tuple[MemoryOverview, ...]
+    """Oldest first, the order in which they were learned."""
+    jobs: JobCounts
+    forgotten: int
+    """Memories this user once had that have since been deleted."""
+
+    @property
+    def messages(self) -> int:
+        return sum(s.messages for s in self.sessions)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditFinding:
+    subject: str
+    """The user id, or the table or role at fault."""
+    message: str
+    memory_id: uuid.UUID | None = None
+    """The subject's memory at fault, if it is one (the inspector marks it)."""
+
+    def __str__(self) -> str:
+        return f"{self.subject}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditCheck:
+    name: str
+    ok: bool
+    detail: str
+    findings: tuple[AuditFinding, ...] = ()
+    """At most MAX_FINDINGS; ``detail`` carries the full count."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditResult:
+    checks: tuple[AuditCheck, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok for check in self.checks)
+
+    @property
+    def failed(self) -> tuple[AuditCheck, ...]:
+        return tuple(check for check in self.checks if not check.ok)
+
+    @property
+    def findings(self) -> tuple[AuditFinding, ...]:
+        return tuple(f for check in self.checks for f in check.findings)
+
+
+CHECK_SOURCES = "memory sources"
+CHECK_NAMES = "names"
+CHECK_RLS = "row-level security"
+
+
 class AdminReader:
     def __init__(self, db: Database) -> None:
         self.db = db
+
+    @asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[asyncpg.Connection]:
+        # One snapshot for all of a view's queries, so that counts, memories and
+        # their histories agree with each other while users keep chatting.
+        async with self.db.admin() as conn:
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            yield conn
 
     async def list_users(self) -> list[UserSummary]:
         async with self.db.admin() as conn:
@@ -44,16 +181,382 @@ class AdminReader:
     async def row_level_security(self) -> dict[str, tuple[bool, bool]]:
         """Per user-owned table: (enabled, forced)."""
         async with self.db.admin() as conn:
-            rows = await conn.fetch(
-                """
-                SELECT relname, relrowsecurity, relforcerowsecurity
-                  FROM pg_class
-                 WHERE relname = ANY($1::text[]) AND relkind = 'r'
-                   AND relnamespace = 'public'::regnamespace
-                """,
-                list(USER_OWNED_TABLES),
+            return await _row_level_security(conn)
+
+    # -- the inspector's overview -------------------------------------------
+
+    async def overview(self) -> list[UserOverview]:
+        """Every user with sessions, memories (and their history) and job states."""
+        async with self._snapshot() as conn:
+            users = await conn.fetch(
+                'SELECT user_id, display_name FROM users ORDER BY user_id COLLATE "C"'
             )
-        return {r["relname"]: (r["relrowsecurity"], r["relforcerowsecurity"]) for r in rows}
+            sessions = await conn.fetch(
+                """
+                SELECT s.user_id, s.session_id, s.title, s.created_at, s.updated_at,
+                       row_number() OVER (PARTITION BY s.user_id
+                                          ORDER BY s.created_at, s.session_id) AS number,
+                       coalesce(c.n, 0) AS messages
+                  FROM sessions s
+                  LEFT JOIN (SELECT session_id, count(*) AS n FROM messages GROUP BY session_id) c
+                         ON c.session_id = s.session_id
+                 ORDER BY s.user_id, s.updated_at DESC, s.created_at DESC, s.session_id
+                """
+            )
+            memories = await conn.fetch(
+                """
+                SELECT user_id, memory_id, content, topics, source_session_id,
+                       created_at, updated_at
+                  FROM memories
+                 ORDER BY user_id, created_at, memory_id
+                """
+            )
+            events = await conn.fetch(
+                """
+                SELECT user_id, memory_id, op, before, after, actor
+                  FROM memory_events
+                 ORDER BY event_id
+                """
+            )
+            jobs = await conn.fetch(
+                """
+                SELECT user_id,
+                       count(*) FILTER (WHERE status = 'pending') AS pending,
+                       count(*) FILTER (WHERE status = 'running') AS running,
+                       count(*) FILTER (WHERE status = 'done') AS done,
+                       count(*) FILTER (WHERE status = 'failed') AS failed,
+                       (array_agg(last_error ORDER BY job_id DESC)
+                            FILTER (WHERE status = 'failed'))[1] AS last_error
+                  FROM memory_jobs
+                 GROUP BY user_id
+                """
+            )
+        return _assemble_overview(users, sessions, memories, events, jobs)
+
+    # -- the isolation audit ------------------------------------------------
+
+    async def audit(self) -> AuditResult:
+        """Check, across all users, that nothing of one user is attached to another."""
+        async with self._snapshot() as conn:
+            sources = await _check_sources(conn)
+            names = await _check_names(conn)
+            rls = await _check_rls(conn)
+        return AuditResult((sources, names, rls))
 
 
-USER_OWNED_TABLES = ("users", "sessions", "messages", "memories", "memory_events", "memory_jobs")
+def _assemble_overview(
+    users: Iterable[Any],
+    sessions: Iterable[Any],
+    memories: Iterable[Any],
+    events: Iterable[Any],
+    jobs: Iterable[Any],
+) -> list[UserOverview]:
+    sessions_of: dict[str, list[SessionOverview]] = defaultdict(list)
+    # Keyed by (user, session) so that a memory can only ever be labelled with
+    # a session of its own user, even if the data says otherwise.
+    session_by_key: dict[tuple[str, uuid.UUID], SessionOverview] = {}
+    for row in sessions:
+        session = SessionOverview(
+            session_id=row["session_id"],
+            number=row["number"],
+            title=row["title"],
+            messages=row["messages"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+        sessions_of[row["user_id"]].append(session)
+        session_by_key[(row["user_id"], row["session_id"])] = session
+
+    history: dict[tuple[str, uuid.UUID], list[MemoryChange]] = defaultdict(list)
+    for row in events:
+        history[(row["user_id"], row["memory_id"])].append(
+            MemoryChange(op=row["op"], before=row["before"], after=row["after"], actor=row["actor"])
+        )
+
+    memories_of: dict[str, list[MemoryOverview]] = defaultdict(list)
+    for row in memories:
+        key = (row["user_id"], row["memory_id"])
+        source = (
+            session_by_key.get((row["user_id"], row["source_session_id"]))
+            if row["source_session_id"] is not None
+            else None
+        )
+        memories_of[row["user_id"]].append(
+            MemoryOverview(
+                memory_id=row["memory_id"],
+                content=row["content"],
+                topics=tuple(row["topics"] or ()),
+                source_session_title=source.title if source else None,
+                source_session_number=source.number if source else None,
+                created_at=row["created_at"],
+                updated_at=row["updated_at"],
+                history=tuple(history.get(key, ())),
+            )
+        )
+
+    forgotten: dict[str, int] = defaultdict(int)
+    for (user_id, _), changes in history.items():
+        if changes[-1].op == "delete":
+            forgotten[user_id] += 1
+
+    job_counts = {
+        row["user_id"]: JobCounts(
+            pending=row["pending"],
+            running=row["running"],
+            done=row["done"],
+            failed=row["failed"],
+            last_error=row["last_error"],
+        )
+        for row in jobs
+    }
+
+    return [
+        UserOverview(
+            user_id=row["user_id"],
+            display_name=row["display_name"],
+            sessions=tuple(sessions_of.get(row["user_id"], ())),
+            memories=tuple(memories_of.get(row["user_id"], ())),
+            jobs=job_counts.get(row["user_id"], JobCounts()),
+            forgotten=forgotten.get(row["user_id"], 0),
+        )
+        for row in users
+    ]
+
+
+# -- check 1: every row a memory points at is its own user's -----------------
+
+
+async def _check_sources(conn: asyncpg.Connection) -> AuditCheck:
+    # The composite foreign keys make these impossible in a healthy schema;
+    # the audit does not take the schema's word for it.
+    rows = await conn.fetch(
+        """
+        SELECT y.user_id, y.memory_id, y.content, 'memory' AS kind,
+               'cites a message of' AS what, m.user_id AS other
+          FROM memories y JOIN messages m ON m.message_id = y.source_message_id
+         WHERE m.user_id <> y.user_id
+        UNION ALL
+        SELECT y.user_id, y.memory_id, y.content, 'memory', 'cites a session of', s.user_id
+          FROM memories y JOIN sessions s ON s.session_id = y.source_session_id
+         WHERE s.user_id <> y.user_id
+        UNION ALL
+        SELECT e.user_id, NULL, e.op || ': ' || coalesce(e.after, e.before, ''), 'change',
+               'is recorded on a memory of', y.user_id
+          FROM memory_events e JOIN memories y ON y.memory_id = e.memory_id
+         WHERE y.user_id <> e.user_id
+        ORDER BY 1, 4, 5, 3
+        """
+    )
+    counts = await conn.fetchrow(
+        """
+        SELECT (SELECT count(*) FROM memories) AS memories,
+               (SELECT count(*) FROM memory_events) AS events
+        """
+    )
+    findings = [
+        AuditFinding(
+            row["user_id"],
+            f"{row['kind']} {printable(row['content'])} {row['what']} {row['other']}",
+            row["memory_id"],
+        )
+        for row in rows
+    ]
+    if findings:
+        count = len(findings)
+        detail = f"{_plural(count, 'row')} {_verb(count, 'point')} at another user's rows"
+    else:
+        detail = (
+            f"{_plural(counts['memories'], 'memory')}, {_plural(counts['events'], 'event')}: "
+            "no source of another user"
+        )
+    return AuditCheck(CHECK_SOURCES, not findings, detail, tuple(findings[:MAX_FINDINGS]))
+
+
+# -- check 2: no memory names another user ------------------------------------
+
+_NAME_RE = re.compile(r"\s*name\s+is\s+(.+?)[\s.!;,]*", re.IGNORECASE)
+_WORD_RE = re.compile(r"\w+")
+
+
+def _name_of(content: str) -> str | None:
+    """X from a memory "Name is X", with single spaces; None if too short to tell."""
+    match = _NAME_RE.fullmatch(content)
+    if match is None:
+        return None
+    name = " ".join(match.group(1).split())
+    return name if len(name) >= MIN_NAME_CHARS else None
+
+
+def _name_pattern(name: str) -> re.Pattern[str]:
+    # Whole word on both ends, whatever characters the name starts or ends
+    # with; any run of spaces inside it.
+    body = r"\s+".join(re.escape(part) for part in name.split())
+    return re.compile(rf"(?<!\w){body}(?!\w)", re.IGNORECASE)
+
+
+def find_name_leaks(
+    memories: Iterable[tuple[str, str, uuid.UUID | None]],
+) -> list[AuditFinding]:
+    """Memories (user_id, content, memory_id) mentioning a name another user gave as theirs."""
+    memories = list(memories)
+    # Keyed case-insensitively; the first spelling seen is the one reported.
+    owners: dict[str, set[str]] = defaultdict(set)
+    spelling: dict[str, str] = {}
+    for user_id, content, _ in memories:
+        name = _name_of(content)
+        if name is not None:
+            owners[name.casefold()].add(user_id)
+            spelling.setdefault(name.casefold(), name)
+
+    # Looking every name up in every memory is names x memories regex scans;
+    # only names whose first word occurs in a memory can match it.
+    by_first_word: dict[str, list[str]] = defaultdict(list)
+    wordless: list[str] = []
+    for name in owners:
+        first = _WORD_RE.search(name)
+        if first is None:
+            wordless.append(name)
+        else:
+            by_first_word[first.group()].append(name)
+    patterns = {name: _name_pattern(name) for name in owners}
+
+    findings: list[AuditFinding] = []
+    for user_id, content, memory_id in memories:
+        folded = content.casefold()
+        words = set(_WORD_RE.findall(folded))
+        candidates = [n for w in words for n in by_first_word.get(w, ())] + wordless
+        # Longest first: "Mark Gonzales" says more than the "Mark" inside it.
+        leaked = sorted(
+            (n for n in candidates if user_id not in owners[n] and patterns[n].search(folded)),
+            key=lambda n: (-len(n), n),
+        )
+        if leaked:
+            named = ", ".join(
+                f"{printable(spelling[n])} ({', '.join(sorted(owners[n]))})" for n in leaked
+            )
+            findings.append(
+                AuditFinding(user_id, f"memory {printable(content)} names {named}", memory_id)
+            )
+    return findings
+
+
+async def _check_names(conn: asyncpg.Connection) -> AuditCheck:
+    rows = await conn.fetch(
+        "SELECT user_id, content, memory_id FROM memories "
+        'ORDER BY user_id COLLATE "C", created_at, memory_id'
+    )
+    memories = [(row["user_id"], row["content"], row["memory_id"]) for row in rows]
+    findings = find_name_leaks(memories)
+    names = {name.casefold() for _, content, _ in memories if (name := _name_of(content))}
+    if findings:
+        detail = f"{_plural(len(findings), 'memory')} {_verb(len(findings), 'name')} another user"
+    else:
+        detail = (
+            f"{_plural(len(names), 'name')} vs {_plural(len(memories), 'memory')}: "
+            "none names another user"
+        )
+    return AuditCheck(CHECK_NAMES, not findings, detail, tuple(findings[:MAX_FINDINGS]))
+
+
+# -- check 3: the database enforces isolation ---------------------------------
+
+
+async def _row_level_security(conn: asyncpg.Connection) -> dict[str, tuple[bool, bool]]:
+    rows = await conn.fetch(
+        """
+        SELECT relname, relrowsecurity, relforcerowsecurity
+          FROM pg_class
+         WHERE relname = ANY($1::text[]) AND relkind = 'r'
+           AND relnamespace = 'public'::regnamespace
+        """,
+        list(USER_OWNED_TABLES),
+    )
+    return {r["relname"]: (r["relrowsecurity"], r["relforcerowsecurity"]) for r in rows}
+
+
+_SCOPE_SETTING = "current_setting('memchat.user_id'"
+
+
+async def _check_rls(conn: asyncpg.Connection) -> AuditCheck:
+    tables = await _row_level_security(conn)
+    policies = await conn.fetch(
+        """
+        SELECT tablename, policyname, permissive, roles, cmd, qual, with_check
+          FROM pg_policies
+         WHERE schemaname = 'public' AND tablename = ANY($1::text[])
+         ORDER BY tablename, policyname
+        """,
+        list(USER_OWNED_TABLES),
+    )
+    role = await conn.fetchrow(
+        "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = $1", APP_ROLE
+    )
+
+    findings: list[AuditFinding] = []
+    if role is None:
+        findings.append(AuditFinding(APP_ROLE, "role is missing"))
+    else:
+        if role["rolsuper"]:
+            findings.append(AuditFinding(APP_ROLE, "is a superuser (bypasses row-level security)"))
+        if role["rolbypassrls"]:
+            findings.append(AuditFinding(APP_ROLE, "has BYPASSRLS"))
+
+    by_table: dict[str, list[Any]] = defaultdict(list)
+    for policy in policies:
+        by_table[policy["tablename"]].append(policy)
+    for table in USER_OWNED_TABLES:
+        if table not in tables:
+            findings.append(AuditFinding(table, "table is missing"))
+            continue
+        enabled, forced = tables[table]
+        if not enabled:
+            findings.append(AuditFinding(table, "row-level security is not enabled"))
+        if not forced:
+            findings.append(AuditFinding(table, "row-level security is not forced"))
+        findings.extend(_policy_findings(table, by_table.get(table, [])))
+
+    if findings:
+        detail = f"{_plural(len(findings), 'problem')} with tables, policies or roles"
+    else:
+        detail = f"{len(USER_OWNED_TABLES)} tables forced and scoped; {APP_ROLE} can't bypass"
+    return AuditCheck(CHECK_RLS, not findings, detail, tuple(findings[:MAX_FINDINGS]))
+
+
+def _policy_findings(table: str, policies: list[Any]) -> list[AuditFinding]:
+    scope_name = f"{table}_user_scope"
+    scope = next((p for p in policies if p["policyname"] == scope_name), None)
+    findings: list[AuditFinding] = []
+    if scope is None:
+        findings.append(AuditFinding(table, f"policy {scope_name} is missing"))
+    elif not (
+        scope["cmd"] == "ALL"
+        and list(scope["roles"]) == ["public"]
+        and _SCOPE_SETTING in (scope["qual"] or "")
+        and _SCOPE_SETTING in (scope["with_check"] or "")
+    ):
+        findings.append(
+            AuditFinding(table, f"policy {scope_name} no longer scopes every command by user")
+        )
+    # Permissive policies are OR-ed together: any other one that applies to the
+    # runtime role widens what a user's scope can see or write.
+    for policy in policies:
+        if policy["policyname"] == scope_name or policy["permissive"] != "PERMISSIVE":
+            continue
+        if {"public", APP_ROLE} & set(policy["roles"]):
+            findings.append(
+                AuditFinding(
+                    table, f"policy {policy['policyname']} lets {APP_ROLE} past the user scope"
+                )
+            )
+    return findings
+
+
+def _plural(count: int, noun: str) -> str:
+    if count == 1:
+        return f"1 {noun}"
+    plural = noun[:-1] + "ies" if noun.endswith("y") and not noun.endswith("ey") else noun + "s"
+    return f"{count} {plural}"
+
+
+def _verb(count: int, verb: str) -> str:
+    return verb + "s" if count == 1 else verb

@@ -2,15 +2,16 @@
 
 Read-only. Everything comes from ``engine.admin.AdminReader`` (the admin path);
 this screen runs no SQL. It is shown in demos to prove isolation by eye, so it
-shows no ids or clock times (session titles and counts instead), orders by
+shows no UUIDs or clock times (session titles and counts instead), orders by
 stable keys, and renders all text from users and models literally: escaped by
 ``terminal_safe`` and wrapped in ``rich.text.Text``, never parsed as markup.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import uuid
+from collections.abc import Collection
 
 from rich import box
 from rich.console import Group, RenderableType
@@ -20,10 +21,15 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
+from textual.geometry import Size
 from textual.screen import Screen
+from textual.visual import visualize
+from textual.widget import Widget
 from textual.widgets import Footer, LoadingIndicator, Static
 
 from engine.admin import (
+    CHECK_NAMES,
+    CHECK_SOURCES,
     AdminReader,
     AuditCheck,
     AuditResult,
@@ -36,8 +42,18 @@ from engine.terminal import terminal_safe
 
 log = logging.getLogger(__name__)
 
+PAGE_SIZE = 25
+"""Users mounted at a time: laying out a section costs milliseconds (wrapped tables),
+so hundreds at once would freeze the screen; more are mounted as the reader scrolls."""
+
+WIDE_SECTION = 130
+"""Content width from which a user's sessions sit beside their memories."""
+
 FINDINGS_SHOWN = 3
 """Per failed check; the panel must leave room for the users below it."""
+
+USER_CHECKS = (CHECK_SOURCES, CHECK_NAMES)
+"""Checks whose findings are about a user (the others are about tables and roles)."""
 
 OK_MARK = "✓"
 FAIL_MARK = "✗"
@@ -71,14 +87,9 @@ def _jobs_text(jobs: JobCounts) -> Text:
 
 
 def user_summary(user: UserOverview) -> Text:
-    """``user_1@example.com · 2 sessions · 8 messages · 4 memories · jobs: 4 done``."""
+    """``2 sessions · 8 messages · 4 memories · jobs: 4 done`` (the user id is the title)."""
     dot = (" · ", "dim")
     text = Text()
-    text.append_text(literal(user.user_id, "bold"))
-    if user.display_name and user.display_name != user.user_id:
-        text.append(" (")
-        text.append_text(literal(user.display_name))
-        text.append(")")
     memories = _plural(len(user.memories), "memory", "memories")
     if user.forgotten:
         memories += f" ({user.forgotten} forgotten)"
@@ -87,11 +98,19 @@ def user_summary(user: UserOverview) -> Text:
         _plural(user.messages, "message"),
         memories,
     ):
-        text.append(*dot)
         text.append(part)
-    text.append(*dot)
+        text.append(*dot)
     text.append_text(_jobs_text(user.jobs))
     return text
+
+
+def user_title(user: UserOverview) -> Text:
+    title = literal(user.user_id, "bold")
+    if user.display_name and user.display_name != user.user_id:
+        title.append(" (")
+        title.append_text(literal(user.display_name))
+        title.append(")")
+    return title
 
 
 def _session_label(title: str | None, number: int | None) -> Text:
@@ -120,6 +139,9 @@ def _history_text(memory: MemoryOverview) -> Text:
 
 def _memory_text(memory: MemoryOverview) -> Text:
     text = literal(memory.content)
+    if memory.topics:
+        text.append("  ")
+        text.append_text(literal(" ".join(f"#{t}" for t in memory.topics), "dim"))
     updates = [c for c in memory.history if c.op == "update" and c.before]
     if updates:
         text.append("\n")
@@ -128,24 +150,25 @@ def _memory_text(memory: MemoryOverview) -> Text:
     return text
 
 
-def _table(title: str) -> Table:
+def _table(title: str, *, expand: bool) -> Table:
     return Table(
         title=title,
         title_justify="left",
         title_style="bold",
         box=box.SIMPLE_HEAD,
+        border_style="dim",
         show_edge=False,
         pad_edge=False,
         header_style="dim",
-        expand=True,
+        expand=expand,
         padding=(0, 1),
     )
 
 
 def sessions_table(sessions: tuple[SessionOverview, ...]) -> Table:
-    table = _table("Sessions")
-    table.add_column("#", justify="right", width=3, no_wrap=True)
-    table.add_column("Session", ratio=1, overflow="fold")
+    table = _table("Sessions", expand=False)
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("Session", overflow="fold", min_width=18, max_width=48)
     table.add_column("Messages", justify="right", no_wrap=True)
     for session in sessions:
         table.add_row(
@@ -156,36 +179,54 @@ def sessions_table(sessions: tuple[SessionOverview, ...]) -> Table:
     return table
 
 
-def memories_table(memories: tuple[MemoryOverview, ...]) -> Table:
-    table = _table("Memories")
-    table.add_column("Memory", ratio=5, overflow="fold")
-    table.add_column("Topics", ratio=2, overflow="fold")
-    table.add_column("From session", ratio=3, overflow="fold")
-    table.add_column("History", ratio=2, overflow="fold")
+def memories_table(
+    memories: tuple[MemoryOverview, ...], flagged: Collection[uuid.UUID] = ()
+) -> Table:
+    table = _table("Memories", expand=False)
+    # Minimum widths keep the columns of consecutive users roughly aligned.
+    table.add_column("Memory", overflow="fold", min_width=40)
+    table.add_column("From session", overflow="fold", min_width=18, max_width=24)
+    table.add_column("History", overflow="fold", min_width=10, max_width=32)
     for memory in memories:
+        text = _memory_text(memory)
+        if memory.memory_id in flagged:
+            # The audit's finding, pointed at where it lives.
+            text = Text.assemble((f"{FAIL_MARK} ", "bold red"), text)
+            text.stylize("red")
         table.add_row(
-            _memory_text(memory),
-            literal(", ".join(memory.topics), "dim"),
+            text,
             _session_label(memory.source_session_title, memory.source_session_number),
             _history_text(memory),
         )
     return table
 
 
-def user_renderable(user: UserOverview) -> RenderableType:
+def user_renderable(
+    user: UserOverview, flagged: Collection[uuid.UUID] = (), *, wide: bool = False
+) -> RenderableType:
+    """The section body; ``wide`` puts sessions beside memories instead of above them."""
+    sessions: RenderableType = (
+        sessions_table(user.sessions) if user.sessions else Text("No sessions.", "dim italic")
+    )
+    memories: RenderableType = (
+        memories_table(user.memories, flagged)
+        if user.memories
+        else Text("No memories.", "dim italic")
+    )
     parts: list[RenderableType] = [user_summary(user)]
-    if user.sessions:
-        parts.append(sessions_table(user.sessions))
+    if wide:
+        side_by_side = Table.grid(padding=(0, 4))
+        # Wide enough for a sessions table, so memories line up across users.
+        side_by_side.add_column(vertical="top", min_width=34)
+        side_by_side.add_column(vertical="top")
+        side_by_side.add_row(sessions, memories)
+        parts.append(side_by_side)
     else:
-        parts.append(Text("No sessions.", style="dim italic"))
-    if user.memories:
-        parts.append(memories_table(user.memories))
-    else:
-        parts.append(Text("No memories.", style="dim italic"))
+        parts += [sessions, memories]
     if user.jobs.last_error:
-        error = Text("Last failed job: ", style="bold red")
-        error.append_text(literal(user.jobs.last_error))
-        parts.append(error)
+        parts.append(
+            Text.assemble(("Last failed job: ", "bold red"), literal(user.jobs.last_error, "red"))
+        )
     return Group(*parts)
 
 
@@ -226,12 +267,41 @@ def audit_renderable(result: AuditResult) -> RenderableType:
     return Group(verdict_text(result), grid)
 
 
-class UserSection(Static):
+class UserSection(Widget):
     """One user's sessions, memories and jobs. Nothing of any other user is in here."""
 
-    def __init__(self, user: UserOverview) -> None:
-        super().__init__(user_renderable(user), classes="user-section")
+    DEFAULT_CSS = """
+    UserSection {
+        height: auto;
+    }
+    """
+
+    def __init__(self, user: UserOverview, *, flagged: Collection[uuid.UUID] = ()) -> None:
+        super().__init__(classes="user-section")
         self.user = user
+        self._flagged = flagged
+        self.border_title = user_title(user)
+        self.set_class(bool(user.jobs.failed), "-failed-jobs")
+        self._bodies: dict[bool, RenderableType] = {}
+        self._heights: dict[int, int] = {}
+
+    def body(self, width: int) -> RenderableType:
+        wide = width >= WIDE_SECTION
+        if wide not in self._bodies:
+            self._bodies[wide] = user_renderable(self.user, self._flagged, wide=wide)
+        return self._bodies[wide]
+
+    def render(self) -> RenderableType:
+        return self.body(self.size.width)
+
+    def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
+        # The content never changes (a reload builds new sections), and measuring
+        # means rendering the tables: remember it per width across layouts.
+        height = self._heights.get(width)
+        if height is None:
+            visual = visualize(self, self.body(width), markup=False)
+            height = self._heights[width] = visual.get_height(self.styles, width)
+        return height
 
 
 class InspectorScreen(Screen[None]):
@@ -266,9 +336,11 @@ class InspectorScreen(Screen[None]):
         height: auto;
     }
     InspectorScreen #users {
+        width: 100%;
         height: 1fr;
-        padding: 0 1;
+        padding: 0 0 0 1;
         scrollbar-size-vertical: 1;
+        scrollbar-gutter: stable;
     }
     InspectorScreen #users LoadingIndicator {
         height: 3;
@@ -277,9 +349,17 @@ class InspectorScreen(Screen[None]):
         height: auto;
         padding: 0 1;
         border: round $primary 60%;
+        border-title-color: $foreground;
+        border-title-style: bold;
     }
     InspectorScreen .user-section.-failed-jobs {
         border: round $warning 70%;
+    }
+    InspectorScreen .user-section.-flagged {
+        border: heavy $error;
+    }
+    InspectorScreen #users .more-users {
+        padding: 0 2;
     }
     InspectorScreen #users .empty {
         padding: 1 2;
@@ -291,6 +371,8 @@ class InspectorScreen(Screen[None]):
         Binding("r", "reload", "Refresh"),
         Binding("escape", "close", "Close"),
         Binding("q", "close", "Close", show=False),
+        # The app opens the inspector with F3; the same key should close it, not stack another.
+        Binding("f3", "close", "Close", show=False),
         Binding("up", "scroll('up')", "Scroll", show=False),
         Binding("down", "scroll('down')", "Scroll", show=False),
         Binding("pageup", "scroll('page_up')", "Page up", show=False),
@@ -306,6 +388,10 @@ class InspectorScreen(Screen[None]):
         self.title = title
         self.overview: list[UserOverview] | None = None
         self.audit: AuditResult | None = None
+        self._unmounted: list[UserOverview] = []
+        self._flagged: set[uuid.UUID] = set()
+        self._suspects: set[str] = set()
+        self._mounting = False
 
     def compose(self) -> ComposeResult:
         yield Static(self._title_text("loading…"), id="inspector-title")
@@ -316,25 +402,24 @@ class InspectorScreen(Screen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#audit", VerticalScroll).border_title = "Isolation audit"
+        self.watch(self.query_one("#users"), "scroll_y", self._on_users_scrolled, init=False)
         self.load()
 
     def _title_text(self, status: str) -> Text:
-        text = Text(self.inspector_title, style="bold")
-        text.append("  ·  ", style="dim")
-        text.append(status, style="dim")
-        return text
+        return Text.assemble((self.inspector_title, "bold"), ("  ·  ", "dim"), (status, "dim"))
 
     def _set_status(self, status: str) -> None:
         self.query_one("#inspector-title", Static).update(self._title_text(status))
 
-    @work(exclusive=True, group="inspector-load", exit_on_error=False)
+    @work(exclusive=True, group="inspector-load")
     async def load(self) -> None:
         """Read the overview and the audit off the UI's critical path, then show them."""
         if self.overview is not None:
             self._set_status("refreshing…")
         try:
-            overview, audit = await asyncio.gather(self.reader.overview(), self.reader.audit())
+            # One after the other: the screen need not hold two pool connections.
+            overview = await self.reader.overview()
+            audit = await self.reader.audit()
         except Exception as exc:
             # The screen stays up to say so (and to retry with r) rather than
             # taking the whole app down over a read.
@@ -349,9 +434,11 @@ class InspectorScreen(Screen[None]):
         audit = self.query_one("#audit", VerticalScroll)
         audit.set_class(False, "-passed")
         audit.set_class(True, "-failed")
-        message = Text(f"{FAIL_MARK} Could not read the database: ", style="bold red")
-        message.append_text(literal(str(exc) or type(exc).__name__, "red"))
-        message.append("\nPress r to try again.", style="dim")
+        message = Text.assemble(
+            (f"{FAIL_MARK} Could not read the database: ", "bold red"),
+            literal(str(exc) or type(exc).__name__, "red"),
+            ("\nPress r to try again.", "dim"),
+        )
         self.query_one("#audit-body", Static).update(message)
         self.query(LoadingIndicator).remove()
 
@@ -362,19 +449,48 @@ class InspectorScreen(Screen[None]):
         panel.set_class(not audit.ok, "-failed")
         self.query_one("#audit-body", Static).update(audit_renderable(audit))
 
+        self._flagged = {f.memory_id for f in audit.findings if f.memory_id is not None}
+        self._suspects = {
+            f.subject for check in audit.checks if check.name in USER_CHECKS for f in check.findings
+        }
+        # Users the audit points at come first, so a leak is on screen at once.
+        self._unmounted = sorted(overview, key=lambda u: u.user_id not in self._suspects)
         users = self.query_one("#users", VerticalScroll)
         # A refresh should not throw the reader back to the top.
         keep_y = users.scroll_y
+        keep_mounted = max(PAGE_SIZE, len(self.query(UserSection)))
         with self.app.batch_update():
             await users.remove_children()
             if overview:
-                sections = [UserSection(user) for user in overview]
-                for section, user in zip(sections, overview, strict=True):
-                    section.set_class(bool(user.jobs.failed), "-failed-jobs")
-                await users.mount_all(sections)
+                await self._mount_more(keep_mounted)
             else:
                 await users.mount(Static(Text("No users yet."), classes="empty"))
         users.call_after_refresh(users.scroll_to, y=keep_y, animate=False)
+
+    async def _mount_more(self, count: int = PAGE_SIZE) -> None:
+        users = self.query_one("#users", VerticalScroll)
+        batch, self._unmounted = self._unmounted[:count], self._unmounted[count:]
+        sections = [UserSection(user, flagged=self._flagged) for user in batch]
+        for section in sections:
+            section.set_class(section.user.user_id in self._suspects, "-flagged")
+        await self.query(".more-users").remove()
+        await users.mount_all(sections)
+        if self._unmounted:
+            more = Text(f"{_plural(len(self._unmounted), 'more user')} below…", style="dim italic")
+            await users.mount(Static(more, classes="more-users"))
+
+    async def _on_users_scrolled(self) -> None:
+        users = self.query_one("#users", VerticalScroll)
+        near_end = users.scroll_y >= users.max_scroll_y - users.size.height
+        if self._unmounted and near_end and not self._mounting:
+            # Until the new sections are laid out, max_scroll_y is stale and
+            # every scroll step would look "near the end" again.
+            self._mounting = True
+            await self._mount_more()
+            self.call_after_refresh(self._mounted)
+
+    def _mounted(self) -> None:
+        self._mounting = False
 
     def action_reload(self) -> None:
         self.load()
@@ -384,16 +500,17 @@ class InspectorScreen(Screen[None]):
 
     def action_scroll(self, where: str) -> None:
         users = self.query_one("#users", VerticalScroll)
+        # No animation: keys should move the view at once, also over a slow link.
         match where:
             case "up":
-                users.scroll_up()
+                users.scroll_up(animate=False)
             case "down":
-                users.scroll_down()
+                users.scroll_down(animate=False)
             case "page_up":
-                users.scroll_page_up()
+                users.scroll_page_up(animate=False)
             case "page_down":
-                users.scroll_page_down()
+                users.scroll_page_down(animate=False)
             case "home":
-                users.scroll_home()
+                users.scroll_home(animate=False)
             case "end":
-                users.scroll_end()
+                users.scroll_end(animate=False)
