@@ -82,6 +82,14 @@ class Agent:
         self.model = model
         self.settings = settings
         self.after_reply = after_reply
+        # Cancelled replies still being written (shielded from the cancel), so
+        # that shutdown can wait for them instead of closing the pool under them.
+        self._storing: set[asyncio.Future[Message]] = set()
+
+    async def wait_stored(self) -> None:
+        """Wait until every cancelled reply has been written."""
+        if self._storing:
+            await asyncio.gather(*self._storing, return_exceptions=True)
 
     def check_text(self, text: str) -> str:
         """The user's text as it will be stored, or InvalidInput before anything is written."""
@@ -134,8 +142,13 @@ class Agent:
         # We are unwinding a cancellation (or the consumer closed us): store the
         # partial reply even if the task is cancelled again meanwhile, and let
         # the original exception, not a storage error, propagate.
+        task = asyncio.ensure_future(
+            self._finish(user_id, user_message, partial, "cancelled", None)
+        )
+        self._storing.add(task)
+        task.add_done_callback(self._storing.discard)
         try:
-            await asyncio.shield(self._finish(user_id, user_message, partial, "cancelled", None))
+            await asyncio.shield(task)
         except (MemchatError, asyncio.CancelledError):
             log.warning(
                 "could not store the cancelled reply of message %s", user_message.message_id

@@ -41,6 +41,7 @@ class Runtime:
     async def close(self, drain_timeout: float | None = None) -> None:
         """Drain memory jobs (bounded), then let go of everything, in reverse order."""
         try:
+            await self.agent.wait_stored()
             await self.workers.stop(drain_timeout)
         finally:
             if self._relay is not None:

@@ -48,7 +48,8 @@ class MemchatApp(App[None]):
         Binding("f4", "demo", "Demo"),
         Binding("shift+f4", "stop_demo", "Stop demo", show=False),
         Binding("ctrl+n", "add_user", "Add user"),
-        Binding("ctrl+w", "close_pane", "Close pane", show=False),
+        # Priority: the input would take ctrl+w as "delete word".
+        Binding("ctrl+w", "close_pane", "Close pane", show=False, priority=True),
         Binding("ctrl+right", "focus_user(1)", "Next user", priority=True, show=False),
         Binding("ctrl+left", "focus_user(-1)", "Previous user", priority=True, show=False),
         *(
@@ -152,8 +153,10 @@ class MemchatApp(App[None]):
         text.append(db_label if self.database_ok else f"{db_label} UNREACHABLE, retrying…")
         text.append("  ·  memory jobs running: ")
         text.append(str(self.running_jobs), style="bold")
-        self.query_one(StatusBar).update(text)
-        self.query_one(StatusBar).set_class(not self.database_ok, "-error")
+        # query, not query_one: during shutdown the bar may already be gone.
+        for bar in self.query(StatusBar).results(StatusBar):
+            bar.update(text)
+            bar.set_class(not self.database_ok, "-error")
 
     def watch_running_jobs(self) -> None:
         self._render_status()
@@ -205,7 +208,9 @@ class MemchatApp(App[None]):
         return node
 
     def on_descendant_focus(self) -> None:
-        self._apply_layout()
+        # Only a pane taking focus changes which one is current; dialogs do not.
+        if self._focused_pane() is not None:
+            self._apply_layout()
 
     def action_focus_user(self, step: int) -> None:
         panes = self.panes
@@ -243,7 +248,9 @@ class MemchatApp(App[None]):
             self._focus_pane(pane)
 
     async def action_close_pane(self) -> None:
-        pane = self._focused_pane()
+        pane = self._focused_pane() or next(
+            (p for p in self.panes if p.has_class("-current")), None
+        )
         if pane is None:
             return
         if pane.busy:

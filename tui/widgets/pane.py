@@ -129,7 +129,9 @@ class UserPane(Vertical):
         title.append(f" · {terminal_safe(session or 'New session')}", style="")
         if self.busy:
             title.append("  ● replying (Esc cancels)", style="italic")
-        self.query_one(".pane-title", Static).update(title)
+        # query, not query_one: during shutdown the children may already be gone.
+        for widget in self.query(".pane-title").results(Static):
+            widget.update(title)
 
     def _report(self, exc: MemchatError) -> None:
         self.app.notify(terminal_safe(exc.message), title=self.user_id, severity="error")

@@ -95,8 +95,8 @@ class MemorySidebar(Vertical):
         index = view.index
         view.clear()
         view.extend(MemoryItem(m, self._marks.get(m.memory_id)) for m in self._memories)
-        if index is not None and self._memories:
-            view.index = min(index, len(self._memories) - 1)
+        if self._memories:
+            view.index = min(index or 0, len(self._memories) - 1)
         self.query_one(".sidebar-title", Static).update(f"Memories ({len(self._memories)})")
         self.query_one(".no-memories", Static).display = not self._memories
 

@@ -1,0 +1,306 @@
+"""The app, driven with Pilot against the real engine (offline model, real PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import pytest
+from textual.widgets import Input
+
+from engine.records import Memory
+from tests.fake_openai import FakeOpenAI
+from tests.tui.conftest import AppFactory, wait_until
+from tui.app import MemchatApp, StatusBar
+from tui.screens.dialogs import PromptDialog, SessionPicker
+from tui.screens.help import HelpScreen
+from tui.widgets.messages import AssistantMessage, OlderMessages, TurnError, UserMessage
+from tui.widgets.pane import UserPane
+
+pytestmark = pytest.mark.db
+
+USERS = ["alice@example.com", "bob@example.com", "carol@example.com"]
+
+
+def pane(app: MemchatApp, user_id: str) -> UserPane:
+    found = app.pane_of(user_id)
+    assert found is not None, user_id
+    return found
+
+
+def sidebar_texts(p: UserPane) -> list[str]:
+    return [m.content for m in p.sidebar._memories]
+
+
+def replies(p: UserPane) -> list[AssistantMessage]:
+    return list(p.query(AssistantMessage))
+
+
+async def finish_turns(app: MemchatApp) -> None:
+    turns = [w for w in app.workers if w.group == "turn"]
+    if turns:  # an empty list would mean "every worker", the endless ones too
+        await app.workers.wait_for_complete(turns)
+
+
+async def test_start_shows_a_pane_per_user_and_focuses_the_first_input(
+    make_app: AppFactory,
+) -> None:
+    app = make_app(USERS)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        assert [p.user_id for p in app.panes] == USERS
+        assert app.focused is pane(app, USERS[0]).input
+        status = str(app.query_one(StatusBar).render())
+        assert "offline model" in status and "PostgreSQL" in status
+        assert "memory jobs running: 0" in status
+        await pilot.press("f1")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+
+
+async def test_two_panes_stream_at_once_and_both_complete(
+    make_app: AppFactory, tui_settings
+) -> None:
+    tui_settings.model.offline_token_delay_ms = 150
+    app = make_app(USERS[:2])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        alice, bob = pane(app, USERS[0]), pane(app, USERS[1])
+        await pilot.press(*"My name is Alice.")
+        await pilot.press("enter")
+        assert alice.busy, (alice.input.value, replies(alice))
+        await pilot.press("ctrl+right")
+        assert app.focused is bob.input
+        bob.input.value = "My name is Bob."
+        await pilot.press("enter")
+        assert alice.busy and bob.busy, "both replies stream at the same time"
+        await finish_turns(app)
+        assert "Alice" in replies(alice)[-1].source
+        assert "Bob" in replies(bob)[-1].source
+        await wait_until(lambda: "Name is Alice" in sidebar_texts(alice))
+        await wait_until(lambda: "Name is Bob" in sidebar_texts(bob))
+        assert "Name is Bob" not in sidebar_texts(alice)
+
+
+async def test_switching_users_by_key(make_app: AppFactory) -> None:
+    app = make_app(USERS)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        await pilot.press("alt+3")
+        assert app.focused is pane(app, USERS[2]).input
+        await pilot.press("ctrl+right")
+        assert app.focused is pane(app, USERS[0]).input
+        await pilot.press("ctrl+left")
+        assert app.focused is pane(app, USERS[2]).input
+        await pilot.press("f2")
+        assert app.layout_mode == "focus"
+        assert [p.display for p in app.panes] == [False, False, True]
+        await pilot.press("f2")
+        assert all(p.display for p in app.panes)
+
+
+async def test_add_and_close_a_user(make_app: AppFactory) -> None:
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        await pilot.press("ctrl+n")
+        assert isinstance(app.screen, PromptDialog)
+        await pilot.press(*"dave@example.com")
+        await pilot.press("enter")
+        await wait_until(lambda: app.pane_of("dave@example.com") is not None)
+        dave = pane(app, "dave@example.com")
+        await dave.ready.wait()
+        assert app.focused is dave.input
+        await pilot.press("ctrl+n")
+        await pilot.press(*"bad id!")
+        await pilot.press("enter")
+        assert app.pane_of("bad id!") is None
+        await pilot.press("ctrl+w")
+        assert [p.user_id for p in app.panes] == [USERS[0]]
+
+
+async def test_sessions_new_rename_switch(make_app: AppFactory) -> None:
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        alice = pane(app, USERS[0])
+        first = alice.session
+        await pilot.press(*"first session words")
+        await pilot.press("enter")
+        await finish_turns(app)
+        await pilot.press("ctrl+t")
+        await wait_until(lambda: alice.session is not None and alice.session != first)
+        assert replies(alice) == []
+        await pilot.press("f6")
+        assert isinstance(app.screen, PromptDialog)
+        await pilot.press(*"Renamed")
+        await pilot.press("enter")
+        await wait_until(lambda: alice.session is not None and alice.session.title == "Renamed")
+        await pilot.press("ctrl+o")
+        await wait_until(lambda: isinstance(app.screen, SessionPicker))
+        picker = app.screen
+        assert isinstance(picker, SessionPicker)
+        assert [s.title for s in picker.sessions] == ["Renamed", "first session words"]
+        await pilot.press("down", "enter")
+        await wait_until(lambda: alice.session is not None and alice.session.title != "Renamed")
+        await alice.ready.wait()
+        await wait_until(lambda: len(replies(alice)) == 1)
+
+
+async def test_escape_cancels_a_streaming_reply(make_app: AppFactory, tui_settings) -> None:
+    tui_settings.model.offline_token_delay_ms = 200
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        alice = pane(app, USERS[0])
+        await pilot.press(*"Tell me a long story please")
+        await pilot.press("enter")
+        await wait_until(lambda: bool(replies(alice)) and bool(replies(alice)[-1].source))
+        await pilot.press("escape")
+        await finish_turns(app)
+        assert not alice.busy
+        assert replies(alice)[-1].has_class("-cancelled")
+        async with app.runtime.store.scope(USERS[0]) as s:  # type: ignore[union-attr]
+            stored = await s.last_messages(alice.session.session_id, 5)  # type: ignore[union-attr]
+        assert [m.status for m in stored] == ["complete", "cancelled"]
+
+
+async def test_sidebar_follows_changes_made_outside_the_app(
+    make_app: AppFactory, database_dsn: str
+) -> None:
+    app = make_app(USERS[:2])
+    async with app.run_test(size=(160, 48)):
+        await app.ready.wait()
+        env = {**os.environ, "MEMCHAT_DATABASE__URL": database_dsn, "MEMCHAT_CONFIG": os.devnull}
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "engine.cli", "memory", "add", "--user", USERS[1], "Likes tea"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+        bob = pane(app, USERS[1])
+        await wait_until(lambda: sidebar_texts(bob) == ["Likes tea"])
+        assert sidebar_texts(pane(app, USERS[0])) == []
+
+
+async def test_delete_memory_from_the_sidebar_asks_first(make_app: AppFactory) -> None:
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        alice = pane(app, USERS[0])
+        async with app.runtime.store.scope(USERS[0]) as s:  # type: ignore[union-attr]
+            memory = await s.add_memory("Likes chess")
+        assert isinstance(memory, Memory)
+        await wait_until(lambda: sidebar_texts(alice) == ["Likes chess"])
+        alice.sidebar.query_one("ListView").focus()
+        await pilot.press("d")
+        await pilot.press("n")  # no: nothing happens
+        assert sidebar_texts(alice) == ["Likes chess"]
+        await pilot.press("d")
+        await pilot.press("y")
+        await wait_until(lambda: sidebar_texts(alice) == [])
+
+
+async def test_reply_text_is_shown_literally(make_app: AppFactory) -> None:
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)):
+        await app.ready.wait()
+        alice = pane(app, USERS[0])
+        worker = alice.send("\x1b[2J\x1b]0;pwned\x07 [bold]hi[/bold] `code`")
+        assert worker is not None
+        await worker.wait()
+        user = alice.query(UserMessage).last()
+        shown = str(user.render())
+        assert "\\x1b[2J" in shown and "[bold]hi[/bold]" in shown
+        assert "\x1b" not in shown and "\x07" not in shown
+        reply = replies(alice)[-1].source
+        assert "\x1b" not in reply and "[bold]hi[/bold]" in reply
+
+
+async def test_failed_turn_shows_error_and_retries(make_app: AppFactory, tui_settings) -> None:
+    with FakeOpenAI() as fake:
+        tui_settings.model.provider = "openai"
+        tui_settings.model.base_url = fake.base_url
+        tui_settings.model.max_retries = 0
+        app = make_app(USERS[:1])
+        async with app.run_test(size=(160, 48)) as pilot:
+            await app.ready.wait()
+            alice = pane(app, USERS[0])
+            fake.fail_next("500")
+            await pilot.press(*"hello")
+            await pilot.press("enter")
+            await finish_turns(app)
+            assert alice.query(TurnError)
+            assert replies(alice)[-1].has_class("-failed")
+            await pilot.press("ctrl+r")
+            await finish_turns(app)
+            assert replies(alice)[-1].source == "Echo: hello"
+
+
+async def test_long_session_mounts_only_its_end(make_app: AppFactory) -> None:
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)):
+        await app.ready.wait()
+        alice = pane(app, USERS[0])
+        assert alice.session is not None
+        async with app.runtime.store.scope(USERS[0]) as s:  # type: ignore[union-attr]
+            await s.conn.execute(
+                "INSERT INTO messages (session_id, user_id, role, content) "
+                "SELECT $1, $2, CASE WHEN i % 2 = 0 THEN 'user' ELSE 'assistant' END, "
+                "'message ' || i FROM generate_series(1, 2000) i",
+                alice.session.session_id,
+                USERS[0],
+            )
+        alice.ready.clear()
+        alice.load_session(alice.session.session_id)
+        await alice.ready.wait()
+        shown = len(alice.query(".message"))
+        assert shown == 50
+        marker = alice.query_one(OlderMessages)
+        assert marker.count == 1950
+        await alice.load_older()
+        assert len(alice.query(".message")) == 100 and marker.count == 1900
+        first = alice.messages.children[1]
+        assert isinstance(first, UserMessage | AssistantMessage)
+
+
+async def test_demo_mode_plays_the_seed_into_three_panes(make_app: AppFactory) -> None:
+    app = make_app(None, play="seed")
+    async with app.run_test(size=(160, 48)):
+        await app.ready.wait()
+        await app.demo.finished.wait()
+        assert app.runtime is not None
+        assert await app.runtime.workers.wait_idle(within=30)
+        mark = pane(app, "user_1@example.com")
+        await wait_until(lambda: "Name is Mark Gonzales" in sidebar_texts(mark))
+        jane = pane(app, "user_3@example.com")
+        await wait_until(lambda: "Name is Jane Smith" in sidebar_texts(jane))
+        assert not any("Mark" in m for m in sidebar_texts(jane))
+
+
+async def test_input_keeps_text_when_refused(make_app: AppFactory) -> None:
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        await pilot.press("space", "enter")
+        alice = pane(app, USERS[0])
+        assert not alice.busy and replies(alice) == []
+        assert app.query_one(Input).value == " "
+
+
+async def test_quit_drains_and_exits(make_app: AppFactory) -> None:
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        await pilot.press(*"My name is Quinn.")
+        await pilot.press("enter")
+        await finish_turns(app)
+        runtime = app.runtime
+        assert runtime is not None
+        await pilot.press("ctrl+q")
+    assert app.return_code == 0
