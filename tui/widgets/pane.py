@@ -25,7 +25,7 @@ from textual.worker import Worker, WorkerState
 from engine.agent import TurnCancelled, TurnCompleted, TurnDelta, TurnFailed, TurnStarted
 from engine.errors import MemchatError
 from engine.events import JobChanged, MemoryChanged, Resync
-from engine.records import Session
+from engine.records import Memory, Session
 from engine.runtime import Runtime
 from engine.terminal import terminal_safe
 from tui.screens.dialogs import ConfirmDialog, PromptDialog, SessionPicker
@@ -76,6 +76,8 @@ class UserPane(Vertical):
         self.last_failed_text: str | None = None
         self._oldest_id: int | None = None
         self._loading_older = False
+        self._reads_started = 0
+        self._read_shown = 0
         self.ready = asyncio.Event()
 
     def compose(self) -> ComposeResult:
@@ -140,6 +142,7 @@ class UserPane(Vertical):
 
     @work(group="load", exclusive=True)
     async def load_session(self, session_id: uuid.UUID | None = None) -> None:
+        read = self._begin_memory_read()
         try:
             async with self.runtime.store.scope(self.user_id) as s:
                 await s.ensure_user()
@@ -164,7 +167,7 @@ class UserPane(Vertical):
         messages.query_one(OlderMessages).set_count(total - len(history))
         await messages.mount_all(messages.message_widgets(history))
         messages.anchor()
-        self.sidebar.show(memories)
+        self._show_memories(read, memories)
         if jobs and jobs[0].status == "failed":
             self.sidebar.job_error = jobs[0].last_error or ""
             self.sidebar.job_state = "failed"
@@ -195,14 +198,27 @@ class UserPane(Vertical):
         event.stop()
         await self.load_older()
 
+    def _begin_memory_read(self) -> int:
+        self._reads_started += 1
+        return self._reads_started
+
+    def _show_memories(self, read: int, memories: list[Memory]) -> None:
+        # Reads overlap (a session switch and a change notification): a read
+        # started later sees a state at least as new, so only those may replace
+        # what is shown, never an older read that happens to finish last.
+        if read > self._read_shown:
+            self._read_shown = read
+            self.sidebar.show(memories)
+
     async def reload_memories(self) -> None:
+        read = self._begin_memory_read()
         try:
             async with self.runtime.store.scope(self.user_id) as s:
                 memories = await s.list_memories()
         except MemchatError as exc:
             self._report(exc)
             return
-        self.sidebar.show(memories)
+        self._show_memories(read, memories)
 
     async def _job_failed_error(self) -> str:
         async with self.runtime.store.scope(self.user_id) as s:
