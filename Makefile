@@ -16,8 +16,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/memchat scenario seed
-	$(BIN)/memchat chat --user user_1@example.com "What is my name?"
+	$(BIN)/memchat
 
 test: $(STAMP)
 	$(BIN)/ruff check engine tui tests
