@@ -304,3 +304,20 @@ async def test_quit_drains_and_exits(make_app: AppFactory) -> None:
         assert runtime is not None
         await pilot.press("ctrl+q")
     assert app.return_code == 0
+
+
+async def test_demo_can_be_paused_resumed_and_stopped(make_app: AppFactory) -> None:
+    app = make_app(None, play="seed", demo_char_delay=0.01)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        assert app.demo.running
+        await pilot.press("f4")
+        assert app.demo.paused
+        typed = [p.input.value for p in app.panes]
+        await pilot.pause()
+        assert [p.input.value for p in app.panes] == typed, "nothing is typed while paused"
+        await pilot.press("f4")
+        assert not app.demo.paused
+        await pilot.press("shift+f4")
+        await app.demo.finished.wait()
+        assert not app.demo.running

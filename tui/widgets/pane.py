@@ -364,7 +364,17 @@ class UserPane(Vertical):
         """Show the session with this title, creating it if needed (demo mode)."""
         async with self.runtime.store.scope(self.user_id) as s:
             found = [x for x in await s.list_sessions() if x.title == title]
-            session = found[0] if found else await s.create_session(title)
+            if found:
+                session = found[0]
+            elif (
+                self.session is not None
+                and self.session.title is None
+                and await s.count_messages(self.session.session_id) == 0
+            ):
+                # The empty session the pane opened with becomes the named one.
+                session = await s.rename_session(self.session.session_id, title)
+            else:
+                session = await s.create_session(title)
         self.ready.clear()
         self.load_session(session.session_id)
         await self.ready.wait()
