@@ -24,6 +24,8 @@ from engine.config import Settings, load_settings
 from engine.db import Database, with_database
 from engine.db.embedded import start_embedded
 from engine.db.migrate import migrate
+from engine.runtime import open_runtime
+from engine.scenarios import SeedResult, run_seed
 from engine.store import Store
 
 TEST_DSN_VAR = "MEMCHAT_TEST_DSN"
@@ -155,3 +157,12 @@ async def db(settings: Settings) -> AsyncIterator[Database]:
 @pytest.fixture
 def store(db: Database, settings: Settings) -> Store:
     return Store(db, settings.limits)
+
+
+@pytest.fixture
+async def seeded(settings: Settings) -> SeedResult:
+    """The seed conversation (three users, offline model), memories extracted."""
+    async with open_runtime(settings) as rt:
+        result = await run_seed(rt)
+    assert result.failed_turns == 0
+    return result

@@ -22,24 +22,14 @@ from engine.admin import (
     UserOverview,
     find_name_leaks,
 )
-from engine.config import Settings
 from engine.db import Database
 from engine.db.migrate import APP_ROLE
-from engine.runtime import open_runtime
-from engine.scenarios import SEED_SCRIPT, SeedResult, run_seed
+from engine.scenarios import SEED_SCRIPT, SeedResult
 from engine.store import Store
 
 pytestmark = pytest.mark.db
 
 USER_1, USER_2, USER_3 = SEED_SCRIPT
-
-
-@pytest.fixture
-async def seeded(settings: Settings) -> SeedResult:
-    async with open_runtime(settings) as rt:
-        result = await run_seed(rt)
-    assert result.failed_turns == 0
-    return result
 
 
 def _by_user(overview: list[UserOverview]) -> dict[str, UserOverview]:

@@ -64,12 +64,12 @@ async def test_start_shows_a_pane_per_user_and_focuses_the_first_input(
 async def test_two_panes_stream_at_once_and_both_complete(
     make_app: AppFactory, tui_settings
 ) -> None:
-    tui_settings.model.offline_token_delay_ms = 150
+    tui_settings.model.offline_token_delay_ms = 400  # a reply lasts seconds: overlap is certain
     app = make_app(USERS[:2])
     async with app.run_test(size=(160, 48)) as pilot:
         await app.ready.wait()
         alice, bob = pane(app, USERS[0]), pane(app, USERS[1])
-        await pilot.press(*"My name is Alice.")
+        alice.input.value = "My name is Alice."
         await pilot.press("enter")
         assert alice.busy, (alice.input.value, replies(alice))
         await pilot.press("ctrl+right")

@@ -16,11 +16,9 @@ from textual.widget import Widget
 from textual.widgets import LoadingIndicator, Static
 
 from engine.admin import AdminReader, AuditResult, UserOverview
-from engine.config import Settings
 from engine.db import Database
 from engine.errors import DatabaseError
-from engine.runtime import open_runtime
-from engine.scenarios import SEED_SCRIPT, SeedResult, run_seed
+from engine.scenarios import SEED_SCRIPT, SeedResult
 from engine.store import Store
 from tui.screens.inspector import PAGE_SIZE, InspectorScreen, UserSection
 
@@ -60,14 +58,6 @@ class GatedReader(AdminReader):
 class BrokenReader(AdminReader):
     async def overview(self) -> list[UserOverview]:
         raise DatabaseError("lost the database connection: [b]gone[/b]\x1b[2J")
-
-
-@pytest.fixture
-async def seeded(settings: Settings) -> SeedResult:
-    async with open_runtime(settings) as rt:
-        result = await run_seed(rt)
-    assert result.failed_turns == 0
-    return result
 
 
 def rendered(widget: Widget) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from rich.text import Text
@@ -27,6 +28,7 @@ from engine.errors import MemchatError
 from engine.events import JobChanged, MemoryChanged, Resync
 from engine.records import Memory, Session
 from engine.runtime import Runtime
+from engine.store import UserScope
 from engine.terminal import terminal_safe
 from tui.screens.dialogs import ConfirmDialog, PromptDialog, SessionPicker
 from tui.widgets.messages import (
@@ -134,6 +136,16 @@ class UserPane(Vertical):
         # query, not query_one: during shutdown the children may already be gone.
         for widget in self.query(".pane-title").results(Static):
             widget.update(title)
+
+    async def _in_scope(self, action: Callable[[UserScope], Awaitable[object]]) -> bool:
+        """Run one change in this user's scope; report a failure instead of raising."""
+        try:
+            async with self.runtime.store.scope(self.user_id) as s:
+                await action(s)
+        except MemchatError as exc:
+            self._report(exc)
+            return False
+        return True
 
     def _report(self, exc: MemchatError) -> None:
         self.app.notify(terminal_safe(exc.message), title=self.user_id, severity="error")
@@ -403,13 +415,9 @@ class UserPane(Vertical):
             ConfirmDialog(f"Delete “{name}” and all its messages?", yes="Delete")
         ):
             return
-        try:
-            async with self.runtime.store.scope(self.user_id) as s:
-                await s.delete_session(self.session.session_id)
-        except MemchatError as exc:
-            self._report(exc)
-            return
-        self.load_session()
+        session_id = self.session.session_id
+        if await self._in_scope(lambda s: s.delete_session(session_id)):
+            self.load_session()
 
     # -- memories ----------------------------------------------------------
 
@@ -420,11 +428,7 @@ class UserPane(Vertical):
         )
         if text is None or text == event.memory.content:
             return
-        try:
-            async with self.runtime.store.scope(self.user_id) as s:
-                await s.update_memory(event.memory.memory_id, text)
-        except MemchatError as exc:
-            self._report(exc)
+        await self._in_scope(lambda s: s.update_memory(event.memory.memory_id, text))
 
     @work(group="memories")
     async def on_memory_sidebar_delete_requested(
@@ -434,8 +438,4 @@ class UserPane(Vertical):
             ConfirmDialog(f"Forget “{event.memory.content}”?", yes="Forget")
         ):
             return
-        try:
-            async with self.runtime.store.scope(self.user_id) as s:
-                await s.delete_memory(event.memory.memory_id)
-        except MemchatError as exc:
-            self._report(exc)
+        await self._in_scope(lambda s: s.delete_memory(event.memory.memory_id))
