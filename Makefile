@@ -22,11 +22,12 @@ test: $(STAMP)
 	$(BIN)/ruff check engine tui tests
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The database tests against another PostgreSQL, e.g.
+# The engine's database tests against another PostgreSQL (the app and the
+# slow process-level suites run once, in `make test`), e.g.
 #   make test-external MEMCHAT_TEST_DSN=postgresql://postgres@127.0.0.1:5432/postgres
 test-external: $(STAMP)
 	@test -n "$(MEMCHAT_TEST_DSN)" || { echo "set MEMCHAT_TEST_DSN"; exit 2; }
-	MEMCHAT_TEST_DSN='$(MEMCHAT_TEST_DSN)' $(BIN)/python -m pytest -m db $(PYTEST_ARGS)
+	MEMCHAT_TEST_DSN='$(MEMCHAT_TEST_DSN)' $(BIN)/python -m pytest tests/engine -m "db and not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check engine tui tests
