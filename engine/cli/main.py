@@ -9,10 +9,10 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from engine.cli import chat_commands, info_commands, memory_commands
+from engine.cli import chat_commands, doctor_commands, info_commands, memory_commands
 from engine.cli.output import warn
 from engine.config import Settings, load_settings
-from engine.errors import MemchatError
+from engine.errors import ConfigError, MemchatError
 
 EXIT_CODES = """\
 exit codes:
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat_commands.register(commands, EXIT_CODES)
     memory_commands.register(commands, EXIT_CODES)
     info_commands.register(commands, EXIT_CODES)
+    doctor_commands.register(commands, EXIT_CODES)
     return parser
 
 
@@ -74,7 +75,14 @@ def main(
         parser.print_help()
         return 0
     try:
-        settings = load_settings(args.config)
+        try:
+            settings = load_settings(args.config)
+        except ConfigError as exc:
+            # `memchat doctor` reports a broken file as one of its findings.
+            on_broken = getattr(args, "on_broken_settings", None)
+            if on_broken is None:
+                raise
+            return asyncio.run(on_broken(args, exc))
         if args.command is None:
             assert interactive is not None
             return interactive(args, settings)

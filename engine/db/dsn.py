@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+_SECRET_PARAMS = {"password", "sslpassword"}
 
 
 def redact_dsn(dsn: str) -> str:
-    """The DSN with its password replaced, fit to show or log."""
+    """The DSN with its passwords replaced (user:pw@ and ?password=), fit to show or log."""
     try:
         parts = urlsplit(dsn)
         password = parts.password
     except ValueError:
         return "<unparseable database URL>"
-    if not password:
-        return dsn
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+    if password:
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        parts = parts._replace(netloc=f"{user}:***@{hostport}")
+    if parts.query:
+        query = [
+            (key, "***" if key.lower() in _SECRET_PARAMS else value)
+            for key, value in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        parts = parts._replace(query=urlencode(query, safe="/*"))
+    return urlunsplit(parts)
 
 
 def with_database(dsn: str, database: str) -> str:

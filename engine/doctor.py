@@ -1,0 +1,334 @@
+"""``memchat doctor``: check settings, database, isolation, jobs and model in one go.
+
+Every check returns a :class:`CheckResult` instead of raising: the point of a
+doctor is to keep going and report everything it can, so a broken settings
+file or an unreachable database is a result here, not an exception. Nothing in
+this module prints; the CLI (``engine/cli/doctor_commands.py``) does.
+
+No result ever carries a secret: the API key and the database password are
+never put into a detail, and as a second line of defence :func:`diagnose`
+replaces any that slipped in through an exception's text.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
+
+import asyncpg
+
+from engine.admin import CHECK_RLS, USER_OWNED_TABLES, AdminReader
+from engine.config import Settings, load_settings
+from engine.db import Database
+from engine.db.migrate import APP_ROLE, available_migrations, current_version
+from engine.errors import ConfigError, MemchatError
+from engine.jobs import job_counts
+from engine.models import create_model
+from engine.models.base import ModelError
+
+MODEL_CHECK_TIMEOUT = 5.0
+"""Seconds for the model probe: long enough for a slow local server, short enough to wait for."""
+
+MAX_FAILED_USERS_SHOWN = 3
+
+SETTINGS = "settings"
+DATABASE = "database"
+MIGRATIONS = "migrations"
+ISOLATION = "isolation"
+MEMORY_JOBS = "memory jobs"
+MODEL = "model"
+
+REDACTED = "***"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+    """What to do about it; None when ok."""
+
+
+def all_ok(results: Iterable[CheckResult]) -> bool:
+    return all(result.ok for result in results)
+
+
+async def diagnose(
+    config: str | os.PathLike[str] | None = None,
+    *,
+    settings: Settings | None = None,
+    model_timeout: float = MODEL_CHECK_TIMEOUT,
+) -> list[CheckResult]:
+    """Every check, in order. Loads the settings itself unless given them."""
+    if settings is None:
+        try:
+            settings = load_settings(config)
+        except ConfigError as exc:
+            # Everything else needs settings; the broken file is the one finding.
+            return [settings_problem(exc)]
+    results = [settings_ok(settings)]
+    results += await database_checks(settings)
+    results.append(await model_check(settings, probe_seconds=model_timeout))
+    return [_scrubbed(result, _secrets_of(settings)) for result in results]
+
+
+def settings_problem(error: ConfigError) -> CheckResult:
+    # ConfigError messages already name the file or the variable at fault.
+    if error.message.startswith("environment variable "):
+        fix = "fix or unset the variable named above"
+    else:
+        fix = "fix the line named above or remove the file"
+    return CheckResult(SETTINGS, False, error.message, fix)
+
+
+def settings_ok(settings: Settings) -> CheckResult:
+    if settings.config_file is None:
+        return CheckResult(SETTINGS, True, "no settings file (defaults and environment only)")
+    return CheckResult(SETTINGS, True, f"{settings.config_file} (valid)")
+
+
+# -- database, migrations, isolation, jobs ------------------------------------
+
+
+async def database_checks(settings: Settings) -> list[CheckResult]:
+    """The database line, then (only if it could be opened) the checks that need it."""
+    try:
+        db = await Database.open(settings)
+    except MemchatError as exc:
+        return [CheckResult(DATABASE, False, exc.message, _database_fix(settings))]
+    except Exception as exc:  # a doctor reports what it cannot handle instead of crashing
+        detail = f"cannot open the database: {type(exc).__name__}: {_one_line(str(exc))}"
+        return [CheckResult(DATABASE, False, detail, _database_fix(settings))]
+    try:
+        results = [CheckResult(DATABASE, True, _database_detail(db))]
+        for check in (migrations_check, isolation_check, jobs_check):
+            try:
+                results.append(await check(db))
+            except (MemchatError, asyncpg.PostgresError, OSError) as exc:
+                # One failing check (lost connection, missing grant) must not hide the others.
+                name = _CHECK_NAMES[check.__name__]
+                text = exc.message if isinstance(exc, MemchatError) else _one_line(str(exc))
+                results.append(CheckResult(name, False, f"check failed: {text}", _RETRY_FIX))
+        return results
+    finally:
+        await db.close()
+
+
+_RETRY_FIX = "run `memchat -v doctor` again; if it persists, check the database server's log"
+
+
+def _database_fix(settings: Settings) -> str:
+    if settings.database.url is not None:
+        return "is PostgreSQL running? check database.url (MEMCHAT_DATABASE__URL)"
+    return f"see the log in {settings.data_dir() / 'log'}"
+
+
+def _database_detail(db: Database) -> str:
+    # location: the embedded server's data dir, or the DSN with its password redacted.
+    return f"{db.info.label} ({db.info.location})"
+
+
+async def migrations_check(db: Database) -> CheckResult:
+    latest = max(m.version for m in available_migrations())
+    async with db.unscoped() as conn, conn.transaction(readonly=True):
+        # memchat_migrations belongs to the connecting (owner) user and neither
+        # runtime role is granted it; NONE goes back to that user for this
+        # read-only transaction only.
+        await conn.execute("SET LOCAL ROLE NONE")
+        version = await current_version(conn)
+    if version == latest:
+        return CheckResult(MIGRATIONS, True, f"schema version {version} (current)")
+    if version is None:
+        detail = "no schema yet"
+    elif version > latest:
+        detail = f"schema version {version} is newer than this memchat knows ({latest})"
+        return CheckResult(MIGRATIONS, False, detail, "upgrade memchat")
+    else:
+        detail = f"schema version {version}, this memchat has {latest}"
+    fix = "run any memchat command once as the database owner; migrations run at start"
+    return CheckResult(MIGRATIONS, False, detail, fix)
+
+
+async def isolation_check(db: Database) -> CheckResult:
+    audit = await AdminReader(db).audit()
+    rls = next(check for check in audit.checks if check.name == CHECK_RLS)
+    if rls.ok:
+        detail = (
+            f"row-level security enabled and forced on {len(USER_OWNED_TABLES)} tables; "
+            f"{APP_ROLE} cannot bypass it"
+        )
+        return CheckResult(ISOLATION, True, detail)
+    shown = "; ".join(str(finding) for finding in rls.findings[:5])
+    more = len(rls.findings) - 5
+    if more > 0:
+        shown += f"; and {more} more"
+    fix = (
+        "the schema or roles were changed by hand: restore them from "
+        "engine/db/migrations/0001_initial.sql (ENABLE/FORCE ROW LEVEL SECURITY, the "
+        f"<table>_user_scope policies) and ALTER ROLE {APP_ROLE} NOSUPERUSER NOBYPASSRLS"
+    )
+    return CheckResult(ISOLATION, False, f"{rls.detail}: {shown}", fix)
+
+
+async def jobs_check(db: Database) -> CheckResult:
+    counts = await job_counts(db)
+    detail = f"{counts.pending} pending, {counts.running} running, {counts.failed} failed"
+    if counts.failed == 0:
+        return CheckResult(MEMORY_JOBS, True, detail)
+    async with db.admin() as conn:
+        rows = await conn.fetch(
+            """
+            SELECT user_id, count(*) AS failed,
+                   (array_agg(last_error ORDER BY job_id DESC))[1] AS last_error
+              FROM memory_jobs
+             WHERE status = 'failed'
+             GROUP BY user_id
+             ORDER BY max(job_id) DESC
+            """
+        )
+    if rows:
+        newest = rows[0]
+        detail += f" (newest: {newest['user_id']}: {_one_line(newest['last_error'] or '?')})"
+        users = [row["user_id"] for row in rows[:MAX_FAILED_USERS_SHOWN]]
+        who = ", ".join(users) + (", ..." if len(rows) > len(users) else "")
+        fix = (
+            f"failed jobs keep their error: see `memchat memories --user {users[0]} --history` "
+            f"(users with failed jobs: {who}) or the inspector (F3)"
+        )
+    else:  # they were retried or deleted between the two reads
+        fix = "see `memchat memories --user U --history` / the inspector (F3)"
+    return CheckResult(MEMORY_JOBS, False, detail, fix)
+
+
+_CHECK_NAMES = {
+    migrations_check.__name__: MIGRATIONS,
+    isolation_check.__name__: ISOLATION,
+    jobs_check.__name__: MEMORY_JOBS,
+}
+
+
+# -- model ----------------------------------------------------------------------
+
+_MODEL_FIX = "check OPENAI_BASE_URL / model.base_url, or unset it to use the offline model"
+
+
+async def model_check(
+    settings: Settings, *, probe_seconds: float = MODEL_CHECK_TIMEOUT
+) -> CheckResult:
+    if settings.model.resolved_provider == "offline":
+        return CheckResult(MODEL, True, "offline model (no network needed)")
+    try:
+        # Validates the settings exactly as a chat would (URL shape, missing key).
+        model = create_model(settings.model)
+    except ModelError as exc:
+        fix = 'set OPENAI_API_KEY / model.base_url, or model.provider = "offline"'
+        return CheckResult(MODEL, False, exc.message, fix)
+    await model.aclose()
+    # Imported here for the same reason as in engine.models: openai is heavy.
+    import openai
+
+    from engine.models.openai_model import OPENAI_BASE_URL, PLACEHOLDER_API_KEY, _display_url
+
+    base_url = (settings.model.base_url or "").strip() or OPENAI_BASE_URL
+    shown = _display_url(base_url)
+    api_key = settings.model.api_key.get_secret_value() if settings.model.api_key else ""
+    probe = min(probe_seconds, settings.model.timeout)
+    # The ChatModel protocol has no cheap request; GET /models is the cheapest
+    # an OpenAI-compatible server has, and needs no tokens. No retries: the
+    # question is whether it answers now.
+    client = openai.AsyncOpenAI(
+        api_key=api_key or PLACEHOLDER_API_KEY,
+        base_url=base_url,
+        timeout=probe,
+        max_retries=0,
+    )
+    try:
+        page = await client.models.list()
+        names = [m.id for m in page.data]
+    except openai.APITimeoutError:
+        detail = f"{shown} did not answer within {probe:g}s"
+        return CheckResult(MODEL, False, detail, _MODEL_FIX)
+    except openai.APIConnectionError as exc:
+        detail = f"cannot reach {shown} ({_connection_reason(exc)})"
+        return CheckResult(MODEL, False, detail, _MODEL_FIX)
+    except openai.APIStatusError as exc:
+        status = exc.status_code
+        if status in (401, 403):
+            # The server's text may echo part of the key: leave it out.
+            detail = f"{shown} rejected the API key (HTTP {status})"
+            return CheckResult(MODEL, False, detail, "check OPENAI_API_KEY / model.api_key")
+        if status in (404, 405):
+            # Some compatible servers have chat but no model list: it answered.
+            detail = f"{settings.model.name} @ {shown} (reachable; it has no model list)"
+            return CheckResult(MODEL, True, detail)
+        detail = f"{shown} answered HTTP {status} to GET /models"
+        return CheckResult(MODEL, False, detail, _MODEL_FIX)
+    except (openai.OpenAIError, ValueError) as exc:
+        detail = f"{shown} gave an unusable answer to GET /models ({type(exc).__name__})"
+        return CheckResult(MODEL, False, detail, _MODEL_FIX)
+    finally:
+        await client.close()
+    listed = "listed" if settings.model.name in names else "not in its model list"
+    return CheckResult(
+        MODEL, True, f"{settings.model.name} @ {shown} (reachable; {settings.model.name} {listed})"
+    )
+
+
+def _connection_reason(exc: BaseException) -> str:
+    # httpx wraps the socket error a few levels down ("All connection attempts
+    # failed"); the useful words are at the bottom of the chain.
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 8:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for error in chain:
+        if isinstance(error, ConnectionRefusedError) or "refused" in str(error).lower():
+            return "connection refused"
+    for error in chain:
+        if isinstance(error, socket.gaierror):
+            return "host not found"
+        if isinstance(error, ssl.SSLError):
+            return "TLS handshake failed"
+    return _one_line(str(chain[-1])) or type(chain[-1]).__name__
+
+
+# -- secrets --------------------------------------------------------------------
+
+
+def _secrets_of(settings: Settings) -> list[str]:
+    secrets = []
+    if settings.model.api_key is not None:
+        secrets.append(settings.model.api_key.get_secret_value())
+    if settings.database.url is not None:
+        try:
+            parts = urlsplit(settings.database.url.get_secret_value())
+            # asyncpg also takes the password as a query parameter, which
+            # redact_dsn does not cover.
+            query = parse_qs(parts.query)
+            secrets += [parts.password or "", *query.get("password", [])]
+            secrets += query.get("sslpassword", [])
+        except ValueError:
+            pass
+    # Very short "secrets" would blank out ordinary words in the details.
+    return [s for s in secrets if len(s) >= 4]
+
+
+def _scrubbed(result: CheckResult, secrets: list[str]) -> CheckResult:
+    detail, fix = result.detail, result.fix
+    for secret in secrets:
+        detail = detail.replace(secret, REDACTED)
+        fix = fix.replace(secret, REDACTED) if fix else fix
+    if (detail, fix) == (result.detail, result.fix):
+        return result
+    return CheckResult(result.name, result.ok, detail, fix)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
