@@ -27,6 +27,7 @@ from pydantic_settings import (
 )
 
 from engine.errors import ConfigError
+from engine.validation import printable
 
 ENV_PREFIX = "MEMCHAT_"
 ENV_NESTED_DELIMITER = "__"
@@ -230,6 +231,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
 
 
 def load_settings(
@@ -242,7 +245,7 @@ def load_settings(
     file_data = read_toml(path) if path is not None else {}
     for key in file_data:
         if key not in Settings.model_fields or key == "config_file":
-            raise ConfigError(f"{path}: {key}: unknown setting")
+            raise ConfigError(f"{path}: {_shown_key(key)}: unknown setting")
     _OverridesSource.overrides = dict(overrides or {})
     try:
         settings = Settings(**file_data)
@@ -258,7 +261,7 @@ def _describe_validation_error(exc: ValidationError, path: Path | None) -> str:
     lines = []
     for error in exc.errors():
         loc = [str(part) for part in error["loc"]]
-        key = ".".join(loc) or "(root)"
+        key = ".".join(_shown_key(part) for part in loc) or "(root)"
         origin = _origin_of(loc, path)
         message = error["msg"]
         if error["type"] == "extra_forbidden":
@@ -274,6 +277,11 @@ def _origin_of(loc: list[str], path: Path | None) -> str:
     if env_name in os.environ:
         return f"environment variable {env_name}"
     return str(path) if path is not None else "settings"
+
+
+def _shown_key(key: str) -> str:
+    # Keys come from the file: escaped, on one line, without printable()'s quotes.
+    return printable(key, limit=40)[1:-1]
 
 
 def _short_repr(value: Any, limit: int = 60) -> str:

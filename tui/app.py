@@ -241,7 +241,8 @@ class MemchatApp(App[None]):
         try:
             user_id = validate_user_id(user_id)
         except MemchatError as exc:
-            self.notify(terminal_safe(exc.message), severity="error")
+            # markup=False: the message quotes what the user typed.
+            self.notify(terminal_safe(exc.message), severity="error", markup=False)
             return
         pane = await self.add_pane(user_id)
         if pane is not None:

@@ -42,7 +42,11 @@ class DemoPlayer:
             return
         script = SCRIPTS.get(name)
         if script is None:
-            self.app.notify(f"No demo called {name!r}; try: {', '.join(SCRIPTS)}", severity="error")
+            self.app.notify(
+                f"No demo called {name!r}; try: {', '.join(SCRIPTS)}",
+                severity="error",
+                markup=False,
+            )
             return
         self.finished.clear()
         self._resume.set()

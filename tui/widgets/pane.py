@@ -148,7 +148,10 @@ class UserPane(Vertical):
         return True
 
     def _report(self, exc: MemchatError) -> None:
-        self.app.notify(terminal_safe(exc.message), title=self.user_id, severity="error")
+        # markup=False: error messages quote user and model text.
+        self.app.notify(
+            terminal_safe(exc.message), title=self.user_id, severity="error", markup=False
+        )
 
     # -- loading -----------------------------------------------------------
 
