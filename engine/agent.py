@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from engine.config import Settings
-from engine.errors import MemchatError
+from engine.errors import DatabaseError, MemchatError
 from engine.models import ChatMessage, ChatModel, ModelError, StreamEnd, TextDelta, Usage
 from engine.models.prompt_blocks import render_context_memories
 from engine.records import Message, MessageStatus
@@ -33,6 +33,8 @@ from engine.store import Store, UserScope
 from engine.validation import clean_text, parse_session_id
 
 log = logging.getLogger(__name__)
+
+STORE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,9 @@ class Agent:
                         # Trust the provider's final text over our accumulation.
                         parts = [event.text]
             outcome = "complete"
+            if not "".join(parts).strip():
+                # e.g. a model that answered a chat turn with only a tool call
+                outcome, error = "failed", "the model returned an empty reply"
         except ModelError as exc:
             outcome, error = "failed", exc.message
         except Exception as exc:  # a bug must not lose the turn either
@@ -188,6 +193,33 @@ class Agent:
         return user_message, prompt
 
     async def _finish(
+        self,
+        user_id: str,
+        user_message: Message,
+        content: str,
+        status: MessageStatus,
+        error: str | None,
+    ) -> Message:
+        # A dropped connection (server restart, killed backend) while storing
+        # the reply: the pool reconnects, so try again, a few times, unless an
+        # earlier attempt committed after all (the reply is then the next message).
+        for attempt in range(STORE_ATTEMPTS):
+            try:
+                if attempt:
+                    async with self.store.scope(user_id) as s:
+                        after = await s.messages_after(
+                            user_message.session_id, user_message.message_id, 1
+                        )
+                    if after and after[0].role == "assistant":
+                        return after[0]
+                return await self._write_reply(user_id, user_message, content, status, error)
+            except DatabaseError:
+                if attempt == STORE_ATTEMPTS - 1:
+                    raise
+                log.warning("storing the reply to %s failed; retrying", user_message.message_id)
+        raise AssertionError("unreachable")
+
+    async def _write_reply(
         self,
         user_id: str,
         user_message: Message,

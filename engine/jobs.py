@@ -165,7 +165,12 @@ class MemoryWorkers:
                 job = await self._claim_shielded()
             except MemchatError as exc:
                 log.warning("memory worker %s: %s", index, exc.message)
-                job = None
+                await self._idle()
+                continue
+            except Exception:
+                # A worker must outlive any one failure; a claimed job we did not
+                # get to see is requeued when its lease expires.
+                log.exception("memory worker %s: claim failed", index)
                 await self._idle()
                 continue
             if job is None:

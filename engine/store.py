@@ -249,6 +249,20 @@ class UserScope:
         )
         return [Message(**row) for row in rows]
 
+    async def messages_after(
+        self, session_id: str | uuid.UUID, after_id: int, limit: int
+    ) -> list[Message]:
+        """The next ``limit`` messages after ``after_id``, oldest first."""
+        sid = parse_session_id(session_id)
+        rows = await self.conn.fetch(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = $1 AND message_id > $2 "
+            "ORDER BY message_id LIMIT $3",
+            sid,
+            after_id,
+            limit,
+        )
+        return [Message(**row) for row in rows]
+
     async def count_messages(self, session_id: str | uuid.UUID) -> int:
         sid = parse_session_id(session_id)
         return await self.conn.fetchval("SELECT count(*) FROM messages WHERE session_id = $1", sid)

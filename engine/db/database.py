@@ -38,6 +38,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    # A backend killed between commit and the pool's reset on release.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
@@ -147,10 +149,18 @@ class Database:
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        finished = False
         try:
             async with self.pool.acquire() as conn:
                 yield conn
+                finished = True
         except CONNECTION_ERRORS as exc:
+            if finished:
+                # The work is done (committed); only handing the connection
+                # back failed, and the pool has discarded it. Not the caller's
+                # problem: telling it otherwise would report stored work as lost.
+                log.info("dropped a broken connection on release: %s", _reason(exc))
+                return
             raise DatabaseError(f"lost the database connection: {_reason(exc)}") from None
 
     @asynccontextmanager
