@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from engine.db.migrate import migrate
 from engine.runtime import open_runtime
 from engine.scenarios import SeedResult, run_seed
 from engine.store import Store
+from tests.fake_openai import FakeOpenAI
 
 TEST_DSN_VAR = "MEMCHAT_TEST_DSN"
 
@@ -166,3 +169,40 @@ async def seeded(settings: Settings) -> SeedResult:
         result = await run_seed(rt)
     assert result.failed_turns == 0
     return result
+
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def memchat(database_dsn: str, tmp_path: Path) -> Run:
+    """Run `memchat ARGS` as a user would: a subprocess on this test's database."""
+    config = tmp_path / "none.toml"
+    config.touch()
+
+    def run(
+        *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        full_env = {
+            **os.environ,
+            "MEMCHAT_DATABASE__URL": database_dsn,
+            "MEMCHAT_CONFIG": str(config),
+            **(env or {}),
+        }
+        return subprocess.run(
+            [sys.executable, "-m", "engine.cli", *args],
+            capture_output=True,
+            text=True,
+            env=full_env,
+            input=stdin,
+            timeout=120,
+        )
+
+    return run
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOpenAI]:
+    """A fake OpenAI-compatible server on 127.0.0.1 (real HTTP)."""
+    with FakeOpenAI() as server:
+        yield server

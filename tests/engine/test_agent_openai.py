@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -15,12 +15,6 @@ from engine.store import Store
 from tests.fake_openai import FakeOpenAI
 
 pytestmark = pytest.mark.db
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI(token_delay=0.0) as server:
-        yield server
 
 
 @pytest.fixture

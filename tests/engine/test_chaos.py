@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,12 +49,6 @@ pytestmark = [pytest.mark.db, pytest.mark.slow]
 # Every wait below is bounded; these are the bounds, not pauses.
 IDLE_WITHIN = 60.0
 EVENT_WITHIN = 15.0
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as server:
-        yield server
 
 
 # -- helpers -------------------------------------------------------------------

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,34 +14,6 @@ from tests.fake_openai import FakeOpenAI
 pytestmark = [pytest.mark.db, pytest.mark.slow]
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
-
-
-@pytest.fixture
-def memchat(database_dsn: str, tmp_path: Path) -> Run:
-    def run(*args: str, env: dict[str, str] | None = None, stdin: str | None = None):
-        full_env = {
-            **os.environ,
-            "MEMCHAT_DATABASE__URL": database_dsn,
-            "MEMCHAT_CONFIG": str(tmp_path / "none.toml"),
-            **(env or {}),
-        }
-        (tmp_path / "none.toml").touch()
-        return subprocess.run(
-            [sys.executable, "-m", "engine.cli", *args],
-            capture_output=True,
-            text=True,
-            env=full_env,
-            input=stdin,
-            timeout=120,
-        )
-
-    return run
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as server:
-        yield server
 
 
 def test_chat_offline_then_sessions_and_history(memchat: Run) -> None:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -30,33 +28,6 @@ Run = Callable[..., subprocess.CompletedProcess[str]]
 UNREACHABLE_DSN = "postgresql://me:hunter2@127.0.0.1:1/none"
 REFUSING_MODEL_URL = "http://127.0.0.1:9/v1"  # the discard port: nothing listens there
 ALL_CHECKS = ["settings", "database", "migrations", "isolation", "memory jobs", "model"]
-
-
-@pytest.fixture
-def memchat(database_dsn: str, tmp_path: Path) -> Run:
-    def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        (tmp_path / "none.toml").touch()
-        full_env = {
-            **os.environ,
-            "MEMCHAT_DATABASE__URL": database_dsn,
-            "MEMCHAT_CONFIG": str(tmp_path / "none.toml"),
-            **(env or {}),
-        }
-        return subprocess.run(
-            [sys.executable, "-m", "engine.cli", *args],
-            capture_output=True,
-            text=True,
-            env=full_env,
-            timeout=120,
-        )
-
-    return run
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as server:
-        yield server
 
 
 def by_name(results: list[CheckResult]) -> dict[str, CheckResult]:

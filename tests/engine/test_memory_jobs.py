@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -39,12 +39,6 @@ def fast_settings(tmp_path: Path, database_dsn: str) -> Settings:
 async def runtime(fast_settings: Settings) -> AsyncIterator[Runtime]:
     async with open_runtime(fast_settings) as rt:
         yield rt
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as server:
-        yield server
 
 
 async def _session(rt: Runtime, user_id: str, title: str | None = None) -> str:

@@ -10,9 +10,7 @@ tests/engine/test_embedded.py::test_fresh_start_reuse_and_clean_stop.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,31 +31,13 @@ Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture
-def memchat(database_dsn: str, tmp_path: Path) -> Run:
+def memchat(memchat: Run) -> Run:
+    """The shared runner, with the recognisable key in the environment."""
+
     def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        (tmp_path / "none.toml").touch()
-        full_env = {
-            **os.environ,
-            "MEMCHAT_DATABASE__URL": database_dsn,
-            "MEMCHAT_CONFIG": str(tmp_path / "none.toml"),
-            "OPENAI_API_KEY": KEY,
-            **(env or {}),
-        }
-        return subprocess.run(
-            [sys.executable, "-m", "engine.cli", *args],
-            capture_output=True,
-            text=True,
-            env=full_env,
-            timeout=120,
-        )
+        return memchat(*args, env={"OPENAI_API_KEY": KEY, **(env or {})})
 
     return run
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as server:
-        yield server
 
 
 class _EchoingHandler(BaseHTTPRequestHandler):
