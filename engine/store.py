@@ -9,7 +9,6 @@ belongs to another user is simply not there.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -104,13 +103,6 @@ class UserScope:
         )
         assert row is not None
         return User(**row)
-
-    async def get_user(self) -> User | None:
-        row = await self.conn.fetchrow(
-            "SELECT user_id, display_name, created_at FROM users WHERE user_id = $1",
-            self.user_id,
-        )
-        return User(**row) if row else None
 
     async def delete_user(self) -> bool:
         """Remove this user and everything they own (sessions, messages, memories, jobs)."""
@@ -572,8 +564,3 @@ def _clean_topics(topics: Sequence[str]) -> list[str]:
         if text and text not in cleaned:
             cleaned.append(text)
     return cleaned[:MAX_TOPICS]
-
-
-def notification_payload(payload: str) -> dict[str, Any]:
-    """Decode a ``memchat_memory`` notification."""
-    return json.loads(payload)

@@ -102,12 +102,3 @@ def _prune_dead_handles(data_dir: Path) -> None:
     alive = [pid for pid in pids if isinstance(pid, int) and psutil.pid_exists(pid)]
     if alive != pids:
         handles.write_text(json.dumps(alive))
-
-
-def server_running(data_dir: Path) -> bool:
-    pid_file = data_dir.expanduser().resolve() / "postmaster.pid"
-    try:
-        first = pid_file.read_text().splitlines()[0]
-    except (OSError, IndexError):
-        return False
-    return first.strip().isdigit() and _is_our_postmaster(int(first), data_dir.resolve())
