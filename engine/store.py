@@ -255,6 +255,14 @@ class UserScope:
         )
         return [Message(**row) for row in rows]
 
+    async def message_counts(self) -> dict[uuid.UUID, int]:
+        """Messages per session of this user, in one query (sessions without any are absent)."""
+        rows = await self.conn.fetch(
+            "SELECT session_id, count(*) AS n FROM messages WHERE user_id = $1 GROUP BY session_id",
+            self.user_id,
+        )
+        return {row["session_id"]: row["n"] for row in rows}
+
     async def count_messages(self, session_id: str | uuid.UUID) -> int:
         sid = parse_session_id(session_id)
         return await self.conn.fetchval("SELECT count(*) FROM messages WHERE session_id = $1", sid)

@@ -122,7 +122,8 @@ async def _stream_turn(rt: Runtime, args: argparse.Namespace, session: Session, 
 async def sessions_command(args: argparse.Namespace, settings: Settings) -> int:
     async with open_runtime(settings) as rt, rt.store.scope(args.user) as s:
         sessions = await s.list_sessions()
-        counts = {x.session_id: await s.count_messages(x.session_id) for x in sessions}
+        per_session = await s.message_counts()
+        counts = {x.session_id: per_session.get(x.session_id, 0) for x in sessions}
     if args.json:
         print_json(
             [
