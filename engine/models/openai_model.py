@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
+import httpx2
 import openai
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from engine.config import ModelSettings
 from engine.models.base import (
@@ -35,12 +36,17 @@ from engine.models.base import (
     ToolSpec,
     Usage,
 )
+from engine.models.sse import sse_data
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 # Local servers (Ollama, llama.cpp, vLLM) ignore the key but the client
 # insists on having one.
 PLACEHOLDER_API_KEY = "not-needed"
 MAX_SERVER_DETAIL_CHARS = 160
+CHAT_COMPLETIONS = "/chat/completions"
+# The client's own switch (what ``with_streaming_response`` sets) for "hand me
+# the response unread": the reply is read as it arrives, not buffered.
+STREAMED: dict[str, Any] = {"headers": {"X-Stainless-Raw-Response": "stream"}}
 
 _KEY_LIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,})")
 
@@ -71,36 +77,49 @@ class OpenAIChatModel:
         self.label = f"{settings.name} @ {_display_url(base_url)}"
         # Sent until a server rejects it, then never again for this instance.
         self._send_stream_options = True
+        # One client for the life of this model (one per runtime): its
+        # connection pool is shared by every turn and memory job. aiohttp is
+        # the client's documented transport for many concurrent requests; it
+        # costs about half the CPU per request of the default one.
         self._client = openai.AsyncOpenAI(
             api_key=api_key or PLACEHOLDER_API_KEY,
             base_url=base_url,
             timeout=settings.timeout,
             max_retries=settings.max_retries,
+            http_client=openai.DefaultAioHttpClient(),
         )
 
     async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[StreamEvent]:
-        chunks = await self._open_stream(messages)
+        response = await self._open_stream(messages)
         parts: list[str] = []
         usage: Usage | None = None
         finish_reason: str | None = None
         try:
-            async with chunks:
-                async for chunk in chunks:
-                    if not isinstance(chunk, ChatCompletionChunk):
-                        raise ModelResponseError(self._message("malformed reply stream chunk"))
-                    usage = _usage(chunk.usage) or usage
-                    text, finish = self._read_chunk(chunk)
-                    if text:
-                        parts.append(text)
-                        yield TextDelta(text)
-                    finish_reason = finish or finish_reason
+            async for data in sse_data(response.aiter_raw()):
+                if data.startswith("[DONE]"):
+                    break
+                chunk = json.loads(data)
+                if not isinstance(chunk, dict):
+                    raise ModelResponseError(self._message("malformed reply stream chunk"))
+                if "error" in chunk:
+                    raise ModelResponseError(
+                        self._message(f"model server error: {_error_detail(chunk['error'])}")
+                    )
+                usage = _usage(chunk.get("usage")) or usage
+                text, finish = self._read_chunk(chunk)
+                if text:
+                    parts.append(text)
+                    yield TextDelta(text)
+                finish_reason = finish or finish_reason
         except ModelError:
             raise
         except Exception as exc:
             raise self._translate(exc, streaming=True) from exc
+        finally:
+            await response.aclose()
         if finish_reason is None:
-            # The client ends quietly when the body ends; only a finish_reason
-            # tells a complete reply from one that was cut off.
+            # A body can end quietly; only a finish_reason tells a complete
+            # reply from one that was cut off.
             raise ModelResponseError(
                 self._message("reply stream ended before the reply was complete")
             )
@@ -109,24 +128,33 @@ class OpenAIChatModel:
     async def call_tools(
         self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]
     ) -> ToolResponse:
+        request = self._request(messages)
+        request["tools"] = [_tool_param(tool) for tool in tools]
         try:
-            response = await self._client.chat.completions.create(
-                **self._request(messages),
-                tools=[_tool_param(tool) for tool in tools],
+            response = await self._client.post(
+                CHAT_COMPLETIONS, cast_to=httpx2.Response, body=request
             )
+            body = response.json()
         except Exception as exc:
             raise self._translate(exc, streaming=False) from exc
-        if not isinstance(response, ChatCompletion) or not getattr(response, "choices", None):
+        choices = body.get("choices") if isinstance(body, dict) else None
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise ModelResponseError(self._message("malformed response (no choices)"))
-        message = getattr(response.choices[0], "message", None)
-        if message is None:
+        message = choices[0].get("message")
+        if not isinstance(message, dict):
             raise ModelResponseError(self._message("malformed response (no message)"))
+        raw_calls = message.get("tool_calls") or ()
+        if not isinstance(raw_calls, list):
+            raise ModelResponseError(self._message("malformed response (tool_calls)"))
         calls = tuple(
             _tool_call(raw, index)
-            for index, raw in enumerate(message.tool_calls or (), start=1)
-            if getattr(raw, "type", "function") == "function"
+            for index, raw in enumerate(raw_calls, start=1)
+            if isinstance(raw, dict) and raw.get("type", "function") == "function"
         )
-        return ToolResponse(message.content or "", calls, _usage(response.usage))
+        content = message.get("content")
+        return ToolResponse(
+            content if isinstance(content, str) else "", calls, _usage(body.get("usage"))
+        )
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -142,38 +170,45 @@ class OpenAIChatModel:
             request["temperature"] = self._temperature
         return request
 
-    async def _open_stream(
-        self, messages: Sequence[ChatMessage]
-    ) -> openai.AsyncStream[ChatCompletionChunk]:
+    async def _open_stream(self, messages: Sequence[ChatMessage]) -> httpx2.Response:
         request = self._request(messages)
+        request["stream"] = True
         while True:
-            options = (
-                {"stream_options": {"include_usage": True}} if self._send_stream_options else {}
-            )
+            if self._send_stream_options:
+                request["stream_options"] = {"include_usage": True}
+            else:
+                request.pop("stream_options", None)
             try:
-                return await self._client.chat.completions.create(**request, stream=True, **options)
+                return await self._client.post(
+                    CHAT_COMPLETIONS, cast_to=httpx2.Response, body=request, options=STREAMED
+                )
             except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
-                if options and "stream_options" in _server_detail(exc):
+                if self._send_stream_options and "stream_options" in _server_detail(exc):
                     self._send_stream_options = False
                     continue
                 raise self._translate(exc, streaming=False) from exc
             except Exception as exc:
                 raise self._translate(exc, streaming=False) from exc
 
-    def _read_chunk(self, chunk: ChatCompletionChunk) -> tuple[str, str | None]:
-        """Text and finish reason of the first choice; the client does not validate chunks."""
-        choices = chunk.choices
-        if choices is None:
+    def _read_chunk(self, chunk: dict[str, Any]) -> tuple[str, str | None]:
+        """Text and finish reason of the first choice."""
+        choices = chunk.get("choices")
+        if not choices:
             return "", None  # the usage-only chunk at the end
         if not isinstance(choices, list):
             raise ModelResponseError(self._message("malformed reply stream chunk"))
         for choice in choices:
-            if (getattr(choice, "index", 0) or 0) != 0:
+            if not isinstance(choice, dict):
+                raise ModelResponseError(self._message("malformed reply stream chunk"))
+            if (choice.get("index", 0) or 0) != 0:
                 continue
-            delta = getattr(choice, "delta", None)
-            text = getattr(delta, "content", None)
-            finish = getattr(choice, "finish_reason", None)
-            return (text if isinstance(text, str) else ""), (finish or None)
+            delta = choice.get("delta")
+            text = delta.get("content") if isinstance(delta, dict) else None
+            finish = choice.get("finish_reason")
+            return (
+                text if isinstance(text, str) else "",
+                finish if isinstance(finish, str) and finish else None,
+            )
         return "", None
 
     def _translate(self, exc: Exception, *, streaming: bool) -> ModelError:
@@ -182,7 +217,7 @@ class OpenAIChatModel:
         tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
         if isinstance(exc, ModelError):
             return exc
-        if isinstance(exc, openai.APITimeoutError):
+        if isinstance(exc, openai.APITimeoutError) and not _refused(exc):
             # Mid-stream reads are not retried; requests are, each with the full timeout.
             retried = f", {tries}" if attempts > 1 and not streaming else ""
             what = f"model request timed out after {self._timeout:g}s{retried}"
@@ -208,6 +243,13 @@ class OpenAIChatModel:
                 )
             what = f"model server refused the request (HTTP {status}): {_server_detail(exc)}"
             return ModelResponseError(self._message(what))
+        # Raised while reading a streamed body, after the client handed it over.
+        if isinstance(exc, httpx2.TimeoutException):
+            return ModelTimeout(
+                self._message(f"model stopped sending for {self._timeout:g}s mid-reply")
+            )
+        if isinstance(exc, httpx2.TransportError | httpx2.StreamError):
+            return ModelResponseError(self._message("reply stream was cut off"))
         if isinstance(exc, openai.APIResponseValidationError | ValueError):
             # json.JSONDecodeError and pydantic's ValidationError are ValueErrors.
             return ModelResponseError(self._message("malformed response from the model server"))
@@ -239,11 +281,15 @@ def _tool_param(tool: ToolSpec) -> dict[str, Any]:
     }
 
 
-def _tool_call(raw: Any, index: int) -> ToolCall:
-    function = getattr(raw, "function", None)
-    call_id = getattr(raw, "id", None) or f"call_{index}"
-    name = getattr(function, "name", None) or ""
-    raw_arguments = getattr(function, "arguments", None)
+def _tool_call(raw: dict[str, Any], index: int) -> ToolCall:
+    function = raw.get("function")
+    if not isinstance(function, dict):
+        function = {}
+    call_id = raw.get("id")
+    call_id = call_id if isinstance(call_id, str) and call_id else f"call_{index}"
+    name = function.get("name")
+    name = name if isinstance(name, str) else ""
+    raw_arguments = function.get("arguments")
     if not raw_arguments:
         # Some servers send "" for a call without arguments.
         return ToolCall(call_id, name, {})
@@ -257,16 +303,39 @@ def _tool_call(raw: Any, index: int) -> ToolCall:
     return ToolCall(call_id, name, arguments)
 
 
-def _usage(raw: Any) -> Usage | None:
-    if raw is None:
+def _usage(raw: object) -> Usage | None:
+    if not isinstance(raw, dict):
         return None
-    # The client does not validate responses: count only what really is a number.
-    prompt = getattr(raw, "prompt_tokens", 0)
-    completion = getattr(raw, "completion_tokens", 0)
+    # Responses are not validated: count only what really is a number.
+    prompt = raw.get("prompt_tokens", 0)
+    completion = raw.get("completion_tokens", 0)
     return Usage(
         prompt_tokens=prompt if isinstance(prompt, int) else 0,
         completion_tokens=completion if isinstance(completion, int) else 0,
     )
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a "timeout" really was a refused or failed connect.
+
+    The aiohttp transport reports every connect failure as a connect timeout;
+    its cause says what happened.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, aiohttp.ClientConnectorError) and not isinstance(
+            cause, aiohttp.ServerTimeoutError
+        ):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _error_detail(error: object) -> str:
+    message = error.get("message") if isinstance(error, dict) else error
+    return _one_line(str(message))
 
 
 def _server_detail(exc: openai.APIStatusError) -> str:
