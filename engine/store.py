@@ -18,6 +18,7 @@ import asyncpg
 
 from engine.config import LimitSettings
 from engine.db import Database
+from engine.db.database import savepoint
 from engine.errors import InvalidInput, NotFound
 from engine.records import (
     JobStatus,
@@ -342,7 +343,7 @@ class UserScope:
         content = self._clean_memory(content)
         try:
             # A savepoint, so that a duplicate leaves the caller's transaction usable.
-            async with self.conn.transaction():
+            async with savepoint(self.conn):
                 row = await self.conn.fetchrow(
                     f"""
                     WITH old AS (

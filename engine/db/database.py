@@ -130,6 +130,7 @@ class Database:
                 command_timeout=db_settings.command_timeout,
                 timeout=db_settings.connect_timeout,
                 server_settings={"role": APP_ROLE, "application_name": "memchat"},
+                reset=_keep_session,
             )
         except CONNECTION_ERRORS as exc:
             raise DatabaseError(f"cannot open a pool to {shown}: {_reason(exc)}") from None
@@ -165,11 +166,28 @@ class Database:
 
     @asynccontextmanager
     async def scoped(self, user_id: str) -> AsyncIterator[asyncpg.Connection]:
-        """A transaction that can see and write ``user_id``'s rows only."""
+        """A transaction that can see and write ``user_id``'s rows only.
+
+        BEGIN and the scope go in one round trip (a simple-protocol query with
+        the id as a quoted literal; ids are validated to a quote-free alphabet
+        anyway), which is why this is not asyncpg's ``transaction()``: nested
+        blocks use :func:`savepoint`.
+        """
         user_id = validate_user_id(user_id)
-        async with self._connection() as conn, conn.transaction():
-            await conn.execute("SELECT set_config('memchat.user_id', $1, true)", user_id)
-            yield conn
+        async with self._connection() as conn:
+            await conn.execute(
+                f"BEGIN; SELECT set_config('memchat.user_id', {_literal(user_id)}, true)"
+            )
+            try:
+                yield conn
+            except BaseException:
+                if not conn.is_closed():
+                    # A broken connection is discarded by the pool, which also
+                    # rolls back whatever this could not.
+                    with contextlib.suppress(Exception):
+                        await conn.execute("ROLLBACK")
+                raise
+            await conn.execute("COMMIT")
 
     @asynccontextmanager
     async def unscoped(self) -> AsyncIterator[asyncpg.Connection]:
@@ -187,6 +205,35 @@ class Database:
         async with self._connection() as conn, conn.transaction(readonly=True):
             await conn.execute(f"SET LOCAL ROLE {ADMIN_ROLE}")
             yield conn
+
+
+@asynccontextmanager
+async def savepoint(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """A block inside a scoped transaction whose failure leaves the transaction usable."""
+    await conn.execute("SAVEPOINT memchat_block")
+    try:
+        yield
+    except BaseException:
+        if not conn.is_closed():
+            with contextlib.suppress(Exception):
+                await conn.execute("ROLLBACK TO SAVEPOINT memchat_block")
+        raise
+    await conn.execute("RELEASE SAVEPOINT memchat_block")
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset on release: nothing to reset.
+
+    asyncpg's default sends RESET ALL, UNLISTEN and friends on every release,
+    one round trip per transaction. Pool connections carry no session state:
+    the role is a startup parameter and the user scope is transaction-local
+    (LISTEN uses its own connection). asyncpg still rolls back a transaction
+    left open before calling this.
+    """
 
 
 def _reason(exc: BaseException) -> str:
