@@ -98,7 +98,7 @@ class HistorySettings(_Section):
 
 class MemorySettings(_Section):
     add_to_context: bool = True
-    concurrency: int = Field(default=4, ge=1, le=256)
+    concurrency: int = Field(default=64, ge=1, le=10_000)
     max_attempts: int = Field(default=3, ge=1, le=100)
     drain_timeout: float = Field(default=5.0, ge=0)
     lease_seconds: float = Field(default=60.0, gt=0)

@@ -1,10 +1,11 @@
 """Background memory workers over the durable ``memory_jobs`` queue.
 
-Each worker loops: claim the oldest claimable job (``memchat_claim_job``: the
-head of some user's queue, so one job per user at a time across every
-process), read the turn in the user's scope, ask the model (no transaction
-held), then apply the tool calls and settle the job in one scoped
-transaction. Settling checks that this worker still holds the job; if its
+One dispatcher per process claims claimable jobs in batches
+(``memchat_claim_jobs``: each the head of some user's queue, so one job per
+user at a time across every process), up to ``memory.concurrency`` running at
+once, each in its own task: read the turn in the user's scope, ask the model
+(no transaction held), then apply the tool calls and settle the job in one
+scoped transaction. Settling checks that this worker still holds the job; if its
 lease ran out and another worker took over, the transaction is rolled back,
 so a job's effect happens exactly once.
 
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 IDLE_POLL_SECONDS = 1.0
 REQUEUE_EVERY_SECONDS = 5.0
+RECOUNT_SECONDS = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +91,7 @@ class MemoryWorkers:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._wake = asyncio.Event()
         self._settled = asyncio.Condition()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._dispatcher: asyncio.Task[None] | None = None
         self._running: dict[int, asyncio.Task[None]] = {}
         self._stopping = False
         self._last_requeue = 0.0
@@ -97,13 +99,10 @@ class MemoryWorkers:
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
-        if self._tasks:
+        if self._dispatcher is not None:
             return
         self._stopping = False
-        self._tasks = [
-            asyncio.create_task(self._loop(i), name=f"memory-worker-{i}")
-            for i in range(self.settings.concurrency)
-        ]
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="memory-dispatcher")
 
     def wake(self) -> None:
         """New work may be there (a turn finished here, or a NOTIFY arrived)."""
@@ -118,12 +117,17 @@ class MemoryWorkers:
         timeout = self.settings.drain_timeout if drain_timeout is None else drain_timeout
         self._stopping = True
         self._wake.set()
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
+            self._dispatcher = None
         if self._running:
             await asyncio.wait(list(self._running.values()), timeout=timeout)
-        for task in self._tasks:
+        unfinished = list(self._running.values())
+        for task in unfinished:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        await asyncio.gather(*unfinished, return_exceptions=True)
 
     # -- waiting -----------------------------------------------------------
 
@@ -132,6 +136,7 @@ class MemoryWorkers:
         users = list(user_ids) if user_ids is not None else None
         deadline = time.monotonic() + within
         while True:
+            counted = time.monotonic()
             if await self._open_jobs(users) == 0:
                 return True
             remaining = deadline - time.monotonic()
@@ -141,6 +146,11 @@ class MemoryWorkers:
             async with self._settled:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._settled.wait(), min(remaining, 0.25))
+            # Hundreds of jobs settle per second under load: count at most
+            # every RECOUNT_SECONDS rather than once per settle.
+            pause = RECOUNT_SECONDS - (time.monotonic() - counted)
+            if pause > 0:
+                await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
 
     async def _open_jobs(self, users: list[str] | None) -> int:
         if users is None:
@@ -156,68 +166,77 @@ class MemoryWorkers:
                 users,
             )
 
-    # -- the loop ----------------------------------------------------------
+    # -- the dispatcher --------------------------------------------------
 
-    async def _loop(self, index: int) -> None:
+    async def _dispatch(self) -> None:
         while not self._stopping:
+            free = self.settings.concurrency - len(self._running)
+            if free <= 0:
+                await self._idle()  # a finishing job wakes us
+                continue
             try:
                 await self._maybe_requeue_expired()
-                job = await self._claim_shielded()
+                jobs = await self._claim_shielded(free)
             except MemchatError as exc:
-                log.warning("memory worker %s: %s", index, exc.message)
+                log.warning("memory workers: %s", exc.message)
                 await self._idle()
                 continue
             except Exception:
-                # A worker must outlive any one failure; a claimed job we did not
-                # get to see is requeued when its lease expires.
-                log.exception("memory worker %s: claim failed", index)
+                # The dispatcher must outlive any one failure; a claimed job we
+                # did not get to see is requeued when its lease expires.
+                log.exception("memory workers: claim failed")
                 await self._idle()
                 continue
-            if job is None:
+            for job in jobs:
+                self._running[job.job_id] = asyncio.create_task(
+                    self._run(job), name=f"memory-job-{job.job_id}"
+                )
+            if len(jobs) < free:
+                # Nothing more is claimable now: wait for a new job, a finished
+                # one (its user's next job becomes the head), or the poll.
                 await self._idle()
-                continue
-            task = asyncio.create_task(self._process(job), name=f"memory-job-{job.job_id}")
-            self._running[job.job_id] = task
-            try:
-                # Shielded: stop() decides whether a running job may finish.
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                if not task.done():
-                    task.cancel()
-                    with contextlib.suppress(BaseException):
-                        await task
-                    await self._give_back(job)
-                raise
-            finally:
-                self._running.pop(job.job_id, None)
-                async with self._settled:
-                    self._settled.notify_all()
+
+    async def _run(self, job: ClaimedJob) -> None:
+        try:
+            await self._process(job)
+        except asyncio.CancelledError:
+            # stop() ran out of drain time: hand the job back for the next start.
+            await self._give_back(job)
+            raise
+        finally:
+            self._running.pop(job.job_id, None)
+            self._wake.set()
+            async with self._settled:
+                self._settled.notify_all()
 
     async def _idle(self) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), IDLE_POLL_SECONDS)
         self._wake.clear()
 
-    async def _claim_shielded(self) -> ClaimedJob | None:
+    async def _claim_shielded(self, limit: int) -> list[ClaimedJob]:
         # A cancel (shutdown) must not land between the claim's commit and our
-        # seeing its result, or the job would sit "running" until its lease ends.
-        claim = asyncio.create_task(self._claim())
+        # seeing its result, or the jobs would sit "running" until their lease ends.
+        claim = asyncio.create_task(self._claim(limit))
         try:
             return await asyncio.shield(claim)
         except asyncio.CancelledError:
-            job = None
+            jobs: list[ClaimedJob] = []
             with contextlib.suppress(Exception):
-                job = await claim
-            if job is not None:
+                jobs = await claim
+            for job in jobs:
                 await self._give_back(job)
             raise
 
-    async def _claim(self) -> ClaimedJob | None:
+    async def _claim(self, limit: int) -> list[ClaimedJob]:
         async with self.db.unscoped() as conn:
-            row = await conn.fetchrow(
-                "SELECT * FROM memchat_claim_job($1, $2)", self.name, self.settings.lease_seconds
+            rows = await conn.fetch(
+                "SELECT * FROM memchat_claim_jobs($1, $2, $3)",
+                self.name,
+                self.settings.lease_seconds,
+                limit,
             )
-        return ClaimedJob(**row) if row else None
+        return [ClaimedJob(**row) for row in rows]
 
     async def _maybe_requeue_expired(self) -> None:
         now = time.monotonic()
@@ -231,10 +250,10 @@ class MemoryWorkers:
 
     async def run_once(self) -> bool:
         """Claim and process one job in the calling task (for tests and scripts)."""
-        job = await self._claim()
-        if job is None:
+        jobs = await self._claim(1)
+        if not jobs:
             return False
-        await self._process(job)
+        await self._process(jobs[0])
         return True
 
     # -- one job -----------------------------------------------------------

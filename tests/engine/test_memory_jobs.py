@@ -262,11 +262,16 @@ async def test_two_processes_share_the_queue_each_job_once_in_user_order(
 
         await asyncio.gather(*(talk(u) for u in users))
         assert (await job_counts(rt.db)).pending == 200
-        # Extraction takes 50 ms a job in both processes, so neither can finish
-        # the queue alone before the other joins.
+        # Extraction takes 50 ms a job in both processes, and each runs at most
+        # 8 at once (of 50 users' queue heads), so neither can take the queue
+        # alone before the other joins.
         rt.workers.manager.model = OfflineChatModel(latency_ms=50)
+        rt.workers.settings.concurrency = 8
         async with rt.events.subscribe(None) as events:
-            proc = _worker(database_dsn, {"MEMCHAT_MODEL__OFFLINE_LATENCY_MS": "50"})
+            proc = _worker(
+                database_dsn,
+                {"MEMCHAT_MODEL__OFFLINE_LATENCY_MS": "50", "MEMCHAT_MEMORY__CONCURRENCY": "8"},
+            )
             async for event in events:
                 if isinstance(event, JobChanged) and event.state == "running":
                     break
