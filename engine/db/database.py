@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import asyncpg
+from asyncpg.connection import LoggedQuery
 
 from engine.config import Settings
 from engine.db.dsn import redact_dsn, with_database
@@ -27,6 +28,8 @@ from engine.errors import DatabaseError
 from engine.validation import validate_user_id
 
 log = logging.getLogger(__name__)
+
+QueryLogger = Callable[[LoggedQuery], None]
 
 # Errors that mean "the server or the connection is gone", as opposed to a
 # statement the server refused.
@@ -66,12 +69,23 @@ class Database:
         embedded: EmbeddedServer | None,
         dsn: str,
         settings: Settings,
+        query_loggers: list[QueryLogger] | None = None,
     ) -> None:
         self.pool = pool
+        self._query_loggers = query_loggers if query_loggers is not None else []
         self.info = info
         self._embedded = embedded
         self._dsn = dsn
         self._settings = settings.database
+
+    async def add_query_logger(self, callback: QueryLogger) -> None:
+        """Call ``callback`` with every statement the pool runs from now on (counts, tracing).
+
+        Connections open now are replaced as they are next released, so the
+        callback sees all of their statements from then on.
+        """
+        self._query_loggers.append(callback)
+        await self.pool.expire_connections()
 
     async def connect_dedicated(self) -> asyncpg.Connection:
         """A connection outside the pool (for LISTEN), as the runtime role.
@@ -122,6 +136,12 @@ class Database:
             version = str(await owner.fetchval("SHOW server_version")).split()[0]
         finally:
             await owner.close()
+        query_loggers: list[QueryLogger] = []
+
+        async def init(conn: asyncpg.Connection) -> None:
+            for callback in query_loggers:
+                conn.add_query_logger(callback)
+
         try:
             pool = await asyncpg.create_pool(
                 dsn,
@@ -131,6 +151,7 @@ class Database:
                 timeout=db_settings.connect_timeout,
                 server_settings={"role": APP_ROLE, "application_name": "memchat"},
                 reset=_keep_session,
+                init=init,
             )
         except CONNECTION_ERRORS as exc:
             raise DatabaseError(f"cannot open a pool to {shown}: {_reason(exc)}") from None
@@ -139,7 +160,7 @@ class Database:
             location=str(embedded.data_dir) if embedded else shown,
             server_version=version,
         )
-        return cls(pool, info, embedded, dsn, settings)
+        return cls(pool, info, embedded, dsn, settings, query_loggers)
 
     async def close(self) -> None:
         await self.pool.close()

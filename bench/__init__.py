@@ -1,0 +1,1 @@
+"""memchat's benchmarks: ``python -m bench --help`` (see docs/benchmarks.md)."""
