@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-external lint format clean
+.PHONY: demo test test-external bench lint format clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/memchat
 
 test: $(STAMP)
-	$(BIN)/ruff check engine tui tests
+	$(BIN)/ruff check engine tui tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The engine's database tests against another PostgreSQL (the app and the
@@ -29,13 +29,17 @@ test-external: $(STAMP)
 	@test -n "$(MEMCHAT_TEST_DSN)" || { echo "set MEMCHAT_TEST_DSN"; exit 2; }
 	MEMCHAT_TEST_DSN='$(MEMCHAT_TEST_DSN)' $(BIN)/python -m pytest tests/engine -m "db and not slow" $(PYTEST_ARGS)
 
+# Every benchmark (a few minutes); BENCH_ARGS="cost --json" for some of them.
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 lint: $(STAMP)
-	$(BIN)/ruff check engine tui tests
-	$(BIN)/ruff format --check engine tui tests
+	$(BIN)/ruff check engine tui tests bench
+	$(BIN)/ruff format --check engine tui tests bench
 
 format: $(STAMP)
-	$(BIN)/ruff format engine tui tests
-	$(BIN)/ruff check --fix engine tui tests
+	$(BIN)/ruff format engine tui tests bench
+	$(BIN)/ruff check --fix engine tui tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -9,7 +9,13 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from engine.cli import chat_commands, doctor_commands, info_commands, memory_commands
+from engine.cli import (
+    bench_commands,
+    chat_commands,
+    doctor_commands,
+    info_commands,
+    memory_commands,
+)
 from engine.cli.output import warn
 from engine.config import Settings, load_settings
 from engine.errors import ConfigError, MemchatError
@@ -54,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory_commands.register(commands, EXIT_CODES)
     info_commands.register(commands, EXIT_CODES)
     doctor_commands.register(commands, EXIT_CODES)
+    bench_commands.register(commands, EXIT_CODES)
     return parser
 
 
