@@ -300,19 +300,36 @@ class UserScope:
         """Remember a fact; None when the user already has the same memory."""
         content = self._clean_memory(content)
         try:
+            # The memory, its audit row and the NOTIFY in one statement (one
+            # round trip): this runs once per extracted fact.
             row = await self.conn.fetchrow(
                 f"""
-                INSERT INTO memories
-                    (user_id, content, topics, source_session_id, source_message_id)
-                VALUES ($1, $2, $3, $4, $5)
-                ON CONFLICT (user_id, content_key) DO NOTHING
-                RETURNING {_MEMORY_COLUMNS}
+                WITH m AS (
+                    INSERT INTO memories
+                        (user_id, content, topics, source_session_id, source_message_id)
+                    VALUES ($1, $2, $3, $4, $5)
+                    ON CONFLICT (user_id, content_key) DO NOTHING
+                    RETURNING {_MEMORY_COLUMNS}
+                ), ev AS (
+                    INSERT INTO memory_events
+                        (memory_id, user_id, op, before, after, job_id, source_message_id, actor)
+                    SELECT memory_id, user_id, 'add', NULL, content, $6, $5, $7 FROM m
+                    RETURNING event_id
+                )
+                SELECT {_MEMORY_COLUMNS},
+                       pg_notify($8, json_build_object(
+                           'user_id', m.user_id, 'memory_id', m.memory_id, 'op', 'add',
+                           'event_id', (SELECT event_id FROM ev))::text)::text AS notified
+                  FROM m
                 """,
                 self.user_id,
                 content,
                 _clean_topics(topics),
                 source_session_id,
                 source_message_id,
+                job_id,
+                actor,
+                MEMORY_CHANNEL,
             )
         except asyncpg.ForeignKeyViolationError as exc:
             missing = (
@@ -325,9 +342,7 @@ class UserScope:
             ) from None
         if row is None:
             return None
-        memory = _memory(row)
-        await self._record(memory.memory_id, "add", None, content, job_id, source_message_id, actor)
-        return memory
+        return _memory(row)
 
     async def update_memory(
         self,
@@ -560,6 +575,7 @@ class UserScope:
 
 def _memory(row: Any) -> Memory:
     fields = dict(row)
+    fields.pop("notified", None)
     fields["topics"] = tuple(fields["topics"] or ())
     return Memory(**fields)
 
