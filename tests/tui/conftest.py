@@ -32,6 +32,7 @@ def make_app(tui_settings: Settings) -> AppFactory:
             "animate": False,
             "highlight_seconds": 0,
             "demo_char_delay": 0,
+            "tune_gc": False,
         }
         return MemchatApp(tui_settings, users, **{**defaults, **options})  # type: ignore[arg-type]
 

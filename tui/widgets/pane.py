@@ -18,6 +18,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.message import Message as TextualMessage
 from textual.reactive import reactive
 from textual.widgets import Input, Markdown, Static
@@ -39,8 +40,11 @@ from tui.widgets.messages import (
     UserMessage,
 )
 from tui.widgets.sidebar import MemorySidebar
+from tui.widgets.stream_batch import BatchedStream
 
 PAGE_SIZE = 50
+# Messages mounted before the first paint of a session: more than a tall pane shows.
+FIRST_PAINT = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +176,9 @@ class UserPane(Vertical):
                 jobs = await s.list_jobs(limit=1)
         except MemchatError as exc:
             self._report(exc)
+            # Loaded as far as it goes: whoever waits for the pane (the app's
+            # start, the demo) must not wait forever.
+            self.ready.set()
             return
         self.session = session
         self._oldest_id = history[0].message_id if history else None
@@ -179,9 +186,19 @@ class UserPane(Vertical):
         await messages.remove_children(
             [child for child in messages.children if not isinstance(child, OlderMessages)]
         )
-        messages.query_one(OlderMessages).set_count(total - len(history))
-        await messages.mount_all(messages.message_widgets(history))
+        marker = messages.query_one(OlderMessages)
+        marker.set_count(total - len(history))
+        widgets = messages.message_widgets(history)
+        # A screenful first, painted, then the rest of the page above it:
+        # mounting a whole page of Markdown replies before the first paint
+        # took 600 ms (docs/benchmarks.md).
+        await messages.mount_all(widgets[-FIRST_PAINT:])
         messages.anchor()
+        if widgets[:-FIRST_PAINT]:
+            painted = asyncio.Event()
+            self.call_after_refresh(painted.set)
+            await painted.wait()
+            await messages.mount_all(widgets[:-FIRST_PAINT], after=marker)
         self._show_memories(read, memories)
         if jobs and jobs[0].status == "failed":
             self.sidebar.job_error = jobs[0].last_error or ""
@@ -248,6 +265,10 @@ class UserPane(Vertical):
                     await self._on_engine_event(event)
                 except MemchatError as exc:
                     self._report(exc)
+                except NoMatches:
+                    # The app is closing and the pane's widgets are already
+                    # gone: a late event has nothing left to update.
+                    return
 
     async def _on_engine_event(self, event: object) -> None:
         match event:
@@ -293,7 +314,7 @@ class UserPane(Vertical):
         reply = AssistantMessage()
         await messages.mount(reply)
         messages.anchor()
-        stream = Markdown.get_stream(reply)
+        stream = BatchedStream(Markdown.get_stream(reply))
         parts: list[str] = []
         status = "failed"
         try:
