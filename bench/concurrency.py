@@ -5,9 +5,10 @@ the first token, 2 ms a token, 32 tokens, by default), until every memory job
 is done. The ideal is the longest user's sequential model time: 6 streamed
 replies plus the one memory call that trails the last of them, each timed on
 the idle server in the same run. The CPU floor is what the three processes
-(memchat, PostgreSQL, the model) used, divided by the cores: no scheduler can
-finish sooner, so ``wall / floor`` near 1 means the machine, not waiting, is
-what is left.
+(memchat, PostgreSQL, the model) used, divided by the cores, or memchat's own
+CPU time if that is more (one Python process runs on one core): no scheduler
+can finish sooner, so ``wall / floor`` near 1 means the machine, not waiting,
+is what is left.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ async def measure(server: BenchServer, users: int, timing: ModelTiming) -> Point
     ideal = SESSIONS * TURNS * stream_s + call_s
     total_cpu = cpu.memchat_s + (cpu.postgres_s or 0) + (cpu.model_s or 0)
     cores = _cores()
-    floor = max(ideal, total_cpu / cores)
+    # memchat is one Python process, one core: its own CPU time is a floor too.
+    floor = max(ideal, total_cpu / cores, cpu.memchat_s)
     targets = {"wall_over_ideal": ("<=", TARGETS[users])} if users in TARGETS else {}
     return Point(
         scenario="concurrency",

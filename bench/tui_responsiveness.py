@@ -41,8 +41,9 @@ tests build it (no animation):
     ``first_paint_ms``; more opens, back to the empty session in between,
     give ``first_paint_warm_median_ms``. The first open splits into
     ``before_mount_ms`` (the pane's database reads, clearing the old view)
-    and ``mount_to_paint_ms`` (mounting the page of messages until the
-    frame); ``mount_ms`` is until the mount call returns, after the paint.
+    and ``mount_to_paint_ms`` (mounting the first screenful of messages
+    until the frame); ``page_mounted_ms`` is when the whole page of
+    messages is mounted (the rest is mounted after the first paint).
 
 ``rss``
     A fresh process (``--rss-child``), so that nothing this process or the
@@ -465,7 +466,9 @@ async def _open_in(
     original_mount_all = messages.mount_all
 
     def timed_mount_all(*args: Any, **kwargs: Any) -> Any:
-        marks["mount_start"] = time.perf_counter()
+        # The pane mounts a screenful, paints, then the rest of the page:
+        # from the first mount's start to the last mount's end.
+        marks.setdefault("mount_start", time.perf_counter())
         mounting = original_mount_all(*args, **kwargs)
 
         async def finished() -> None:
@@ -513,7 +516,7 @@ async def _open_in(
                 split = {
                     "before_mount_ms": ms(marks["mount_start"] - started),
                     "mount_to_paint_ms": ms(opens[0] + started - marks["mount_start"]),
-                    "mount_ms": ms(marks["mount_end"] - marks["mount_start"]),
+                    "page_mounted_ms": ms(marks["mount_end"] - started),
                 }
             mounted = len(messages.query(".message"))
             pane.ready.clear()
