@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
@@ -13,6 +12,7 @@ from typing import Any
 
 from bench import concurrency, cost, freshness, soak
 from bench.harness import BenchServer, Point, bench_server, machine_info
+from engine import event_loop
 
 Scenario = Callable[..., Awaitable[list[Point]]]
 
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)
     names = args.scenarios or list(SCENARIOS)
     try:
-        return asyncio.run(_run(names, args, users))
+        return event_loop.run(_run(names, args, users))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -12,6 +12,7 @@ import sys
 import time
 
 from bench.harness import bench_settings
+from engine import event_loop
 from engine.db import Database
 from engine.store import Store
 
@@ -35,4 +36,4 @@ async def main(dsn: str, user_id: str, count: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    event_loop.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from engine import event_loop
 from engine.cli import (
     bench_commands,
     chat_commands,
@@ -89,12 +89,12 @@ def main(
             on_broken = getattr(args, "on_broken_settings", None)
             if on_broken is None:
                 raise
-            return asyncio.run(on_broken(args, exc))
+            return event_loop.run(on_broken(args, exc))
         if args.command is None:
             assert interactive is not None
             return interactive(args, settings)
         handler: Handler = args.handler
-        return asyncio.run(handler(args, settings))
+        return event_loop.run(handler(args, settings))
     except MemchatError as exc:
         warn(f"error: {exc.message}")
         return exc.exit_code
