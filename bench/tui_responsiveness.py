@@ -82,7 +82,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -94,6 +93,7 @@ from textual.pilot import Pilot
 from textual.screen import Screen
 
 import tui.app as tui_app
+from bench.harness import REPO, FakeModelProcess, ModelTiming
 from engine.config import Settings, load_settings
 from engine.db import Database
 from engine.store import Store
@@ -101,7 +101,6 @@ from tui.app import MemchatApp
 from tui.widgets.messages import AssistantMessage, OlderMessages
 from tui.widgets.pane import UserPane
 
-ROOT = Path(__file__).resolve().parents[1]
 SCREEN_SIZE = (200, 50)
 KEY_INTERVAL_S = 0.04
 TYPED_TEXT = "the quick brown fox jumps over the lazy dog "
@@ -246,7 +245,11 @@ async def measure_keystrokes(settings: Settings, sizes: Sizes) -> Result:
     streaming = users[:3]
     await reset_users(settings, users)
     try:
-        async with fake_model_server(sizes) as base_url:
+        timing = ModelTiming(
+            latency_ms=0, token_delay_ms=1000 / sizes.tokens_per_s, reply_tokens=sizes.reply_tokens
+        )
+        with FakeModelProcess(timing) as fake:
+            base_url = fake.base_url
             model_settings = with_model(
                 settings,
                 provider="openai",
@@ -384,41 +387,6 @@ def key_event(char: str) -> events.Key:
 def reply_words(pane: UserPane) -> int:
     replies = list(pane.query(AssistantMessage))
     return len(replies[-1].source.split()) if replies else 0
-
-
-@contextlib.asynccontextmanager
-async def fake_model_server(sizes: Sizes) -> AsyncIterator[str]:
-    """``tests.fake_openai`` in its own process; yields its base URL."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.fake_openai",
-        "--port",
-        "0",
-        "--latency-ms",
-        "0",
-        "--token-delay-ms",
-        str(1000 / sizes.tokens_per_s),
-        "--reply-tokens",
-        str(sizes.reply_tokens),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        assert process.stdout is not None
-        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode().strip()
-        if not line.startswith("READY "):
-            raise RuntimeError(f"fake model server did not start: {line!r}")
-        yield line.removeprefix("READY ")
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 10)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
 
 
 # -- opening a long session --------------------------------------------------
@@ -630,7 +598,7 @@ async def run_rss_child(settings: Settings, users: list[str]) -> dict[str, objec
         "bench.tui_responsiveness",
         "--rss-child",
         ",".join(users),
-        cwd=ROOT,
+        cwd=REPO,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
