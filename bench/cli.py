@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import sys
@@ -10,9 +11,12 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import asyncpg
+
 from bench import concurrency, cost, freshness, soak
-from bench.harness import BenchServer, Point, bench_server, machine_info
+from bench.harness import REPO, BenchServer, Point, bench_server, machine_info
 from engine import event_loop
+from engine.errors import MemchatError
 
 Scenario = Callable[..., Awaitable[list[Point]]]
 
@@ -83,6 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemchatError as exc:
+        print(f"python -m bench: error: {exc.message}", file=sys.stderr)
+        return 1
+    except (RuntimeError, OSError, asyncpg.PostgresError) as exc:
+        # A server that cannot be reached, a scenario's process that failed.
+        print(f"python -m bench: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 async def _run(names: list[str], args: argparse.Namespace, users: list[int] | None) -> int:
@@ -121,17 +132,18 @@ async def _scenario(
         return await freshness.run(server, quick=quick)
     if name == "soak":
         return await soak.run(server, quick=quick, runs=args.soak_runs)
-    from bench import tui_responsiveness  # imports Textual: only when asked for
-
+    # In a process of its own, as the app runs for a user: the heap and the
+    # garbage collector's state the other scenarios leave behind would
+    # otherwise be measured too.
     dsn = await server.fresh_database()
-    results = await tui_responsiveness.run(_tui_settings(dsn), quick=quick)
-    return [_point(result) for result in results]
-
-
-def _tui_settings(dsn: str) -> Any:
-    from bench.harness import bench_settings
-
-    return bench_settings(dsn, model={"provider": "offline"})
+    command = [sys.executable, "-m", "bench.tui_responsiveness", dsn]
+    child = await asyncio.create_subprocess_exec(
+        *command, *(["--quick"] if quick else []), cwd=REPO, stdout=asyncio.subprocess.PIPE
+    )
+    output, _ = await child.communicate()
+    if child.returncode != 0:
+        raise RuntimeError(f"the tui scenario failed (exit {child.returncode})")
+    return [_point(json.loads(line)) for line in output.decode().splitlines() if line.strip()]
 
 
 def _point(result: dict[str, Any]) -> Point:

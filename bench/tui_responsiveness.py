@@ -93,8 +93,8 @@ from textual.pilot import Pilot
 from textual.screen import Screen
 
 import tui.app as tui_app
-from bench.harness import REPO, FakeModelProcess, ModelTiming
-from engine.config import Settings, load_settings
+from bench.harness import REPO, FakeModelProcess, ModelTiming, bench_settings
+from engine.config import Settings
 from engine.db import Database
 from engine.store import Store
 from tui.app import MemchatApp
@@ -771,7 +771,7 @@ def main(argv: Sequence[str]) -> int:
     if not argv or argv[0].startswith("-"):
         print("usage: python -m bench.tui_responsiveness DSN [--quick]", file=sys.stderr)
         return 2
-    settings = load_settings(None, overrides={"database": {"url": argv[0]}})
+    settings = bench_settings(argv[0], model={"provider": "offline"})
     for result in asyncio.run(run(settings, quick="--quick" in argv[1:])):
         print(json.dumps(result))
     return 0

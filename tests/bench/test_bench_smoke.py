@@ -71,11 +71,12 @@ def test_cpu_figures_are_measured_not_missing(quick_points: list[dict[str, Any]]
         assert point["figures"]["sql_statements_per_run"] > 0
 
 
-def test_unknown_scenario_and_bad_sizes_are_one_line_errors() -> None:
-    for args, expected in (
-        (["nope"], "unknown scenario 'nope'"),
-        (["--users", "ten"], "--users takes numbers"),
-        (["--soak-runs", "1500"], "--soak-runs must be a multiple of 1000"),
+def test_unknown_scenario_bad_sizes_and_no_server_are_one_line_errors() -> None:
+    for args, expected, code in (
+        (["nope"], "unknown scenario 'nope'", 2),
+        (["--users", "ten"], "--users takes numbers", 2),
+        (["--soak-runs", "1500"], "--soak-runs must be a multiple of 1000", 2),
+        (["cost", "--dsn", "postgresql://nobody@127.0.0.1:1/x"], "Connection refused", 1),
     ):
         done = subprocess.run(
             [sys.executable, "-m", "bench", *args],
@@ -84,5 +85,24 @@ def test_unknown_scenario_and_bad_sizes_are_one_line_errors() -> None:
             text=True,
             timeout=60,
         )
-        assert done.returncode == 2
+        assert done.returncode == code
         assert expected in done.stderr and "Traceback" not in done.stderr
+
+
+def test_memchat_bench_passes_its_arguments_to_python_m_bench() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from engine.cli.main import main; raise SystemExit(main())",
+            "bench",
+            "--",
+            "nope",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "unknown scenario 'nope'" in done.stderr
