@@ -32,6 +32,7 @@ from bench.harness import (
     FakeModelProcess,
     ModelTiming,
     Point,
+    WorkerProcess,
     bench_settings,
     ms,
     percentile,
@@ -73,13 +74,18 @@ async def _collect(runtime: Runtime, arrivals: _Arrivals, ready: asyncio.Event) 
                 arrivals.add(event.user_id)
 
 
-async def under_load(server: BenchServer, users: int, timing: ModelTiming) -> Point:
+async def under_load(
+    server: BenchServer, users: int, timing: ModelTiming, *, worker_process: bool = False
+) -> Point:
     dsn = await server.fresh_database()
-    with FakeModelProcess(timing) as fake:
-        settings = bench_settings(
-            dsn, model=timing.model_settings(fake.base_url), memory={"concurrency": max(64, users)}
-        )
-        async with open_runtime(settings) as runtime:
+    concurrency = max(64, users)
+    with contextlib.ExitStack() as processes:
+        fake = processes.enter_context(FakeModelProcess(timing))
+        model = timing.model_settings(fake.base_url)
+        settings = bench_settings(dsn, model=model, memory={"concurrency": concurrency})
+        if worker_process:
+            processes.enter_context(WorkerProcess(dsn, model, concurrency))
+        async with open_runtime(settings, run_workers=not worker_process) as runtime:
             _, call_s = await sequential_model_time(runtime.model)
             arrivals = _Arrivals()
             ready = asyncio.Event()
@@ -100,11 +106,13 @@ async def under_load(server: BenchServer, users: int, timing: ModelTiming) -> Po
         unmatched += abs(len(completed) - len(seen))
         delays += [arrived - done for done, arrived in zip(completed, seen, strict=False)]
     limit_ms = ms(call_s) + 300
+    where = ", memory jobs in a worker process" if worker_process else ""
     return Point(
         scenario="freshness",
-        point=f"turn -> memory visible, {users} users",
+        point=f"turn -> memory visible, {users} users{where}",
         params={
             "users": users,
+            "memory_jobs": "worker process" if worker_process else "in process",
             "runs": load.runs,
             "latency_ms": timing.latency_ms,
             "token_delay_ms": timing.token_delay_ms,
@@ -176,6 +184,7 @@ async def run(server: BenchServer, *, quick: bool) -> list[Point]:
     # 20 users: the same path when memchat's core is not saturated, for contrast.
     return [
         await under_load(server, 200, TIMING),
+        await under_load(server, 200, TIMING, worker_process=True),
         await under_load(server, 20, TIMING),
         await notify_hop(server, 500),
     ]

@@ -255,6 +255,48 @@ class FakeModelProcess:
         return self._proc.pid
 
 
+class WorkerProcess:
+    """``memchat worker`` in its own process: memory jobs off the chat process's core.
+
+    The scale-out shape memchat supports (docs/architecture.md): turns in one
+    process, memory jobs in another, both on the same database.
+    """
+
+    def __init__(self, dsn: str, model: dict[str, Any], concurrency: int) -> None:
+        self._env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("MEMCHAT_", "OPENAI_"))},
+            "MEMCHAT_CONFIG": os.devnull,
+            "MEMCHAT_DATABASE__URL": dsn,
+            "MEMCHAT_MEMORY__CONCURRENCY": str(concurrency),
+            **{f"MEMCHAT_MODEL__{key.upper()}": str(value) for key, value in model.items()},
+        }
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> WorkerProcess:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "worker"],
+            cwd=REPO,
+            env=self._env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=30)
+            if self._proc.poll() is None:
+                self._proc.kill()
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+
 # --- meters ------------------------------------------------------------------------
 
 
