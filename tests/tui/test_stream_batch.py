@@ -6,7 +6,7 @@ from textual.app import App, ComposeResult
 from textual.widgets import Markdown
 
 from tests.tui.conftest import wait_until
-from tui.widgets.stream_batch import BatchedStream
+from tui.widgets.stream_batch import BatchedStream, TypingClock
 
 
 class _OneMarkdown(App[None]):
@@ -29,3 +29,16 @@ async def test_writes_inside_the_interval_are_batched_and_a_lone_write_still_sho
         await stream.write(" end")
         await stream.stop()
         assert markdown.source == "first a b c end"
+
+
+async def test_typing_holds_reply_text_back_until_the_keyboard_is_quiet() -> None:
+    app = _OneMarkdown()
+    async with app.run_test():
+        markdown = app.query_one(Markdown)
+        typing = TypingClock()
+        stream = BatchedStream(Markdown.get_stream(markdown), interval=0.01, typing=typing)
+        typing.mark()
+        await stream.write("held")
+        assert markdown.source == ""  # a key was just typed: no frame for the reply yet
+        await wait_until(lambda: markdown.source == "held", within=5)
+        await stream.stop()

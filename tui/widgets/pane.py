@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rich.text import Text
 from textual import work
@@ -40,7 +40,7 @@ from tui.widgets.messages import (
     UserMessage,
 )
 from tui.widgets.sidebar import MemorySidebar
-from tui.widgets.stream_batch import BatchedStream
+from tui.widgets.stream_batch import BatchedStream, TypingClock
 
 PAGE_SIZE = 50
 # Messages mounted before the first paint of a session: more than a tall pane shows.
@@ -51,6 +51,8 @@ FIRST_PAINT = 12
 class PaneOptions:
     highlight_seconds: float = 5.0
     animate: bool = True
+    typing: TypingClock = field(default_factory=TypingClock)
+    """Shared by every pane: typing anywhere defers replies' screen updates."""
 
 
 class UserPane(Vertical):
@@ -286,6 +288,9 @@ class UserPane(Vertical):
 
     # -- turns -------------------------------------------------------------
 
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self.options.typing.mark()
+
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
         self.send(event.value)
@@ -314,7 +319,7 @@ class UserPane(Vertical):
         reply = AssistantMessage()
         await messages.mount(reply)
         messages.anchor()
-        stream = BatchedStream(Markdown.get_stream(reply))
+        stream = BatchedStream(Markdown.get_stream(reply), typing=self.options.typing)
         parts: list[str] = []
         status = "failed"
         try:
