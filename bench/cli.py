@@ -106,6 +106,13 @@ async def _run(names: list[str], args: argparse.Namespace, users: list[int] | No
             began = time.perf_counter()
             if not args.json:
                 print(f"\n== {name}: {SCENARIOS[name]}", flush=True)
+            size = "quick" if args.quick else "full size"
+            # On stderr, so that --json output stays one object per line.
+            print(
+                f"bench: running {name} ({size}, about {_expected_s(name, args.quick)} s)...",
+                file=sys.stderr,
+                flush=True,
+            )
             points = await _scenario(name, server, args, users)
             for point in points:
                 if args.json:
@@ -144,6 +151,14 @@ async def _scenario(
     if child.returncode != 0:
         raise RuntimeError(f"the tui scenario failed (exit {child.returncode})")
     return [_point(json.loads(line)) for line in output.decode().splitlines() if line.strip()]
+
+
+# Seconds each scenario took on the 2-core machine of docs/benchmarks.md.
+EXPECTED_S = {"concurrency": 45, "cost": 12, "freshness": 25, "soak": 85, "tui": 35}
+
+
+def _expected_s(name: str, quick: bool) -> int:
+    return 10 if quick else EXPECTED_S[name]
 
 
 def _point(result: dict[str, Any]) -> Point:
