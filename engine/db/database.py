@@ -195,20 +195,9 @@ class Database:
         blocks use :func:`savepoint`.
         """
         user_id = validate_user_id(user_id)
-        async with self._connection() as conn:
-            await conn.execute(
-                f"BEGIN; SELECT set_config('memchat.user_id', {_literal(user_id)}, true)"
-            )
-            try:
-                yield conn
-            except BaseException:
-                if not conn.is_closed():
-                    # A broken connection is discarded by the pool, which also
-                    # rolls back whatever this could not.
-                    with contextlib.suppress(Exception):
-                        await conn.execute("ROLLBACK")
-                raise
-            await conn.execute("COMMIT")
+        begin = f"BEGIN; SELECT set_config('memchat.user_id', {_literal(user_id)}, true)"
+        async with self._connection() as conn, _block(conn, begin, "COMMIT", "ROLLBACK"):
+            yield conn
 
     @asynccontextmanager
     async def unscoped(self) -> AsyncIterator[asyncpg.Connection]:
@@ -231,15 +220,31 @@ class Database:
 @asynccontextmanager
 async def savepoint(conn: asyncpg.Connection) -> AsyncIterator[None]:
     """A block inside a scoped transaction whose failure leaves the transaction usable."""
-    await conn.execute("SAVEPOINT memchat_block")
+    async with _block(
+        conn,
+        "SAVEPOINT memchat_block",
+        "RELEASE SAVEPOINT memchat_block",
+        "ROLLBACK TO SAVEPOINT memchat_block",
+    ):
+        yield
+
+
+@asynccontextmanager
+async def _block(
+    conn: asyncpg.Connection, begin: str, end: str, roll_back: str
+) -> AsyncIterator[None]:
+    """``begin``, the block, then ``end``; ``roll_back`` if the block raised."""
+    await conn.execute(begin)
     try:
         yield
     except BaseException:
         if not conn.is_closed():
+            # A broken connection is discarded by the pool, which also rolls
+            # back whatever this could not.
             with contextlib.suppress(Exception):
-                await conn.execute("ROLLBACK TO SAVEPOINT memchat_block")
+                await conn.execute(roll_back)
         raise
-    await conn.execute("RELEASE SAVEPOINT memchat_block")
+    await conn.execute(end)
 
 
 def _literal(text: str) -> str:
