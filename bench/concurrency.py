@@ -110,9 +110,9 @@ async def measure(server: BenchServer, users: int, timing: ModelTiming) -> Point
             "model_cpu_ms_per_run": _per_run(cpu.model_s, run.runs),
             "peak_rss_mb": rss.peak_mb,
             "failed_turns": run.failed_turns,
-            "leaks": run.audit["leaks"],
-            "lost": run.audit["lost"],
-            "duplicates": run.audit["duplicates"],
+            "leaks": run.leaks,
+            "lost": run.lost,
+            "duplicates": run.duplicates,
         },
         targets={
             **targets,

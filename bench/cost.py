@@ -90,7 +90,7 @@ async def measure(server: BenchServer, kind: str, users: int, count_users: int) 
             "runs_per_s": round(runs / run.wall_s, 1),
             "wall_s": round(run.wall_s, 2),
             "failed_turns": run.failed_turns,
-            "lost": run.audit["lost"],
+            "lost": run.lost,
         },
         targets={"memchat_cpu_ms_per_run": ("<=", TARGET_MS[kind]), "lost": ("<=", 0)},
     )

@@ -22,8 +22,9 @@ from bench.harness import (
     bench_settings,
     rss_mb,
 )
-from bench.load import create_sessions, run_load, user_ids
+from bench.load import run_load
 from engine.runtime import open_runtime
+from engine.scenarios import create_load_sessions, load_user_ids
 
 BATCH_USERS = 250
 BATCH_TURNS = 4
@@ -53,7 +54,7 @@ async def run(server: BenchServer, *, quick: bool, runs: int | None = None) -> l
     with FakeModelProcess(ZERO) as fake:
         settings = bench_settings(dsn, model=ZERO.model_settings(fake.base_url))
         async with open_runtime(settings) as runtime:
-            sessions = await create_sessions(runtime, user_ids(users), 1)
+            sessions = await create_load_sessions(runtime, load_user_ids(users), 1)
             for number in range(1, batches + 1):
                 result = await run_load(
                     runtime, users, 1, turns, session_ids=sessions, audit=number == batches
@@ -69,7 +70,7 @@ async def run(server: BenchServer, *, quick: bool, runs: int | None = None) -> l
                         "connections": await _connections(server.dsn),
                     }
                 )
-            lost = result.audit["lost"]
+            lost = result.lost
     early = samples[1] if len(samples) > 1 else samples[0]  # after the first 2 batches
     last = samples[-1]
     growth = (last["rss_mb"] - early["rss_mb"]) / early["rss_mb"] * 100

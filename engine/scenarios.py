@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -88,14 +89,21 @@ async def _seed_user(runtime: Runtime, user_id: str, turns: list[tuple[str, str]
 class LoadResult:
     users: int
     runs: int
-    wall_s: float
-    memories: int
-    leaks: int
-    lost: int
-    duplicates: int
-    failed_jobs: int
-    failed_turns: int
+    wall_s: float = 0.0
+    """From the first turn until every memory job was done (or the wait gave up)."""
+    memories: int = 0
+    leaks: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    failed_jobs: int = 0
+    """The five audit figures: 0 when the run was not audited."""
+    failed_turns: int = 0
+    audited: bool = False
+    jobs_idle: bool = False
+    """Whether every memory job was done within the wait."""
     turn_latencies: list[float] = field(default_factory=list, repr=False)
+    completed_at: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    """Per user, when each completed turn ended (perf_counter), in order."""
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -116,6 +124,10 @@ def load_user_id(i: int) -> str:
     return f"load_{i}@example.com"
 
 
+def load_user_ids(users: int, offset: int = 0) -> list[str]:
+    return [load_user_id(i) for i in range(offset + 1, offset + users + 1)]
+
+
 def load_message(i: int, session: int, turn: int) -> str:
     if session == 0 and turn == 0:
         return f"My name is LoadUser{i} and my favourite number is {7 * i}."
@@ -125,43 +137,85 @@ def load_message(i: int, session: int, turn: int) -> str:
 _TOKEN = re.compile(r"LoadUser(\d+)\b")
 
 
+async def create_load_sessions(
+    runtime: Runtime, user_ids: list[str], sessions: int
+) -> dict[str, list[str]]:
+    """Each user's sessions, made ahead (e.g. before a benchmark's clock starts)."""
+    made: dict[str, list[str]] = {}
+
+    async def make(user_id: str) -> None:
+        async with runtime.store.scope(user_id) as s:
+            made[user_id] = [
+                str((await s.create_session(f"load session {n + 1}")).session_id)
+                for n in range(sessions)
+            ]
+
+    await asyncio.gather(*(make(u) for u in user_ids))
+    return made
+
+
 async def run_load(
-    runtime: Runtime, users: int, sessions: int, turns: int, *, wait_within: float = 600.0
+    runtime: Runtime,
+    users: int,
+    sessions: int,
+    turns: int,
+    *,
+    wait_within: float = 600.0,
+    offset: int = 0,
+    session_ids: dict[str, list[str]] | None = None,
+    audit: bool = True,
 ) -> LoadResult:
-    ids = [load_user_id(i) for i in range(1, users + 1)]
-    await reset_users(runtime, ids)
-    latencies: list[float] = []
+    """N users at once, each user's turns in order, then every memory job.
+
+    Without ``session_ids`` the users are reset first and their sessions made
+    as they go; with them (from :func:`create_load_sessions`), those sessions
+    are used as they are, history and all.
+    """
+    ids = load_user_ids(users, offset)
+    if session_ids is None:
+        await reset_users(runtime, ids)
+    result = LoadResult(users=users, runs=users * sessions * turns)
     started = time.perf_counter()
-    failed = await asyncio.gather(
-        *(_load_user(runtime, i, sessions, turns, latencies) for i in range(1, users + 1))
+    await asyncio.gather(
+        *(
+            _load_user(runtime, offset + n + 1, sessions, turns, result, session_ids)
+            for n in range(users)
+        )
     )
-    await runtime.workers.wait_idle(ids, within=wait_within)
-    wall = time.perf_counter() - started
-    audit = await audit_load(runtime, ids)
-    return LoadResult(
-        users=users,
-        runs=users * sessions * turns,
-        wall_s=wall,
-        failed_turns=sum(failed),
-        turn_latencies=latencies,
-        **audit,
-    )
+    result.jobs_idle = await runtime.workers.wait_idle(ids, within=wait_within)
+    result.wall_s = time.perf_counter() - started
+    if audit:
+        for name, value in (await audit_load(runtime, ids)).items():
+            setattr(result, name, value)
+        result.audited = True
+    return result
 
 
 async def _load_user(
-    runtime: Runtime, i: int, sessions: int, turns: int, latencies: list[float]
-) -> int:
+    runtime: Runtime,
+    i: int,
+    sessions: int,
+    turns: int,
+    result: LoadResult,
+    session_ids: dict[str, list[str]] | None,
+) -> None:
     user_id = load_user_id(i)
-    failed = 0
+    completed = result.completed_at.setdefault(user_id, [])
     for session in range(sessions):
-        async with runtime.store.scope(user_id) as s:
-            sid = (await s.create_session(f"load session {session + 1}")).session_id
+        if session_ids is not None:
+            sid: str | uuid.UUID = session_ids[user_id][session]
+        else:
+            async with runtime.store.scope(user_id) as s:
+                sid = (await s.create_session(f"load session {session + 1}")).session_id
         for turn in range(turns):
             began = time.perf_counter()
             end = await runtime.agent.run(user_id, sid, load_message(i, session, turn))
-            latencies.append(time.perf_counter() - began)
-            failed += not isinstance(end, TurnCompleted)
-    return failed
+            ended = time.perf_counter()
+            result.turn_latencies.append(ended - began)
+            if isinstance(end, TurnCompleted):
+                completed.append(ended)
+            else:
+                result.failed_turns += 1
 
 
 async def audit_load(runtime: Runtime, user_ids: list[str]) -> dict[str, int]:
