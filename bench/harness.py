@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,13 +69,12 @@ class Point:
         }
 
 
-def percentile(values: list[float], pct: float) -> float:
+def percentile(values: Sequence[float], pct: float) -> float:
     """Nearest-rank percentile (no interpolation: every figure is a real sample)."""
     if not values:
         return float("nan")
     ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(pct / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
+    return ordered[max(1, math.ceil(pct / 100 * len(ordered))) - 1]
 
 
 def ms(seconds: float) -> float:
@@ -204,12 +204,34 @@ class ModelTiming:
         return {"provider": "openai", "base_url": base_url, "api_key": "bench", "name": "fake"}
 
 
-class FakeModelProcess:
+class _ChildProcess:
+    """A process the bench starts for a block and stops (SIGTERM, then SIGKILL) after it."""
+
+    stop_within_s = 10.0
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=self.stop_within_s)
+            if self._proc.poll() is None:
+                self._proc.kill()
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+
+class FakeModelProcess(_ChildProcess):
     """``python -m tests.fake_openai`` in its own process, as a real endpoint would be."""
 
     def __init__(self, timing: ModelTiming) -> None:
+        super().__init__()
         self.timing = timing
-        self._proc: subprocess.Popen[str] | None = None
         self.base_url = ""
 
     def __enter__(self) -> FakeModelProcess:
@@ -241,28 +263,19 @@ class FakeModelProcess:
         self.base_url = line[1]
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(timeout=10)
-            if self._proc.poll() is None:
-                self._proc.kill()
 
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None
-        return self._proc.pid
-
-
-class WorkerProcess:
+class WorkerProcess(_ChildProcess):
     """``memchat worker`` in its own process: memory jobs off the chat process's core.
 
     The scale-out shape memchat supports (docs/architecture.md): turns in one
     process, memory jobs in another, both on the same database.
     """
 
+    # Draining running jobs on SIGTERM takes up to memory.drain_timeout.
+    stop_within_s = 30.0
+
     def __init__(self, dsn: str, model: dict[str, Any], concurrency: int) -> None:
+        super().__init__()
         self._env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("MEMCHAT_", "OPENAI_"))},
             "MEMCHAT_CONFIG": os.devnull,
@@ -270,7 +283,6 @@ class WorkerProcess:
             "MEMCHAT_MEMORY__CONCURRENCY": str(concurrency),
             **{f"MEMCHAT_MODEL__{key.upper()}": str(value) for key, value in model.items()},
         }
-        self._proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> WorkerProcess:
         self._proc = subprocess.Popen(
@@ -282,19 +294,6 @@ class WorkerProcess:
             text=True,
         )
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(timeout=30)
-            if self._proc.poll() is None:
-                self._proc.kill()
-
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None
-        return self._proc.pid
 
 
 # --- meters ------------------------------------------------------------------------

@@ -73,7 +73,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import pickle
 import resource
 import statistics
@@ -93,7 +92,7 @@ from textual.pilot import Pilot
 from textual.screen import Screen
 
 import tui.app as tui_app
-from bench.harness import REPO, FakeModelProcess, ModelTiming, bench_settings
+from bench.harness import REPO, FakeModelProcess, ModelTiming, bench_settings, ms, percentile
 from engine.config import Settings
 from engine.db import Database
 from engine.store import Store
@@ -747,16 +746,6 @@ async def reset_users(settings: Settings, user_ids: Sequence[str]) -> None:
         for user_id in user_ids:
             async with store.scope(user_id) as s:
                 await s.delete_user()
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile: a value that was actually measured."""
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1000, 1)
 
 
 # -- standalone --------------------------------------------------------------
