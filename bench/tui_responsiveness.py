@@ -93,6 +93,7 @@ from textual.screen import Screen
 
 import tui.app as tui_app
 from bench.harness import REPO, FakeModelProcess, ModelTiming, bench_settings, ms, percentile
+from engine import scenarios
 from engine.config import Settings
 from engine.db import Database
 from engine.store import Store
@@ -743,9 +744,7 @@ async def open_store(settings: Settings) -> AsyncIterator[Store]:
 
 async def reset_users(settings: Settings, user_ids: Sequence[str]) -> None:
     async with open_store(settings) as store:
-        for user_id in user_ids:
-            async with store.scope(user_id) as s:
-                await s.delete_user()
+        await scenarios.reset_users(store, user_ids)
 
 
 # -- standalone --------------------------------------------------------------

@@ -17,10 +17,12 @@ import re
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine.agent import TurnCompleted
 from engine.runtime import Runtime
+from engine.store import Store
 
 SEED_SCRIPT: dict[str, list[tuple[str, str]]] = {
     "user_1@example.com": [
@@ -51,15 +53,16 @@ class SeedResult:
         return {"users": self.memories, "runs": self.runs, "wall_s": round(self.wall_s, 3)}
 
 
-async def reset_users(runtime: Runtime, user_ids: list[str]) -> None:
+async def reset_users(store: Store, user_ids: Sequence[str]) -> None:
+    """Delete these users and everything of theirs (a scenario's clean start)."""
     for user_id in user_ids:
-        async with runtime.store.scope(user_id) as s:
+        async with store.scope(user_id) as s:
             await s.delete_user()
 
 
 async def run_seed(runtime: Runtime, *, wait_within: float = 120.0) -> SeedResult:
     users = list(SEED_SCRIPT)
-    await reset_users(runtime, users)
+    await reset_users(runtime.store, users)
     started = time.perf_counter()
     failures = await asyncio.gather(*(_seed_user(runtime, u, SEED_SCRIPT[u]) for u in users))
     await runtime.workers.wait_idle(users, within=wait_within)
@@ -173,7 +176,7 @@ async def run_load(
     """
     ids = load_user_ids(users, offset)
     if session_ids is None:
-        await reset_users(runtime, ids)
+        await reset_users(runtime.store, ids)
     result = LoadResult(users=users, runs=users * sessions * turns)
     started = time.perf_counter()
     await asyncio.gather(
