@@ -65,6 +65,18 @@ class ModelSettings(_Section):
     timeout: float = Field(default=60.0, gt=0, description="Seconds per model request.")
     max_retries: int = Field(default=2, ge=0, le=20)
     temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int = Field(
+        default=2048, ge=1, le=1_000_000, description="Most tokens a chat reply may have."
+    )
+    context_tokens: int = Field(
+        default=16384,
+        ge=256,
+        le=10_000_000,
+        description=(
+            "The model's context window: system prompt, memories, history and the reply "
+            "(max_tokens) are fitted into it, oldest history dropped first."
+        ),
+    )
     offline_token_delay_ms: float = Field(
         default=0.0, ge=0, le=5000, description="Pause between offline model deltas."
     )
@@ -80,6 +92,26 @@ class ModelSettings(_Section):
         if self.provider != "auto":
             return self.provider
         return "openai" if (self.api_key or self.base_url) else "offline"
+
+
+def memory_model_settings(model: ModelSettings, memory: MemorySettings) -> ModelSettings:
+    """The settings of the model that extracts memories: the chat model's, with the
+    ``[memory]`` overrides. The chat key goes only to the chat endpoint: a memory
+    endpoint of its own gets ``memory.api_key`` or none."""
+    own_endpoint = memory.base_url is not None and memory.base_url != model.base_url
+    provider = model.provider
+    if own_endpoint and provider != "offline":
+        provider = "openai"
+    return model.model_copy(
+        update={
+            "provider": provider,
+            "name": memory.model or model.name,
+            "base_url": memory.base_url if own_endpoint else model.base_url,
+            "api_key": memory.api_key if own_endpoint else (memory.api_key or model.api_key),
+            "max_tokens": memory.max_tokens,
+            "timeout": memory.timeout or model.timeout,
+        }
+    )
 
 
 class AgentSettings(_Section):
@@ -98,6 +130,43 @@ class HistorySettings(_Section):
 
 class MemorySettings(_Section):
     add_to_context: bool = True
+    extraction: Literal["auto", "tools", "json"] = Field(
+        default="auto",
+        description=(
+            "How the model is asked for memory changes: tools (function calls), json (one "
+            "JSON object), or auto: tools, switching to json for an endpoint that refuses "
+            "or ignores them."
+        ),
+    )
+    model: str | None = Field(
+        default=None, min_length=1, description="Model for extraction. Unset: model.name."
+    )
+    base_url: str | None = Field(
+        default=None, description="Endpoint for extraction. Unset: model.base_url."
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="Key for memory.base_url. Unset: model.api_key (when base_url is unset too).",
+    )
+    max_tokens: int = Field(
+        default=512, ge=16, le=1_000_000, description="Most tokens an extraction answer may have."
+    )
+    timeout: float | None = Field(
+        default=None, gt=0, description="Seconds per extraction request. Unset: model.timeout."
+    )
+    max_calls_per_job: int = Field(
+        default=20, ge=1, le=10_000, description="Changes applied from one answer; the rest refused."
+    )
+    max_per_user: int = Field(
+        default=1000, ge=1, le=1_000_000, description="Memories a user may have; more adds refused."
+    )
+    pause_while_streaming: bool = Field(
+        default=False,
+        description=(
+            "Hold extraction requests while a chat reply streams in this process: for "
+            "single-slot local servers (llama.cpp), so replies never wait behind memory jobs."
+        ),
+    )
     concurrency: int = Field(default=64, ge=1, le=10_000)
     max_attempts: int = Field(default=3, ge=1, le=100)
     drain_timeout: float = Field(default=5.0, ge=0)
@@ -109,6 +178,9 @@ class MemorySettings(_Section):
 
 class LimitSettings(_Section):
     max_message_chars: int = Field(default=100_000, ge=1)
+    max_reply_chars: int = Field(
+        default=50_000, ge=1, description="A longer model reply is cut there and marked."
+    )
     max_memory_chars: int = Field(default=500, ge=1)
     max_title_chars: int = Field(default=200, ge=1)
 

@@ -39,6 +39,9 @@ class Message:
     status: MessageStatus
     error: str | None
     created_at: datetime
+    prompt_tokens: int | None = None
+    """Tokens the model counted for the prompt of this reply, when the endpoint said."""
+    completion_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,3 +86,9 @@ class MemoryJob:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    note: str | None = None
+    """What a job that ran has to say besides failing: refused changes, an unusable answer."""
+    extraction: str | None = None
+    """How its answer was asked for: "tools" or "json"."""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -20,6 +21,7 @@ from engine.config import LimitSettings
 from engine.db import Database
 from engine.db.database import savepoint
 from engine.errors import InvalidInput, NotFound
+from engine.models.base import Usage
 from engine.records import (
     JobStatus,
     Memory,
@@ -42,20 +44,33 @@ from engine.validation import (
     validate_user_id,
 )
 
+@dataclass(frozen=True, slots=True)
+class JobOutcome:
+    """What a settled job records besides its status: usage, mode, a note."""
+
+    note: str | None = None
+    extraction: str | None = None
+    usage: Usage | None = None
+
+
 MEMORY_CHANNEL = "memchat_memory"
 JOB_CHANNEL = "memchat_jobs"
 MAX_TOPICS = 10
 MAX_TOPIC_CHARS = 40
 
 _SESSION_COLUMNS = "session_id, user_id, title, created_at, updated_at"
-_MESSAGE_COLUMNS = "message_id, session_id, user_id, role, content, status, error, created_at"
+_MESSAGE_COLUMNS = (
+    "message_id, session_id, user_id, role, content, status, error, created_at, "
+    "prompt_tokens, completion_tokens"
+)
 _MEMORY_COLUMNS = (
     "memory_id, user_id, content, topics, source_session_id, source_message_id, "
     "created_at, updated_at"
 )
 _JOB_COLUMNS = (
     "job_id, user_id, session_id, user_message_id, assistant_message_id, status, attempts, "
-    "run_after, lease_until, worker, last_error, created_at, started_at, finished_at"
+    "run_after, lease_until, worker, last_error, created_at, started_at, finished_at, note, "
+    "extraction, prompt_tokens, completion_tokens"
 )
 _EVENT_COLUMNS = (
     "event_id, memory_id, user_id, op, before, after, job_id, source_message_id, actor, at"
@@ -171,6 +186,7 @@ class UserScope:
         *,
         status: MessageStatus = "complete",
         error: str | None = None,
+        usage: Usage | None = None,
     ) -> Message:
         """Append one message; a user's first message becomes the session's title."""
         sid = parse_session_id(session_id)
@@ -185,8 +201,9 @@ class UserScope:
                      WHERE session_id = $1
                     RETURNING session_id
                 )
-                INSERT INTO messages (session_id, user_id, role, content, status, error)
-                SELECT session_id, $2, $3, $4, $5, $6 FROM touched
+                INSERT INTO messages (session_id, user_id, role, content, status, error,
+                                      prompt_tokens, completion_tokens)
+                SELECT session_id, $2, $3, $4, $5, $6, $8, $9 FROM touched
                 RETURNING {_MESSAGE_COLUMNS}
                 """,
                 sid,
@@ -196,6 +213,8 @@ class UserScope:
                 status,
                 storable(error) if error is not None else None,
                 title,
+                usage.prompt_tokens if usage else None,
+                usage.completion_tokens if usage else None,
             )
         except asyncpg.ForeignKeyViolationError:
             row = None
@@ -469,17 +488,27 @@ class UserScope:
         *,
         error: str | None = None,
         retry_in: float | None = None,
+        outcome: JobOutcome | None = None,
     ) -> bool:
         """Record a job's outcome, if this worker still holds it.
 
         False means the lease was lost (another worker took the job over): the
         caller must roll back what it did, so the job's effect happens once.
+        A job that ends ``done`` keeps no error of an earlier attempt.
         """
+        outcome = outcome or JobOutcome()
         row = await self.conn.fetchrow(
             """
             UPDATE memory_jobs
                SET status = $3,
-                   last_error = COALESCE($4, last_error),
+                   last_error = CASE WHEN $3 = 'done' THEN NULL
+                                     ELSE COALESCE($4, last_error) END,
+                   note = COALESCE($7, note),
+                   extraction = COALESCE($8, extraction),
+                   prompt_tokens = CASE WHEN $9::int IS NULL THEN prompt_tokens
+                                        ELSE coalesce(prompt_tokens, 0) + $9 END,
+                   completion_tokens = CASE WHEN $10::int IS NULL THEN completion_tokens
+                                            ELSE coalesce(completion_tokens, 0) + $10 END,
                    run_after = CASE WHEN $5::float8 IS NULL THEN run_after
                                     ELSE clock_timestamp() + make_interval(secs => $5) END,
                    finished_at = CASE WHEN $3 IN ('done', 'failed') THEN clock_timestamp() END,
@@ -495,6 +524,10 @@ class UserScope:
             storable(error) if error is not None else None,
             retry_in,
             JOB_CHANNEL,
+            storable(outcome.note) if outcome.note is not None else None,
+            outcome.extraction,
+            outcome.usage.prompt_tokens if outcome.usage else None,
+            outcome.usage.completion_tokens if outcome.usage else None,
         )
         return row is not None
 

@@ -70,8 +70,19 @@ class ToolCall:
 @dataclass(frozen=True, slots=True)
 class ToolResponse:
     text: str
+    """The answer's text beside (or instead of) the calls; reasoning already removed."""
     tool_calls: tuple[ToolCall, ...]
     usage: Usage | None
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A whole non-streamed answer: its text (reasoning removed), usage and finish reason."""
+
+    text: str
+    usage: Usage | None
+    finish_reason: str | None
 
 
 class ChatModel(Protocol):
@@ -79,6 +90,10 @@ class ChatModel(Protocol):
     """Shown in the UI, e.g. "offline model"; never contains a secret."""
 
     is_offline: bool
+
+    endpoint: str
+    """Which server and model answer, e.g. "gpt-4o-mini @ https://api.openai.com/v1":
+    what an extraction mode learnt about one endpoint is remembered under it."""
 
     def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[StreamEvent]:
         """Yield ``TextDelta`` events, then exactly one ``StreamEnd``.
@@ -89,14 +104,38 @@ class ChatModel(Protocol):
         ...
 
     async def call_tools(
-        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]
-    ) -> ToolResponse: ...
+        self,
+        messages: Sequence[ChatMessage],
+        tools: Sequence[ToolSpec],
+        *,
+        force: str | None = None,
+    ) -> ToolResponse:
+        """One answer that may call ``tools``; ``force`` names a tool it must call.
+
+        No calls (absent, ``null`` or ``[]``) is a normal answer. A server that
+        refuses tools raises :class:`ModelToolsUnsupported`.
+        """
+        ...
+
+    async def complete(
+        self, messages: Sequence[ChatMessage], *, json_object: bool = False
+    ) -> Completion:
+        """One whole answer without tools; ``json_object`` asks for a JSON object
+        (``response_format``) where the server accepts it, plain text otherwise."""
+        ...
 
     async def aclose(self) -> None: ...
 
 
 class ModelError(MemchatError):
-    """A model request failed; the message is one line, fit for a user."""
+    """A model request failed; the message is one line, fit for a user.
+
+    ``permanent`` errors come back unchanged however often the same request is
+    sent (a rejected key, an unknown model, a prompt over the context): they
+    are not retried as if they were transient.
+    """
+
+    permanent: bool = False
 
 
 class ModelTimeout(ModelError):
@@ -115,7 +154,22 @@ class ModelResponseError(ModelError):
     """The server answered, but not with a usable reply (malformed, cut off)."""
 
 
+class ModelRequestRefused(ModelError):
+    """The server refused this request as invalid (HTTP 400/422): sending it again won't help."""
+
+    permanent = True
+
+
+class ModelToolsUnsupported(ModelRequestRefused):
+    """The endpoint (or the model behind it) does not take ``tools``."""
+
+
+class ModelContextTooLong(ModelRequestRefused):
+    """The prompt does not fit the model's context window."""
+
+
 class ModelConfigError(ModelError):
-    """The model settings cannot work (missing key, key rejected, wrong URL)."""
+    """The model settings cannot work (missing key, key rejected, wrong URL, unknown model)."""
 
     exit_code = 2
+    permanent = True

@@ -152,6 +152,10 @@ def test_example_file_lists_every_setting_with_its_default(in_tmp: Path) -> None
         ("model", "api_key"),
         ("model", "base_url"),
         ("model", "temperature"),
+        ("memory", "model"),
+        ("memory", "base_url"),
+        ("memory", "api_key"),
+        ("memory", "timeout"),
     }
     assert set(data) == set(defaults)
     for section, values in defaults.items():
