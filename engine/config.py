@@ -155,7 +155,10 @@ class MemorySettings(_Section):
         default=None, gt=0, description="Seconds per extraction request. Unset: model.timeout."
     )
     max_calls_per_job: int = Field(
-        default=20, ge=1, le=10_000, description="Changes applied from one answer; the rest refused."
+        default=20,
+        ge=1,
+        le=10_000,
+        description="Changes applied from one answer; the rest are refused.",
     )
     max_per_user: int = Field(
         default=1000, ge=1, le=1_000_000, description="Memories a user may have; more adds refused."

@@ -44,6 +44,7 @@ from engine.validation import (
     validate_user_id,
 )
 
+
 @dataclass(frozen=True, slots=True)
 class JobOutcome:
     """What a settled job records besides its status: usage, mode, a note."""
