@@ -1,8 +1,8 @@
 """Cross-user, read-only views: the one explicit way around per-user scoping.
 
-Used by the inspector, audits and `memchat users`. Everything here runs in
-``Database.admin()``, a read-only transaction as the ``memchat_admin`` role,
-which the database allows to SELECT and nothing else.
+Used by the inspector, audits, `memchat users` and `memchat jobs`. Everything
+here runs in ``Database.admin()``, a read-only transaction as the
+``memchat_admin`` role, which the database allows to SELECT and nothing else.
 
 Each view reads every user at once with a few set-based queries and groups the
 rows in Python, so its cost grows with the data, not with round trips per user.
@@ -23,8 +23,9 @@ import asyncpg
 
 from engine.db import Database
 from engine.db.migrate import APP_ROLE
-from engine.records import MemoryOp
-from engine.validation import printable
+from engine.errors import NotFound
+from engine.records import MemoryJob, MemoryOp
+from engine.validation import printable, validate_user_id
 
 USER_OWNED_TABLES = ("users", "sessions", "messages", "memories", "memory_events", "memory_jobs")
 
@@ -33,6 +34,38 @@ MAX_FINDINGS = 50
 
 MIN_NAME_CHARS = 3
 """Shorter names ("Al", "Jo") match too many ordinary words to mean a leak."""
+
+JOB_PROBLEMS_SHOWN = 3
+"""Per user in the overview: the newest failed jobs and job notes, with their text."""
+
+_JOB_COLUMNS = (
+    "job_id, user_id, session_id, user_message_id, assistant_message_id, status, attempts, "
+    "run_after, lease_until, worker, last_error, created_at, started_at, finished_at, note, "
+    "extraction, prompt_tokens, completion_tokens"
+)
+
+_REPORTED = "(prompt_tokens IS NOT NULL OR completion_tokens IS NOT NULL)"
+"""Rows whose endpoint reported usage: the others count as unknown, not as zero."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """Tokens summed over the rows that reported usage."""
+
+    prompt: int = 0
+    completion: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion
+
+
+def token_usage(row: Any) -> TokenUsage | None:
+    """From a row's prompt_tokens/completion_tokens sums; None when nothing was reported."""
+    prompt, completion = row["prompt_tokens"], row["completion_tokens"]
+    if prompt is None and completion is None:
+        return None
+    return TokenUsage(prompt or 0, completion or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +76,8 @@ class UserSummary:
     sessions: int
     messages: int
     memories: int
+    tokens: TokenUsage | None = None
+    """Chat replies and memory jobs together; None when no usage was ever reported."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +114,16 @@ class MemoryOverview:
 
 
 @dataclass(frozen=True, slots=True)
+class JobProblem:
+    """A failed job (with its error) or a job that left a note."""
+
+    status: str
+    attempts: int
+    error: str | None
+    note: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class JobCounts:
     pending: int = 0
     running: int = 0
@@ -86,6 +131,10 @@ class JobCounts:
     failed: int = 0
     last_error: str | None = None
     """The error of the user's newest failed job."""
+    noted: int = 0
+    """Jobs that left a note (refused changes, an unusable answer)."""
+    problems: tuple[JobProblem, ...] = ()
+    """Newest first, at most JOB_PROBLEMS_SHOWN: failed jobs and jobs with a note."""
 
     @property
     def total(self) -> int:
@@ -103,6 +152,10 @@ class UserOverview:
     jobs: JobCounts
     forgotten: int
     """Memories this user once had that have since been deleted."""
+    chat_tokens: TokenUsage | None = None
+    """What this user's replies cost, when the endpoint said; None when it never did."""
+    memory_tokens: TokenUsage | None = None
+    """What this user's memory jobs cost, likewise."""
 
     @property
     def messages(self) -> int:
@@ -167,16 +220,66 @@ class AdminReader:
     async def list_users(self) -> list[UserSummary]:
         async with self.db.admin() as conn:
             rows = await conn.fetch(
-                """
+                f"""
+                WITH usage AS (
+                    SELECT user_id, sum(prompt_tokens) AS prompt_tokens,
+                           sum(completion_tokens) AS completion_tokens
+                      FROM (SELECT user_id, prompt_tokens, completion_tokens
+                              FROM messages WHERE {_REPORTED}
+                            UNION ALL
+                            SELECT user_id, prompt_tokens, completion_tokens
+                              FROM memory_jobs WHERE {_REPORTED}) reported
+                     GROUP BY user_id
+                )
                 SELECT u.user_id, u.display_name, u.created_at,
                        (SELECT count(*) FROM sessions s WHERE s.user_id = u.user_id) AS sessions,
                        (SELECT count(*) FROM messages m WHERE m.user_id = u.user_id) AS messages,
-                       (SELECT count(*) FROM memories y WHERE y.user_id = u.user_id) AS memories
-                  FROM users u
+                       (SELECT count(*) FROM memories y WHERE y.user_id = u.user_id) AS memories,
+                       t.prompt_tokens, t.completion_tokens
+                  FROM users u LEFT JOIN usage t ON t.user_id = u.user_id
                  ORDER BY u.user_id
                 """
             )
-        return [UserSummary(**row) for row in rows]
+        return [
+            UserSummary(
+                user_id=row["user_id"],
+                display_name=row["display_name"],
+                created_at=row["created_at"],
+                sessions=row["sessions"],
+                messages=row["messages"],
+                memories=row["memories"],
+                tokens=token_usage(row),
+            )
+            for row in rows
+        ]
+
+    async def list_jobs(
+        self, user_id: str | None = None, *, failed_only: bool = False, limit: int = 50
+    ) -> list[MemoryJob]:
+        """Memory jobs of every user (or one), newest first.
+
+        Raises NotFound for a user id that has no user (a typo should not read
+        as "no jobs").
+        """
+        user = validate_user_id(user_id) if user_id is not None else None
+        async with self.db.admin() as conn:
+            if user is not None and not await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM users WHERE user_id = $1)", user
+            ):
+                raise NotFound(f"no user {printable(user)}")
+            rows = await conn.fetch(
+                f"""
+                SELECT {_JOB_COLUMNS} FROM memory_jobs
+                 WHERE ($1::text IS NULL OR user_id = $1)
+                   AND (NOT $2 OR status = 'failed')
+                 ORDER BY job_id DESC
+                 LIMIT $3
+                """,
+                user,
+                failed_only,
+                limit,
+            )
+        return [MemoryJob(**row) for row in rows]
 
     async def row_level_security(self) -> dict[str, tuple[bool, bool]]:
         """Per user-owned table: (enabled, forced)."""
@@ -226,12 +329,38 @@ class AdminReader:
                        count(*) FILTER (WHERE status = 'done') AS done,
                        count(*) FILTER (WHERE status = 'failed') AS failed,
                        (array_agg(last_error ORDER BY job_id DESC)
-                            FILTER (WHERE status = 'failed'))[1] AS last_error
+                            FILTER (WHERE status = 'failed'))[1] AS last_error,
+                       count(*) FILTER (WHERE note IS NOT NULL) AS noted
                   FROM memory_jobs
                  GROUP BY user_id
                 """
             )
-        return _assemble_overview(users, sessions, memories, events, jobs)
+            problems = await conn.fetch(
+                """
+                SELECT user_id, status, attempts, last_error, note
+                  FROM (SELECT user_id, job_id, status, attempts, last_error, note,
+                               row_number() OVER (PARTITION BY user_id
+                                                  ORDER BY job_id DESC) AS n
+                          FROM memory_jobs
+                         WHERE status = 'failed' OR note IS NOT NULL) j
+                 WHERE n <= $1
+                 ORDER BY user_id, job_id DESC
+                """,
+                JOB_PROBLEMS_SHOWN,
+            )
+            usage = await conn.fetch(
+                f"""
+                SELECT user_id, 'chat' AS kind, sum(prompt_tokens) AS prompt_tokens,
+                       sum(completion_tokens) AS completion_tokens
+                  FROM messages WHERE {_REPORTED} GROUP BY user_id
+                UNION ALL
+                SELECT user_id, 'memory', sum(prompt_tokens), sum(completion_tokens)
+                  FROM memory_jobs WHERE {_REPORTED} GROUP BY user_id
+                """
+            )
+        return _assemble_overview(
+            users, sessions, memories, events, _job_counts(jobs, problems), _usage(usage)
+        )
 
     # -- the isolation audit ------------------------------------------------
 
@@ -244,12 +373,39 @@ class AdminReader:
         return AuditResult((sources, names, rls))
 
 
+def _job_counts(jobs: Iterable[Any], problems: Iterable[Any]) -> dict[str, JobCounts]:
+    problems_of: dict[str, list[JobProblem]] = defaultdict(list)
+    for row in problems:
+        problems_of[row["user_id"]].append(
+            JobProblem(row["status"], row["attempts"], row["last_error"], row["note"])
+        )
+    return {
+        row["user_id"]: JobCounts(
+            pending=row["pending"],
+            running=row["running"],
+            done=row["done"],
+            failed=row["failed"],
+            last_error=row["last_error"],
+            noted=row["noted"],
+            problems=tuple(problems_of.get(row["user_id"], ())),
+        )
+        for row in jobs
+    }
+
+
+def _usage(rows: Iterable[Any]) -> dict[tuple[str, str], TokenUsage]:
+    """(user_id, "chat" | "memory") -> tokens, for the users whose endpoint reported any."""
+    found = {(row["user_id"], row["kind"]): token_usage(row) for row in rows}
+    return {key: usage for key, usage in found.items() if usage is not None}
+
+
 def _assemble_overview(
     users: Iterable[Any],
     sessions: Iterable[Any],
     memories: Iterable[Any],
     events: Iterable[Any],
-    jobs: Iterable[Any],
+    job_counts: dict[str, JobCounts],
+    usage: dict[tuple[str, str], TokenUsage],
 ) -> list[UserOverview]:
     sessions_of: dict[str, list[SessionOverview]] = defaultdict(list)
     # Keyed by (user, session) so that a memory can only ever be labelled with
@@ -299,17 +455,6 @@ def _assemble_overview(
         if changes[-1].op == "delete":
             forgotten[user_id] += 1
 
-    job_counts = {
-        row["user_id"]: JobCounts(
-            pending=row["pending"],
-            running=row["running"],
-            done=row["done"],
-            failed=row["failed"],
-            last_error=row["last_error"],
-        )
-        for row in jobs
-    }
-
     return [
         UserOverview(
             user_id=row["user_id"],
@@ -318,6 +463,8 @@ def _assemble_overview(
             memories=tuple(memories_of.get(row["user_id"], ())),
             jobs=job_counts.get(row["user_id"], JobCounts()),
             forgotten=forgotten.get(row["user_id"], 0),
+            chat_tokens=usage.get((row["user_id"], "chat")),
+            memory_tokens=usage.get((row["user_id"], "memory")),
         )
         for row in users
     ]

@@ -15,15 +15,20 @@ from engine.admin import (
     CHECK_NAMES,
     CHECK_RLS,
     CHECK_SOURCES,
+    JOB_PROBLEMS_SHOWN,
     AdminReader,
     AuditResult,
     JobCounts,
+    JobProblem,
     MemoryChange,
+    TokenUsage,
     UserOverview,
     find_name_leaks,
 )
 from engine.db import Database
 from engine.db.migrate import APP_ROLE
+from engine.errors import InvalidInput, NotFound
+from engine.models import Usage
 from engine.scenarios import SEED_SCRIPT, SeedResult
 from engine.store import Store
 
@@ -145,12 +150,134 @@ async def test_overview_history_forgotten_failed_jobs_and_empty_users(
     )
     assert alice.forgotten == 1
     assert alice.jobs == JobCounts(
-        pending=1, running=1, done=1, failed=2, last_error="newest error"
+        pending=1,
+        running=1,
+        done=1,
+        failed=2,
+        last_error="newest error",
+        problems=(
+            JobProblem("failed", 0, "newest error", None),
+            JobProblem("failed", 0, "older error", None),
+        ),
     )
     assert alice.jobs.total == 5
 
     zed = users["zed"]
     assert (zed.sessions, zed.memories, zed.jobs, zed.messages) == ((), (), JobCounts(), 0)
+
+
+async def _insert_job(
+    db: Database,
+    user_id: str,
+    status: str,
+    *,
+    error: str | None = None,
+    note: str | None = None,
+    tokens: tuple[int | None, int | None] = (None, None),
+    attempts: int = 1,
+) -> int:
+    async with db.scoped(user_id) as conn:
+        return await conn.fetchval(
+            "INSERT INTO memory_jobs (user_id, status, last_error, note, extraction, "
+            "prompt_tokens, completion_tokens, attempts, finished_at) "
+            "VALUES ($1, $2, $3, $4, 'tools', $5, $6, $7, "
+            "CASE WHEN $2 IN ('done', 'failed') THEN clock_timestamp() END) RETURNING job_id",
+            user_id,
+            status,
+            error,
+            note,
+            *tokens,
+            attempts,
+        )
+
+
+async def test_overview_shows_failed_jobs_and_notes_newest_first_and_bounded(
+    store: Store, db: Database
+) -> None:
+    async with store.scope("alice") as s:
+        await s.ensure_user()
+    await _insert_job(db, "alice", "failed", error="first failure", attempts=3)
+    await _insert_job(db, "alice", "done", note="2 changes refused: memory.max_per_user")
+    await _insert_job(db, "alice", "done")
+    await _insert_job(db, "alice", "failed", error="second failure", attempts=3)
+    await _insert_job(db, "alice", "done", note="the answer was not usable")
+
+    jobs = _by_user(await AdminReader(db).overview())["alice"].jobs
+    assert (jobs.done, jobs.failed, jobs.noted, jobs.last_error) == (3, 2, 2, "second failure")
+    assert len(jobs.problems) == JOB_PROBLEMS_SHOWN == 3
+    assert jobs.problems == (
+        JobProblem("done", 1, None, "the answer was not usable"),
+        JobProblem("failed", 3, "second failure", None),
+        JobProblem("done", 1, None, "2 changes refused: memory.max_per_user"),
+    )
+
+
+async def test_tokens_are_summed_per_user_and_unknown_when_never_reported(
+    store: Store, db: Database
+) -> None:
+    for user_id in ("alice", "bob", "carol"):
+        async with store.scope(user_id) as s:
+            session = await s.create_session()
+            await s.append_message(session.session_id, "user", "hi")
+            if user_id == "alice":
+                await s.append_message(session.session_id, "assistant", "one", usage=Usage(100, 20))
+                await s.append_message(session.session_id, "assistant", "two", usage=Usage(50, 5))
+            await s.append_message(session.session_id, "assistant", "no usage reported")
+    await _insert_job(db, "alice", "done", tokens=(300, 12))
+    await _insert_job(db, "alice", "done")  # this endpoint said nothing
+    await _insert_job(db, "bob", "done", tokens=(40, None))
+    await _insert_job(db, "carol", "done")
+
+    users = _by_user(await AdminReader(db).overview())
+    assert (users["alice"].chat_tokens, users["alice"].memory_tokens) == (
+        TokenUsage(150, 25),
+        TokenUsage(300, 12),
+    )
+    assert (users["bob"].chat_tokens, users["bob"].memory_tokens) == (None, TokenUsage(40, 0))
+    assert (users["carol"].chat_tokens, users["carol"].memory_tokens) == (None, None)
+
+    summaries = {u.user_id: u for u in await AdminReader(db).list_users()}
+    assert summaries["alice"].tokens == TokenUsage(450, 37)
+    assert summaries["alice"].tokens.total == 487
+    assert summaries["bob"].tokens == TokenUsage(40, 0)
+    assert summaries["carol"].tokens is None, "no usage reported is unknown, not 0"
+
+
+async def test_list_jobs_newest_first_by_user_failed_only_and_limited(
+    store: Store, db: Database
+) -> None:
+    for user_id in ("alice", "bob"):
+        async with store.scope(user_id) as s:
+            await s.ensure_user()
+    a1 = await _insert_job(db, "alice", "done", note="1 change refused", tokens=(10, 2))
+    b1 = await _insert_job(db, "bob", "failed", error="model said no")
+    a2 = await _insert_job(db, "alice", "failed", error="timed out", attempts=3)
+    a3 = await _insert_job(db, "alice", "pending")
+    reader = AdminReader(db)
+
+    everyone = await reader.list_jobs()
+    assert [j.job_id for j in everyone] == [a3, a2, b1, a1]
+    alice = await reader.list_jobs("alice")
+    assert [(j.job_id, j.status) for j in alice] == [(a3, "pending"), (a2, "failed"), (a1, "done")]
+    assert (alice[2].note, alice[2].extraction, alice[2].prompt_tokens) == (
+        "1 change refused",
+        "tools",
+        10,
+    )
+    assert alice[2].completion_tokens == 2 and alice[0].prompt_tokens is None
+    failed = await reader.list_jobs(failed_only=True)
+    assert [(j.user_id, j.last_error, j.attempts) for j in failed] == [
+        ("alice", "timed out", 3),
+        ("bob", "model said no", 1),
+    ]
+    assert [j.job_id for j in await reader.list_jobs("bob", failed_only=True)] == [b1]
+    assert [j.job_id for j in await reader.list_jobs(limit=2)] == [a3, a2]
+    assert await reader.list_jobs("alice", failed_only=True, limit=1) == [alice[1]]
+
+    with pytest.raises(NotFound, match="no user 'nobody'"):
+        await reader.list_jobs("nobody")
+    with pytest.raises(InvalidInput, match="invalid user id"):
+        await reader.list_jobs("not an id")
 
 
 async def test_overview_reads_a_thousand_users_in_one_pass(db: Database, database_dsn: str) -> None:
