@@ -19,16 +19,28 @@ message is stored before the model is asked, so it is never lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from engine.config import Settings
+from engine.context_budget import estimate_tokens, fit_newest, prompt_budget
 from engine.errors import DatabaseError, MemchatError
-from engine.models import ChatMessage, ChatModel, ModelError, StreamEnd, TextDelta, Usage
+from engine.models import (
+    ChatMessage,
+    ChatModel,
+    ModelContextTooLong,
+    ModelError,
+    ModelResponseError,
+    StreamEnd,
+    TextDelta,
+    Usage,
+)
 from engine.models.prompt_blocks import render_context_memories
-from engine.records import Message, MessageStatus
+from engine.priority import ReplyPriority
+from engine.records import Memory, Message, MessageStatus
 from engine.store import Store, UserScope
 from engine.validation import clean_text, parse_session_id
 
@@ -68,6 +80,15 @@ class TurnCancelled:
 TurnEvent = TurnStarted | TurnDelta | TurnCompleted | TurnFailed | TurnCancelled
 TurnEnd = TurnCompleted | TurnFailed | TurnCancelled
 
+
+def reply_cut_mark(limit: int) -> str:
+    return f"\n\n*[reply cut: longer than limits.max_reply_chars ({limit:,} characters)]*"
+
+
+def tokens_cut_mark(max_tokens: int) -> str:
+    return f"\n\n*[reply cut off: it reached model.max_tokens ({max_tokens:,} tokens)]*"
+
+
 AfterReply = Callable[[UserScope, Message, Message], Awaitable[None]]
 """Runs in the transaction that stores a completed reply: (scope, user msg, reply)."""
 
@@ -79,8 +100,10 @@ class Agent:
         model: ChatModel,
         settings: Settings,
         after_reply: AfterReply | None = None,
+        priority: ReplyPriority | None = None,
     ) -> None:
         self.store = store
+        self.priority = priority or ReplyPriority()
         self.model = model
         self.settings = settings
         self.after_reply = after_reply
@@ -111,20 +134,43 @@ class Agent:
         yield TurnStarted(user_message)
 
         parts: list[str] = []
+        length = 0
         usage: Usage | None = None
         outcome: MessageStatus = "cancelled"
         error: str | None = None
+        limit = self.settings.limits.max_reply_chars
         try:
-            async for event in self.model.stream(prompt):
-                if isinstance(event, TextDelta):
-                    if event.text:
-                        parts.append(event.text)
-                        yield TurnDelta(event.text)
-                elif isinstance(event, StreamEnd):
-                    usage = event.usage
-                    if event.text and event.text != "".join(parts):
-                        # Trust the provider's final text over our accumulation.
-                        parts = [event.text]
+            if isinstance(prompt, str):
+                raise ModelContextTooLong(prompt)
+            # aclosing: a reply cut at max_reply_chars must close its HTTP stream now.
+            async with contextlib.aclosing(self.model.stream(prompt)) as stream:
+                with self.priority.replying():
+                    async for event in stream:
+                        if isinstance(event, TextDelta):
+                            text = event.text[: max(limit - length, 0)]
+                            if text:
+                                parts.append(text)
+                                length += len(text)
+                                yield TurnDelta(text)
+                            if length >= limit and event.text != text:
+                                # A runaway reply: stop reading, keep what fits.
+                                mark = reply_cut_mark(limit)
+                                parts.append(mark)
+                                yield TurnDelta(mark)
+                                break
+                        elif isinstance(event, StreamEnd):
+                            usage = event.usage
+                            if event.text and event.text != "".join(parts):
+                                # Trust the provider's final text over our accumulation.
+                                parts = [event.text[:limit]]
+                            if event.finish_reason == "length":
+                                mark = tokens_cut_mark(self.settings.model.max_tokens)
+                                parts.append(mark)
+                                yield TurnDelta(mark)
+                            elif event.finish_reason == "content_filter":
+                                raise ModelResponseError(
+                                    "the provider's content filter stopped the reply"
+                                )
             outcome = "complete"
             if not "".join(parts).strip():
                 # e.g. a model that answered a chat turn with only a tool call
@@ -137,7 +183,7 @@ class Agent:
         finally:
             if outcome == "cancelled":
                 await self._store_cancelled(user_id, user_message, "".join(parts))
-        reply = await self._finish(user_id, user_message, "".join(parts), outcome, error)
+        reply = await self._finish(user_id, user_message, "".join(parts), outcome, error, usage)
         if outcome == "complete":
             yield TurnCompleted(reply, usage)
         else:
@@ -170,27 +216,55 @@ class Agent:
 
     async def _begin(
         self, user_id: str, session_id: uuid.UUID, text: str
-    ) -> tuple[Message, list[ChatMessage]]:
+    ) -> tuple[Message, list[ChatMessage] | str]:
         history_limit = self.settings.history.max_messages
         async with self.store.scope(user_id) as s:
             # The session check happens inside append_message (NotFound).
             user_message = await s.append_message(session_id, "user", text)
             history = await s.last_messages(session_id, history_limit + 1)
             memories = await s.list_memories() if self.settings.memory.add_to_context else []
+        return user_message, self._fit_prompt(user_message, history, memories)
+
+    def _fit_prompt(
+        self, user_message: Message, history: list[Message], memories: list[Memory]
+    ) -> list[ChatMessage] | str:
+        """The prompt within ``model.context_tokens``: the system prompt and this
+        message first, then memories (newest first), then history (newest first).
+
+        A str is returned instead when even the message alone cannot fit: the
+        reason the turn fails, without asking the model.
+        """
+        model = self.settings.model
+        budget = prompt_budget(model.context_tokens, model.max_tokens)
         system = self.settings.agent.system_prompt
-        if memories:
-            system += "\n\nWhat you know about this user:\n" + render_context_memories(
-                m.content for m in memories
+        budget -= estimate_tokens(system) + estimate_tokens(user_message.content)
+        if budget < 0:
+            return (
+                "the message is too long for the model's context "
+                f"(model.context_tokens = {model.context_tokens}, of which "
+                f"model.max_tokens = {model.max_tokens} is kept for the reply)"
             )
-        prompt = [ChatMessage("system", system)]
-        prompt += [
-            ChatMessage(m.role, m.content)
+        if memories:
+            intro = "\n\nWhat you know about this user:\n"
+            # list_memories is newest first; fit_newest keeps the end of a list.
+            newest_last = [m.content for m in reversed(memories)]
+            fitted = fit_newest(newest_last, budget - estimate_tokens(intro))
+            if fitted.kept:
+                shown = render_context_memories(m.content for m in memories[: fitted.kept])
+                system += intro + shown
+                budget -= estimate_tokens(intro + shown)
+        earlier = [
+            m
             for m in history
             # Failed replies are noise to the model; a cancelled partial reply
             # is what the user saw, so it stays.
-            if m.content and m.status != "failed" and m.message_id <= user_message.message_id
+            if m.content and m.status != "failed" and m.message_id < user_message.message_id
         ]
-        return user_message, prompt
+        kept = fit_newest([m.content for m in earlier], budget).kept
+        prompt = [ChatMessage("system", system)]
+        prompt += [ChatMessage(m.role, m.content) for m in earlier[len(earlier) - kept :]]
+        prompt.append(ChatMessage("user", user_message.content))
+        return prompt
 
     async def _finish(
         self,
@@ -199,6 +273,7 @@ class Agent:
         content: str,
         status: MessageStatus,
         error: str | None,
+        usage: Usage | None = None,
     ) -> Message:
         # A dropped connection (server restart, killed backend) while storing
         # the reply: the pool reconnects, so try again, a few times, unless an
@@ -212,7 +287,7 @@ class Agent:
                         )
                     if after and after[0].role == "assistant":
                         return after[0]
-                return await self._write_reply(user_id, user_message, content, status, error)
+                return await self._write_reply(user_id, user_message, content, status, error, usage)
             except DatabaseError:
                 if attempt == STORE_ATTEMPTS - 1:
                     raise
@@ -226,10 +301,16 @@ class Agent:
         content: str,
         status: MessageStatus,
         error: str | None,
+        usage: Usage | None,
     ) -> Message:
         async with self.store.scope(user_id) as s:
             reply = await s.append_message(
-                user_message.session_id, "assistant", content, status=status, error=error
+                user_message.session_id,
+                "assistant",
+                content,
+                status=status,
+                error=error,
+                usage=usage,
             )
             if status == "complete" and self.after_reply is not None:
                 await self.after_reply(s, user_message, reply)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
@@ -22,13 +23,21 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 
 from engine.admin import CHECK_RLS, USER_OWNED_TABLES, AdminReader
-from engine.config import Settings, load_settings
+from engine.config import ModelSettings, Settings, load_settings, memory_model_settings
 from engine.db import Database
 from engine.db.migrate import APP_ROLE, available_migrations, current_version
 from engine.errors import ConfigError, MemchatError
+from engine.extraction import EndpointModes
 from engine.jobs import job_counts
+from engine.memory import probe_extraction_mode
 from engine.models import create_model
-from engine.models.base import ModelError
+from engine.models.base import (
+    ChatMessage,
+    ModelConfigError,
+    ModelError,
+    StreamEnd,
+    TextDelta,
+)
 
 MODEL_CHECK_TIMEOUT = 5.0
 """Seconds for the model probe: long enough for a slow local server, short enough to wait for."""
@@ -41,6 +50,8 @@ MIGRATIONS = "migrations"
 ISOLATION = "isolation"
 MEMORY_JOBS = "memory jobs"
 MODEL = "model"
+STREAM = "model stream"
+EXTRACTION = "memory extraction"
 
 REDACTED = "***"
 
@@ -63,8 +74,13 @@ async def diagnose(
     *,
     settings: Settings | None = None,
     model_timeout: float = MODEL_CHECK_TIMEOUT,
+    probe: bool = True,
 ) -> list[CheckResult]:
-    """Every check, in order. Loads the settings itself unless given them."""
+    """Every check, in order. Loads the settings itself unless given them.
+
+    ``probe`` sends a few tokens' worth of real requests (a short streamed
+    reply, a forced tool call) to learn what the endpoint can do.
+    """
     if settings is None:
         try:
             settings = load_settings(config)
@@ -73,7 +89,10 @@ async def diagnose(
             return [settings_problem(exc)]
     results = [settings_ok(settings)]
     results += await database_checks(settings)
-    results.append(await model_check(settings, probe_seconds=model_timeout))
+    model = await model_check(settings, probe_seconds=model_timeout)
+    results.append(model)
+    if model.ok and probe:
+        results += await probe_checks(settings, probe_seconds=model_timeout)
     return [_scrubbed(result, _secrets_of(settings)) for result in results]
 
 
@@ -197,11 +216,11 @@ async def jobs_check(db: Database) -> CheckResult:
         users = [row["user_id"] for row in rows[:MAX_FAILED_USERS_SHOWN]]
         who = ", ".join(users) + (", ..." if len(rows) > len(users) else "")
         fix = (
-            f"failed jobs keep their error: see `memchat memories --user {users[0]} --history` "
+            f"failed jobs keep their error: see `memchat jobs --failed --user {users[0]}` "
             f"(users with failed jobs: {who}) or the inspector (F3)"
         )
     else:  # they were retried or deleted between the two reads
-        fix = "see `memchat memories --user U --history` / the inspector (F3)"
+        fix = "see `memchat jobs --failed` / the inspector (F3)"
     return CheckResult(MEMORY_JOBS, False, detail, fix)
 
 
@@ -277,6 +296,86 @@ async def model_check(
     return CheckResult(
         MODEL, True, f"{settings.model.name} @ {shown} (reachable; {settings.model.name} {listed})"
     )
+
+
+_PROBE_PROMPT = (ChatMessage("user", "Say OK."),)
+
+
+async def probe_checks(
+    settings: Settings, *, probe_seconds: float = MODEL_CHECK_TIMEOUT
+) -> list[CheckResult]:
+    """A few tokens of real requests: does a reply stream, and which extraction form works."""
+    memory = memory_model_settings(settings.model, settings.memory)
+    if settings.model.resolved_provider == "offline" and memory.resolved_provider == "offline":
+        return [CheckResult(EXTRACTION, True, "tools (the offline model calls tools)")]
+    results = []
+    if settings.model.resolved_provider != "offline":
+        results.append(await _stream_check(_probe_settings(settings.model, probe_seconds)))
+    results.append(await _extraction_check(settings, _probe_settings(memory, probe_seconds)))
+    return results
+
+
+def _probe_settings(model: ModelSettings, seconds: float) -> ModelSettings:
+    # Enough tokens for a short reply or one tool call; no retries: the
+    # question is whether it works now.
+    return model.model_copy(
+        update={"max_tokens": 64, "timeout": min(seconds, model.timeout), "max_retries": 0}
+    )
+
+
+async def _stream_check(settings: ModelSettings) -> CheckResult:
+    try:
+        model = create_model(settings)
+    except ModelError as exc:
+        return CheckResult(STREAM, False, exc.message, _MODEL_FIX)
+    started = time.monotonic()
+    first: float | None = None
+    text = ""
+    try:
+        async for event in model.stream(_PROBE_PROMPT):
+            if isinstance(event, TextDelta) and event.text and first is None:
+                first = time.monotonic() - started
+            if isinstance(event, StreamEnd):
+                text = event.text
+    except ModelError as exc:
+        return CheckResult(STREAM, False, exc.message, _stream_fix(exc))
+    finally:
+        await model.aclose()
+    if not text.strip():
+        detail = "the endpoint streamed an empty reply"
+        return CheckResult(STREAM, False, detail, "check model.name: is it a chat model?")
+    took = f"first text after {first:.2f}s" if first is not None else "no text deltas"
+    return CheckResult(STREAM, True, f"a reply streamed ({took})")
+
+
+def _stream_fix(exc: ModelError) -> str:
+    if isinstance(exc, ModelConfigError):
+        return "check model.name and the API key"
+    return _MODEL_FIX
+
+
+async def _extraction_check(settings: Settings, probe_model: ModelSettings) -> CheckResult:
+    wanted = settings.memory.extraction
+    try:
+        model = create_model(probe_model)
+    except ModelError as exc:
+        return CheckResult(EXTRACTION, False, exc.message, "check the [memory] model settings")
+    try:
+        mode, reason = await probe_extraction_mode(model)
+    except ModelError as exc:
+        fix = "check memory.model / memory.base_url (or model.*), then run doctor again"
+        return CheckResult(EXTRACTION, False, f"tool-call probe failed: {exc.message}", fix)
+    finally:
+        await model.aclose()
+    where = model.endpoint
+    if wanted == "auto":
+        # What the jobs would learn on their first run: learn it now.
+        EndpointModes().remember(where, mode, reason)
+        return CheckResult(EXTRACTION, True, f"{mode} for {where} (auto: {reason})")
+    if wanted == "tools" and mode == "json":
+        fix = 'set memory.extraction = "auto" or "json"'
+        return CheckResult(EXTRACTION, False, f"tools is set, but {reason}", fix)
+    return CheckResult(EXTRACTION, True, f"{wanted} for {where} (memory.extraction; {reason})")
 
 
 def _connection_reason(exc: BaseException) -> str:

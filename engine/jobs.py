@@ -32,14 +32,17 @@ from engine.config import MemorySettings
 from engine.db import Database
 from engine.errors import MemchatError
 from engine.memory import ApplyResult, MemoryManager
-from engine.records import JobStatus
-from engine.store import Store
+from engine.models import ModelError
+from engine.priority import ReplyPriority
+from engine.records import JobStatus, MemoryJob
+from engine.store import JobOutcome, Store
 
 log = logging.getLogger(__name__)
 
 IDLE_POLL_SECONDS = 1.0
 REQUEUE_EVERY_SECONDS = 5.0
 RECOUNT_SECONDS = 0.02
+OWN_JOB_POLL_SECONDS = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,17 @@ class ClaimedJob:
     user_message_id: int | None
     assistant_message_id: int | None
     attempts: int
+
+    @classmethod
+    def of(cls, job: MemoryJob) -> ClaimedJob:
+        return cls(
+            job.job_id,
+            job.user_id,
+            job.session_id,
+            job.user_message_id,
+            job.assistant_message_id,
+            job.attempts,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +97,10 @@ class MemoryWorkers:
         settings: MemorySettings,
         *,
         name: str | None = None,
+        priority: ReplyPriority | None = None,
     ) -> None:
         self.db = db
+        self.priority = priority
         self.store = store
         self.manager = manager
         self.settings = settings
@@ -248,6 +264,31 @@ class MemoryWorkers:
         if requeued:
             log.warning("requeued %d memory job(s) whose worker was lost", requeued)
 
+    async def run_own_jobs(self, user_id: str, job_id: int, within: float) -> MemoryJob | None:
+        """Run ``user_id``'s queued jobs, oldest first, until ``job_id`` has settled.
+
+        For a process that serves one user's turn (``memchat chat``): it never
+        claims another user's job. Returns the job as it stands at the end
+        (still open when ``within`` ran out or another process holds it), or
+        None when it is gone.
+        """
+        deadline = time.monotonic() + within
+        while True:
+            async with self.store.scope(user_id) as s:
+                claimed = await s.claim_head_job(self.name, self.settings.lease_seconds)
+                current = await s.get_job(job_id)
+            if claimed is not None:
+                await self._process(ClaimedJob.of(claimed))
+                continue
+            if current is None or current.status in ("done", "failed"):
+                return current
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return current
+            # Not claimable yet: a retry waits for its run_after, or another
+            # process holds the head of this user's queue.
+            await asyncio.sleep(min(remaining, OWN_JOB_POLL_SECONDS))
+
     async def run_once(self) -> bool:
         """Claim and process one job in the calling task (for tests and scripts)."""
         jobs = await self._claim(1)
@@ -268,6 +309,9 @@ class MemoryWorkers:
         except LeaseLost:
             # Its lease ran out and another worker took it, or its user was deleted.
             log.warning("memory job %s is no longer ours; its changes were rolled back", job.job_id)
+            return
+        except ModelError as exc:
+            await self._fail_or_retry(job, exc.message, permanent=exc.permanent)
             return
         except MemchatError as exc:
             await self._fail_or_retry(job, exc.message)
@@ -291,18 +335,24 @@ class MemoryWorkers:
         user_message = messages.get(job.user_message_id or -1)
         if user_message is None:
             # The session was deleted meanwhile: nothing left to learn from.
-            await self._settle(job, "done")
+            await self._settle(job, "done", outcome=JobOutcome(note="its turn was deleted"))
             return None
         reply = messages.get(job.assistant_message_id or -1)
+        if self.settings.pause_while_streaming and self.priority is not None:
+            await self.priority.wait_until_quiet()
         plan = await self.manager.plan(memories, user_message, reply)
         async with self.store.scope(job.user_id) as s:
             result = await self.manager.apply(s, plan, source=user_message, job_id=job.job_id)
-            if not await s.settle_job(job.job_id, self.name, "done"):
+            notes = [n for n in (plan.note, result.note(self.settings)) if n]
+            outcome = JobOutcome("; ".join(notes) or None, plan.extraction, plan.usage)
+            if not await s.settle_job(job.job_id, self.name, "done", outcome=outcome):
                 raise LeaseLost
         return result
 
-    async def _fail_or_retry(self, job: ClaimedJob, error: str) -> None:
-        if job.attempts >= self.settings.max_attempts:
+    async def _fail_or_retry(self, job: ClaimedJob, error: str, *, permanent: bool = False) -> None:
+        if permanent or job.attempts >= self.settings.max_attempts:
+            # A permanent error (rejected key, unknown model, refused request)
+            # would come back unchanged: retrying only costs model calls.
             log.warning("memory job %s failed for good: %s", job.job_id, error)
             await self._settle(job, "failed", error=error)
         else:
@@ -316,10 +366,13 @@ class MemoryWorkers:
         *,
         error: str | None = None,
         retry_in: float | None = None,
+        outcome: JobOutcome | None = None,
     ) -> None:
         try:
             async with self.store.scope(job.user_id) as s:
-                await s.settle_job(job.job_id, self.name, status, error=error, retry_in=retry_in)
+                await s.settle_job(
+                    job.job_id, self.name, status, error=error, retry_in=retry_in, outcome=outcome
+                )
         except MemchatError as exc:
             # The lease will expire and the job be retried: nothing is lost.
             log.warning("could not settle memory job %s: %s", job.job_id, exc.message)

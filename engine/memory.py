@@ -1,4 +1,7 @@
-"""The memory manager: one model call with add/update/delete tools per turn.
+"""The memory manager: one model call per turn for add/update/delete changes.
+
+The changes come as tool calls or, for endpoints without tools, as one JSON
+object (:mod:`engine.extraction`); both become the same calls here.
 
 The model sees the user's current memories under short aliases (``m1``,
 ``m2``, ...) and the turn (the user's message and the assistant's reply). Its
@@ -9,17 +12,32 @@ model can never reach a row it was not shown.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.config import MemorySettings
+from engine.context_budget import clip_to_tokens, estimate_tokens, fit_newest, prompt_budget
 from engine.errors import InvalidInput, NotFound
-from engine.models import ChatMessage, ChatModel, ToolCall, ToolSpec
+from engine.extraction import EndpointModes, ExtractionMode, excerpt, parse_json_changes
+from engine.models import (
+    ChatMessage,
+    ChatModel,
+    ModelRequestRefused,
+    ModelToolsUnsupported,
+    ToolCall,
+    ToolSpec,
+    Usage,
+)
 from engine.models.prompt_blocks import AliasedMemory, memory_alias, render_extraction_request
 from engine.records import Memory, Message
 from engine.store import UserScope
 from engine.validation import printable
+
+log = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = """\
 You maintain long-term memories about one user of a chat assistant.
@@ -88,12 +106,53 @@ MEMORY_TOOLS: tuple[ToolSpec, ...] = (
 )
 
 
+JSON_SYSTEM_PROMPT = """\
+You maintain long-term memories about one user of a chat assistant.
+
+You get the user's current memories, each with an id in brackets, and the
+latest turn of the conversation. Decide what durable facts the user revealed
+about themselves and answer with one JSON object listing the changes:
+
+- "add": a list of new facts;
+- "update": a list of {"id": ..., "memory": ...} when a fact changed or can be
+  made more complete (for example a new name, age or city): update instead of
+  adding a second, conflicting memory;
+- "delete": a list of ids when the user asks you to forget something or a
+  memory is plainly wrong.
+
+Capture: name, age, occupation, location, interests, likes and dislikes,
+plans, and life events. Ignore small talk, questions, and anything about the
+assistant. Never duplicate a memory that already says the same thing.
+
+Write each memory as a short third-person statement without the subject.
+Answer with the JSON object only, for example:
+{"add": ["Name is Mark Gonzales", "Likes anime"],
+ "update": [{"id": "m2", "memory": "Lives in Lisbon"}], "delete": ["m3"]}
+Use only the ids shown in the memories list. If nothing durable was said,
+answer {}."""
+
+PROBE_TOOL = ToolSpec(
+    "memchat_probe",
+    "Confirms that function calls work. Call it with ok set to true.",
+    {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
+)
+PROBE_PROMPT = (
+    ChatMessage("system", "You are testing function calling. Always call the function."),
+    ChatMessage("user", "Call the function memchat_probe with ok set to true."),
+)
+MAX_NOTE_CHARS = 600
+
+
 @dataclass(frozen=True, slots=True)
 class ExtractionPlan:
     """What the model asked for, and how its aliases map back to this user's ids."""
 
     calls: tuple[ToolCall, ...]
     aliases: dict[str, uuid.UUID]
+    extraction: ExtractionMode = "tools"
+    usage: Usage | None = None
+    note: str | None = None
+    """Set when the answer could not be read as changes at all."""
 
 
 @dataclass(slots=True)
@@ -103,34 +162,192 @@ class ApplyResult:
     deleted: list[Memory] = field(default_factory=list)
     skipped_duplicates: int = 0
     rejected: list[str] = field(default_factory=list)
+    """Calls that could not be applied (bad arguments, unknown ids), with why."""
+    over_call_limit: int = 0
+    over_memory_limit: int = 0
 
     @property
     def changed(self) -> int:
         return len(self.added) + len(self.updated) + len(self.deleted)
 
+    def note(self, settings: MemorySettings) -> str | None:
+        """One line for the job's ``note``: what was refused, and why; None if nothing."""
+        parts = []
+        if self.over_call_limit:
+            parts.append(
+                f"refused {self.over_call_limit} change(s) over memory.max_calls_per_job "
+                f"({settings.max_calls_per_job})"
+            )
+        if self.over_memory_limit:
+            parts.append(
+                f"refused {self.over_memory_limit} new memor"
+                f"{'y' if self.over_memory_limit == 1 else 'ies'}: the user has "
+                f"memory.max_per_user ({settings.max_per_user})"
+            )
+        if self.rejected:
+            parts.append(f"rejected {len(self.rejected)}: " + "; ".join(self.rejected))
+        if not parts:
+            return None
+        return excerpt("; ".join(parts), MAX_NOTE_CHARS)
+
 
 def build_prompt(
-    memories: Sequence[Memory], user_text: str, reply_text: str
+    memories: Sequence[Memory],
+    user_text: str,
+    reply_text: str,
+    *,
+    system: str = SYSTEM_PROMPT,
+    budget: int | None = None,
 ) -> tuple[list[ChatMessage], dict[str, uuid.UUID]]:
+    """The extraction request; with a ``budget`` (tokens), the turn is clipped to at
+    most half of it and only the newest memories that fit are shown (and aliased)."""
+    if budget is not None:
+        room = budget - estimate_tokens(system) - estimate_tokens(EXTRACTION_FRAME)
+        user_text = clip_to_tokens(user_text, max(room // 3, 0))
+        reply_text = clip_to_tokens(reply_text, max(room // 6, 0))
+        room -= estimate_tokens(user_text) + estimate_tokens(reply_text)
+        # list_memories gives the newest first; fit_newest keeps the end of a list.
+        newest_last = [m.content for m in reversed(memories)]
+        memories = list(memories[: fit_newest(newest_last, max(room, 0)).kept])
     aliases = {memory_alias(i): m.memory_id for i, m in enumerate(memories)}
     shown = [AliasedMemory(memory_alias(i), m.content) for i, m in enumerate(memories)]
     request = render_extraction_request(shown, user_text, reply_text)
-    return [ChatMessage("system", SYSTEM_PROMPT), ChatMessage("user", request)], aliases
+    return [ChatMessage("system", system), ChatMessage("user", request)], aliases
+
+
+EXTRACTION_FRAME = render_extraction_request([], "", "")
+
+
+async def probe_extraction_mode(model: ChatModel) -> tuple[ExtractionMode, str]:
+    """Whether ``model``'s endpoint does tool calls: a forced call to a dummy tool.
+
+    Refused tools, or a forced call answered with text, mean json. A transient
+    failure (timeout, 5xx) is raised: nothing was learnt.
+    """
+    if model.is_offline:
+        return "tools", "the offline model calls tools"
+    try:
+        try:
+            response = await model.call_tools(PROBE_PROMPT, (PROBE_TOOL,), force=PROBE_TOOL.name)
+        except ModelToolsUnsupported:
+            raise
+        except ModelRequestRefused:
+            # Some servers take tools but not a named tool_choice.
+            response = await model.call_tools(PROBE_PROMPT, (PROBE_TOOL,))
+    except ModelToolsUnsupported as exc:
+        return "json", f"the endpoint refuses tools ({exc.message})"
+    except ModelRequestRefused as exc:
+        return "json", f"the endpoint refused a request with tools ({exc.message})"
+    if any(call.name == PROBE_TOOL.name for call in response.tool_calls):
+        return "tools", "the endpoint returned a forced tool call"
+    return "json", "the endpoint ignored tools (a forced tool call came back as text)"
 
 
 class MemoryManager:
-    def __init__(self, model: ChatModel) -> None:
+    def __init__(
+        self,
+        model: ChatModel,
+        settings: MemorySettings | None = None,
+        *,
+        context_tokens: int | None = None,
+        modes: EndpointModes | None = None,
+    ) -> None:
         self.model = model
+        self.settings = settings or MemorySettings()
+        self.context_tokens = context_tokens
+        self.modes = modes or EndpointModes()
+        # One probe per endpoint, not one per concurrent job.
+        self._probe_lock = asyncio.Lock()
+
+    def mode_label(self) -> str:
+        """The extraction form as a status line shows it, without asking the model."""
+        if self.settings.extraction != "auto":
+            return self.settings.extraction
+        learnt = self.modes.get(self.model.endpoint)
+        return f"{learnt.mode} (auto)" if learnt is not None else "auto (not probed yet)"
+
+    async def mode(self) -> ExtractionMode:
+        """The form this manager asks in now: the setting, or for auto what was learnt."""
+        if self.settings.extraction != "auto":
+            return self.settings.extraction
+        learnt = self.modes.get(self.model.endpoint)
+        if learnt is not None:
+            return learnt.mode
+        async with self._probe_lock:
+            learnt = self.modes.get(self.model.endpoint)
+            if learnt is not None:
+                return learnt.mode
+            mode, reason = await probe_extraction_mode(self.model)
+            self._learn(mode, reason)
+            return mode
+
+    def _learn(self, mode: ExtractionMode, reason: str) -> None:
+        log.warning(
+            "memory extraction for %s: %s mode, because %s", self.model.endpoint, mode, reason
+        )
+        self.modes.remember(self.model.endpoint, mode, reason)
 
     async def plan(
         self, memories: Sequence[Memory], user_message: Message, reply: Message | None
     ) -> ExtractionPlan:
         """Ask the model; no database access, so no transaction is held meanwhile."""
-        messages, aliases = build_prompt(
-            memories, user_message.content, reply.content if reply else ""
-        )
+        mode = await self.mode()
+        if mode == "tools":
+            try:
+                return await self._plan_with_tools(memories, user_message, reply)
+            except ModelToolsUnsupported as exc:
+                if self.settings.extraction != "auto":
+                    raise ModelToolsUnsupported(
+                        f'{exc.message}; set memory.extraction = "json" (or "auto")'
+                    ) from exc
+                self._learn("json", f"the endpoint refuses tools ({exc.message})")
+        return await self._plan_with_json(memories, user_message, reply)
+
+    async def _plan_with_tools(
+        self, memories: Sequence[Memory], user_message: Message, reply: Message | None
+    ) -> ExtractionPlan:
+        messages, aliases = self._prompt(SYSTEM_PROMPT, memories, user_message, reply)
         response = await self.model.call_tools(messages, MEMORY_TOOLS)
-        return ExtractionPlan(response.tool_calls, aliases)
+        calls = response.tool_calls
+        note = None
+        if not calls and response.text.strip():
+            # A model that wrote its changes as JSON text instead of calling
+            # the tools (some servers pass tools through, the model ignores them).
+            found = parse_json_changes(response.text)
+            if found.calls:
+                calls = found.calls
+        if response.finish_reason == "length" and not calls:
+            note = f"the answer was cut off at memory.max_tokens ({self.settings.max_tokens})"
+        return ExtractionPlan(calls, aliases, "tools", response.usage, note)
+
+    async def _plan_with_json(
+        self, memories: Sequence[Memory], user_message: Message, reply: Message | None
+    ) -> ExtractionPlan:
+        messages, aliases = self._prompt(JSON_SYSTEM_PROMPT, memories, user_message, reply)
+        answer = await self.model.complete(messages, json_object=True)
+        found = parse_json_changes(answer.text)
+        note = None
+        if not found.usable:
+            cut = " (cut off at memory.max_tokens)" if answer.finish_reason == "length" else ""
+            note = (
+                f"the model's answer held no JSON change list{cut}: "
+                f"{printable(excerpt(answer.text))}"
+            )
+        return ExtractionPlan(found.calls, aliases, "json", answer.usage, note)
+
+    def _prompt(
+        self, system: str, memories: Sequence[Memory], user_message: Message, reply: Message | None
+    ) -> tuple[list[ChatMessage], dict[str, uuid.UUID]]:
+        budget = None
+        if self.context_tokens is not None:
+            budget = prompt_budget(self.context_tokens, self.settings.max_tokens)
+        return build_prompt(
+            memories,
+            user_message.content,
+            reply.content if reply else "",
+            system=system,
+            budget=budget,
+        )
 
     async def apply(
         self,
@@ -140,11 +357,28 @@ class MemoryManager:
         source: Message,
         job_id: int | None,
     ) -> ApplyResult:
-        """Apply each call in ``scope`` (the job's transaction); bad calls are rejected."""
+        """Apply each call in ``scope`` (the job's transaction); bad calls are rejected.
+
+        At most ``memory.max_calls_per_job`` calls are applied, and no add
+        takes the user past ``memory.max_per_user``: what is refused is
+        counted in the result (and so noted on the job), never dropped silently.
+        """
         result = ApplyResult()
-        for call in plan.calls:
+        allowed = plan.calls[: self.settings.max_calls_per_job]
+        result.over_call_limit = len(plan.calls) - len(allowed)
+        room = None
+        if any(call.name == "add_memory" for call in allowed):
+            room = self.settings.max_per_user - await scope.count_memories()
+        for call in allowed:
+            full = room is not None and room <= 0
+            if full and call.name == "add_memory" and call.error is None:
+                result.over_memory_limit += 1
+                continue
             try:
+                before = len(result.added) - len(result.deleted)
                 await self._apply_one(scope, plan.aliases, call, source, job_id, result)
+                if room is not None:
+                    room -= len(result.added) - len(result.deleted) - before
             except (InvalidInput, NotFound) as exc:
                 result.rejected.append(f"{call.name}: {exc.message}")
         return result

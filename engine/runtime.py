@@ -10,12 +10,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from engine.agent import Agent
-from engine.config import Settings
+from engine.config import Settings, memory_model_settings
 from engine.db import Database
 from engine.events import EventHub, JobChanged, Resync
 from engine.jobs import MemoryWorkers
 from engine.memory import MemoryManager
 from engine.models import ChatModel, create_model
+from engine.priority import ReplyPriority
 from engine.records import Message
 from engine.store import Store, UserScope
 
@@ -33,6 +34,8 @@ class Runtime:
     db: Database
     store: Store
     model: ChatModel
+    memory_model: ChatModel
+    """The model that extracts memories: ``[memory]``'s own, or one like ``model``."""
     agent: Agent
     workers: MemoryWorkers
     events: EventHub
@@ -51,6 +54,7 @@ class Runtime:
             await self.events.close()
             try:
                 await self.model.aclose()
+                await self.memory_model.aclose()
             finally:
                 await self.db.close()
 
@@ -75,15 +79,25 @@ async def open_runtime(
     """Model first (a missing key fails fast), then the database, events and workers."""
     model = model or create_model(settings.model)
     try:
-        db = await Database.open(settings)
+        memory_model = create_model(memory_model_settings(settings.model, settings.memory))
     except BaseException:
         await model.aclose()
         raise
+    try:
+        db = await Database.open(settings)
+    except BaseException:
+        await model.aclose()
+        await memory_model.aclose()
+        raise
     store = Store(db, settings.limits)
-    agent = Agent(store, model, settings, after_reply=enqueue_memory_job)
-    workers = MemoryWorkers(db, store, MemoryManager(model), settings.memory)
+    priority = ReplyPriority()
+    agent = Agent(store, model, settings, after_reply=enqueue_memory_job, priority=priority)
+    manager = MemoryManager(
+        memory_model, settings.memory, context_tokens=settings.model.context_tokens
+    )
+    workers = MemoryWorkers(db, store, manager, settings.memory, priority=priority)
     events = EventHub(db)
-    runtime = Runtime(settings, db, store, model, agent, workers, events)
+    runtime = Runtime(settings, db, store, model, memory_model, agent, workers, events)
     try:
         await events.start()
         if run_workers:

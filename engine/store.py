@@ -298,6 +298,11 @@ class UserScope:
         )
         return [_memory(row) for row in rows]
 
+    async def count_memories(self) -> int:
+        return await self.conn.fetchval(
+            "SELECT count(*) FROM memories WHERE user_id = $1", self.user_id
+        )
+
     async def get_memory(self, memory_id: str | uuid.UUID) -> Memory:
         mid = parse_memory_id(memory_id)
         row = await self.conn.fetchrow(
@@ -473,6 +478,53 @@ class UserScope:
             limit,
         )
         return [MemoryJob(**row) for row in rows]
+
+    async def get_job(self, job_id: int) -> MemoryJob | None:
+        row = await self.conn.fetchrow(
+            f"SELECT {_JOB_COLUMNS} FROM memory_jobs WHERE job_id = $1", job_id
+        )
+        return MemoryJob(**row) if row is not None else None
+
+    async def job_for_reply(self, reply_id: int) -> MemoryJob | None:
+        """The memory job queued with a stored reply, if any."""
+        row = await self.conn.fetchrow(
+            f"SELECT {_JOB_COLUMNS} FROM memory_jobs WHERE assistant_message_id = $1",
+            reply_id,
+        )
+        return MemoryJob(**row) if row is not None else None
+
+    async def claim_head_job(self, worker: str, lease_seconds: float) -> MemoryJob | None:
+        """Claim this user's oldest open job if it is pending and due.
+
+        For a process that must run only its own user's jobs (``memchat chat``):
+        the same head-of-queue rule as the dispatcher's claim, within this
+        user's scope, so it never sees or takes another user's work.
+        """
+        row = await self.conn.fetchrow(
+            f"""
+            WITH claimed AS (
+                UPDATE memory_jobs
+                   SET status = 'running', attempts = attempts + 1, worker = $2,
+                       started_at = clock_timestamp(),
+                       lease_until = clock_timestamp() + make_interval(secs => $3)
+                 WHERE job_id = (
+                           SELECT job_id FROM memory_jobs
+                            WHERE user_id = $1 AND status IN ('pending', 'running')
+                            ORDER BY job_id LIMIT 1
+                              FOR UPDATE SKIP LOCKED)
+                   AND status = 'pending' AND run_after <= clock_timestamp()
+                RETURNING {_JOB_COLUMNS}
+            )
+            SELECT claimed.* FROM claimed, LATERAL pg_notify($4, json_build_object(
+                'user_id', claimed.user_id, 'job_id', claimed.job_id,
+                'state', 'running')::text) notified
+            """,
+            self.user_id,
+            worker,
+            lease_seconds,
+            JOB_CHANNEL,
+        )
+        return MemoryJob(**row) if row is not None else None
 
     async def open_job_count(self) -> int:
         return await self.conn.fetchval(

@@ -42,9 +42,12 @@ for _name in list(os.environ):
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_user_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     home = tmp_path_factory.mktemp("xdg")
-    saved = {k: os.environ.get(k) for k in ("XDG_CONFIG_HOME", "XDG_DATA_HOME")}
+    names = ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME")
+    saved = {k: os.environ.get(k) for k in names}
     os.environ["XDG_CONFIG_HOME"] = str(home / "config")
     os.environ["XDG_DATA_HOME"] = str(home / "data")
+    # What memory extraction learnt per endpoint (engine/extraction.py) lives here.
+    os.environ["XDG_STATE_HOME"] = str(home / "state")
     yield
     for key, value in saved.items():
         if value is None:

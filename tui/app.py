@@ -167,6 +167,9 @@ class MemchatApp(App[None]):
             "offline model (deterministic, no network)" if model.is_offline else model.label,
             style="bold",
         )
+        if not model.is_offline:
+            text.append("  ·  memory: ")
+            text.append(self.runtime.workers.manager.mode_label(), style="bold")
         text.append("  ·  database: ")
         db_label = self.runtime.db.info.label
         text.append(db_label if self.database_ok else f"{db_label} UNREACHABLE, retrying…")

@@ -10,7 +10,7 @@ from engine.agent import TurnCancelled, TurnCompleted, TurnDelta, TurnFailed, Tu
 from engine.cli.output import print_json, say, table, warn, when
 from engine.config import Settings
 from engine.errors import InvalidInput
-from engine.records import Session
+from engine.records import Message, Session
 from engine.runtime import Runtime, open_runtime
 from engine.store import Store
 
@@ -80,19 +80,52 @@ async def _pick_session(store: Store, user_id: str, session: str | None, new: bo
 
 async def chat_command(args: argparse.Namespace, settings: Settings) -> int:
     text = _read_text(args.text)
-    async with open_runtime(settings) as rt:
+    # No dispatcher: this process learns from its own turn only, never from
+    # another user's queued jobs (which may be meant for another model).
+    async with open_runtime(settings, run_workers=False) as rt:
         text = rt.agent.check_text(text)
         session = await _pick_session(rt.store, args.user, args.session, args.new_session)
-        code = await _stream_turn(rt, args, session, text)
-        # Learn from this turn before leaving, within the drain timeout; a job
-        # still open then stays queued for the next memchat process.
-        await rt.workers.wait_idle([session.user_id], within=settings.memory.drain_timeout)
-        return code
+        result = await _stream_turn(rt, args, session, text)
+        reply_id = result.get("reply_message_id")
+        if result["status"] == "complete" and reply_id is not None:
+            result["memory_job"] = await _learn_from_turn(rt, session.user_id, reply_id)
+        if args.json:
+            print_json(result)
+        return 1 if result["status"] == "failed" else 0
 
 
-async def _stream_turn(rt: Runtime, args: argparse.Namespace, session: Session, text: str) -> int:
+async def _learn_from_turn(rt: Runtime, user_id: str, reply_id: int) -> dict[str, Any] | None:
+    """Run this turn's memory job (and any older ones of this user) within the drain timeout."""
+    async with rt.store.scope(user_id) as s:
+        job = await s.job_for_reply(reply_id)
+    if job is None:
+        return None
+    within = rt.settings.memory.drain_timeout
+    job = await rt.workers.run_own_jobs(user_id, job.job_id, within) or job
+    if job.status in ("pending", "running"):
+        warn(
+            f"memory: job {job.job_id} for this turn is still {job.status} after {within:g}s "
+            "(memory.drain_timeout); `memchat worker` or the next memchat run will finish it"
+        )
+    elif job.status == "failed":
+        warn(f"memory: job {job.job_id} failed: {job.last_error} (see `memchat jobs --failed`)")
+    elif job.note:
+        warn(f"memory: job {job.job_id}: {job.note}")
+    return {
+        "job_id": job.job_id,
+        "status": job.status,
+        "last_error": job.last_error,
+        "note": job.note,
+        "extraction": job.extraction,
+        "prompt_tokens": job.prompt_tokens,
+        "completion_tokens": job.completion_tokens,
+    }
+
+
+async def _stream_turn(
+    rt: Runtime, args: argparse.Namespace, session: Session, text: str
+) -> dict[str, Any]:
     result: dict[str, Any] = {"user_id": session.user_id, "session_id": session.session_id}
-    code = 0
     streamed = False
     async for event in rt.agent.stream(session.user_id, session.session_id, text):
         match event:
@@ -105,22 +138,29 @@ async def _stream_turn(rt: Runtime, args: argparse.Namespace, session: Session, 
             case TurnCompleted(reply=reply) | TurnCancelled(reply=reply):
                 result.update(status=reply.status, reply=reply.content)
                 result["reply_message_id"] = reply.message_id
+                result["usage"] = _usage(reply)
             case TurnFailed(reply=reply, error=error):
                 result.update(status="failed", reply=reply.content, error=error)
                 result["reply_message_id"] = reply.message_id
-                code = 1
-    if args.json:
-        print_json(result)
-    else:
+    if not args.json:
         if streamed:
             say()
-        if code:
+        if result["status"] == "failed":
             warn(f"error: the reply failed: {result['error']} (your message is saved)")
-    return code
+    return result
+
+
+def _usage(message: Message) -> dict[str, int] | None:
+    if message.prompt_tokens is None and message.completion_tokens is None:
+        return None
+    return {
+        "prompt_tokens": message.prompt_tokens or 0,
+        "completion_tokens": message.completion_tokens or 0,
+    }
 
 
 async def sessions_command(args: argparse.Namespace, settings: Settings) -> int:
-    async with open_runtime(settings) as rt, rt.store.scope(args.user) as s:
+    async with open_runtime(settings, run_workers=False) as rt, rt.store.scope(args.user) as s:
         sessions = await s.list_sessions()
         per_session = await s.message_counts()
         counts = {x.session_id: per_session.get(x.session_id, 0) for x in sessions}
@@ -154,7 +194,7 @@ async def sessions_command(args: argparse.Namespace, settings: Settings) -> int:
 async def history_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.limit < 1:
         raise InvalidInput("--limit must be at least 1")
-    async with open_runtime(settings) as rt, rt.store.scope(args.user) as s:
+    async with open_runtime(settings, run_workers=False) as rt, rt.store.scope(args.user) as s:
         session = await s.get_session(args.session)
         messages = await s.last_messages(session.session_id, args.limit)
     if args.json:

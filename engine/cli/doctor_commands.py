@@ -37,18 +37,28 @@ def register(commands: argparse._SubParsersAction[Any], exit_codes: str) -> None
         description=(
             "Check the settings file, the database (reachable, migrated, row-level "
             "security in force for the runtime role), the memory job queue and the "
-            "model endpoint. Prints one line per check, `ok` or `problem`, and the fix "
-            "for each problem. Secrets (API key, database password) are never shown."
+            "model endpoint: listed, a short reply streams, and whether it returns tool "
+            "calls (which memory extraction form will be used; costs a few tokens). "
+            "Prints one line per check, `ok` or `problem`, and the fix for each "
+            "problem. Secrets (API key, database password) are never shown."
         ),
-        epilog="examples:\n  memchat doctor\n  memchat doctor --json\n\n" + DOCTOR_EXIT_CODES,
+        epilog=(
+            "examples:\n  memchat doctor\n  memchat doctor --json\n  memchat doctor --no-probe\n\n"
+            + DOCTOR_EXIT_CODES
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     doctor.add_argument("--json", action="store_true", help="print one JSON object")
+    doctor.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="only GET /models: send no chat or tool-call request to the model",
+    )
     doctor.set_defaults(handler=doctor_command, on_broken_settings=doctor_broken_settings)
 
 
 async def doctor_command(args: argparse.Namespace, settings: Settings) -> int:
-    results = await diagnose(settings=settings)
+    results = await diagnose(settings=settings, probe=not args.no_probe)
     return report(results, as_json=args.json)
 
 

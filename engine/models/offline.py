@@ -12,9 +12,11 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from engine.models.base import (
     ChatMessage,
+    Completion,
     StreamEnd,
     StreamEvent,
     TextDelta,
@@ -24,7 +26,13 @@ from engine.models.base import (
     Usage,
 )
 from engine.models.offline_replies import compose_reply
-from engine.models.offline_rules import plan_memory_calls
+from engine.models.offline_rules import (
+    ADD_MEMORY,
+    DELETE_MEMORY,
+    UPDATE_MEMORY,
+    PlannedCall,
+    plan_memory_calls,
+)
 from engine.models.prompt_blocks import (
     MEMORIES_TAG,
     extract_block,
@@ -39,6 +47,7 @@ _DELTA = re.compile(r"\S+\s*|\s+")
 
 class OfflineChatModel:
     label: str = OFFLINE_LABEL
+    endpoint: str = OFFLINE_LABEL
     is_offline: bool = True
 
     def __init__(self, token_delay_ms: float = 0.0, latency_ms: float = 0.0) -> None:
@@ -59,27 +68,57 @@ class OfflineChatModel:
         yield StreamEnd(reply, Usage(count_words(messages), len(reply.split())), "stop")
 
     async def call_tools(
-        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]
+        self,
+        messages: Sequence[ChatMessage],
+        tools: Sequence[ToolSpec],
+        *,
+        force: str | None = None,
     ) -> ToolResponse:
         await asyncio.sleep(self._latency)
-        request_text = next((m.content for m in reversed(messages) if m.role == "user"), "")
-        request = parse_extraction_request(request_text)
-        memories = list(request.memories)
-        if extract_block(request_text, MEMORIES_TAG) is None:
-            # Tolerate a memory manager that puts the memories in the system prompt.
-            for message in messages:
-                if message.role == "system":
-                    memories.extend(parse_extraction_memories(message.content))
-        planned = plan_memory_calls(request.user_message, memories, {t.name for t in tools})
+        if force is not None:
+            # A forced call (the doctor's probe) is answered as a real model would.
+            call = ToolCall(id="call_1", name=force, arguments={"ok": True})
+            return ToolResponse("", (call,), Usage(count_words(messages), 3), "tool_calls")
+        planned = _plan(messages, {t.name for t in tools})
         calls = tuple(
             ToolCall(id=f"call_{number}", name=call.name, arguments=call.arguments)
             for number, call in enumerate(planned, start=1)
         )
         completion = sum(len(json.dumps(call.arguments).split()) for call in calls)
-        return ToolResponse("", calls, Usage(count_words(messages), completion))
+        finish = "tool_calls" if calls else "stop"
+        return ToolResponse("", calls, Usage(count_words(messages), completion), finish)
+
+    async def complete(
+        self, messages: Sequence[ChatMessage], *, json_object: bool = False
+    ) -> Completion:
+        """An extraction request answered in the json form: the same rules as its tool calls."""
+        await asyncio.sleep(self._latency)
+        planned = _plan(messages, {ADD_MEMORY, UPDATE_MEMORY, DELETE_MEMORY})
+        changes: dict[str, list[Any]] = {}
+        for call in planned:
+            if call.name == ADD_MEMORY:
+                changes.setdefault("add", []).append(call.arguments)
+            elif call.name == UPDATE_MEMORY:
+                changes.setdefault("update", []).append(call.arguments)
+            else:
+                changes.setdefault("delete", []).append(call.arguments["id"])
+        text = json.dumps(changes)
+        return Completion(text, Usage(count_words(messages), len(text.split())), "stop")
 
     async def aclose(self) -> None:
         return None
+
+
+def _plan(messages: Sequence[ChatMessage], tool_names: set[str]) -> list[PlannedCall]:
+    request_text = next((m.content for m in reversed(messages) if m.role == "user"), "")
+    request = parse_extraction_request(request_text)
+    memories = list(request.memories)
+    if extract_block(request_text, MEMORIES_TAG) is None:
+        # Tolerate a memory manager that puts the memories in the system prompt.
+        for message in messages:
+            if message.role == "system":
+                memories.extend(parse_extraction_memories(message.content))
+    return plan_memory_calls(request.user_message, memories, tool_names)
 
 
 def split_deltas(reply: str) -> list[str]:
