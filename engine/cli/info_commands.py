@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from engine.admin import AdminReader
-from engine.cli.output import print_json, say, table, when
+from engine.admin import AdminReader, UserSummary
+from engine.cli.output import print_json, say, table, tokens_cell, when
 from engine.config import Settings
 from engine.db import Database, redact_dsn
 
@@ -15,7 +15,7 @@ def register(commands: argparse._SubParsersAction[Any], exit_codes: str) -> None
     fmt = argparse.RawDescriptionHelpFormatter
     users = commands.add_parser(
         "users",
-        help="list every user with counts (admin, read-only)",
+        help="list every user with counts and tokens used (admin, read-only)",
         epilog="example:\n  memchat users --json\n\n" + exit_codes,
         formatter_class=fmt,
     )
@@ -44,14 +44,28 @@ async def users_command(args: argparse.Namespace, settings: Settings) -> int:
     if not users:
         say("no users yet")
         return 0
+    # Token totals only where an endpoint reported usage: unknown is not 0.
+    with_tokens = any(u.tokens is not None for u in users)
+    headers = ["USER", "CREATED", "SESSIONS", "MESSAGES", "MEMORIES"]
     table(
-        [
-            [u.user_id, when(u.created_at), str(u.sessions), str(u.messages), str(u.memories)]
-            for u in users
-        ],
-        ["USER", "CREATED", "SESSIONS", "MESSAGES", "MEMORIES"],
+        [_user_row(u, with_tokens) for u in users],
+        [*headers, "TOKENS IN/OUT"] if with_tokens else headers,
     )
     return 0
+
+
+def _user_row(user: UserSummary, with_tokens: bool) -> list[str]:
+    row = [
+        user.user_id,
+        when(user.created_at),
+        str(user.sessions),
+        str(user.messages),
+        str(user.memories),
+    ]
+    if with_tokens:
+        tokens = user.tokens
+        row.append(tokens_cell(tokens.prompt, tokens.completion) if tokens else "")
+    return row
 
 
 def redacted_settings(settings: Settings) -> dict[str, Any]:

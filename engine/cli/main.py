@@ -14,6 +14,7 @@ from engine.cli import (
     chat_commands,
     doctor_commands,
     info_commands,
+    jobs_commands,
     memory_commands,
 )
 from engine.cli.output import warn
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat_commands.register(commands, EXIT_CODES)
     memory_commands.register(commands, EXIT_CODES)
     info_commands.register(commands, EXIT_CODES)
+    jobs_commands.register(commands, EXIT_CODES)
     doctor_commands.register(commands, EXIT_CODES)
     bench_commands.register(commands, EXIT_CODES)
     return parser

@@ -46,6 +46,13 @@ def when(moment: datetime) -> str:
     return moment.astimezone().strftime("%Y-%m-%d %H:%M")
 
 
+def tokens_cell(prompt: int | None, completion: int | None) -> str:
+    """``1,204/96`` (prompt/completion); empty when the endpoint reported nothing."""
+    if prompt is None and completion is None:
+        return ""
+    return f"{prompt or 0:,}/{completion or 0:,}"
+
+
 def table(rows: list[list[str]], headers: list[str]) -> None:
     widths = [len(h) for h in headers]
     safe_rows = [[terminal_safe(cell).replace("\n", " ") for cell in row] for row in rows]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from tests.fake_openai import FakeOpenAI
@@ -167,3 +169,144 @@ def test_unreachable_database_is_one_line_exit_4(memchat: Run) -> None:
     assert result.returncode == 4
     assert "cannot connect" in result.stderr and "hunter2" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -- memchat jobs and token usage ----------------------------------------------------
+
+
+async def _insert(dsn: str, user_id: str, *statements: tuple[str, tuple[object, ...]]) -> None:
+    """Rows of one user, written in that user's scope (so also as a non-superuser)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT set_config('memchat.user_id', $1, true)", user_id)
+            await conn.execute(
+                "INSERT INTO users (user_id, display_name) VALUES ($1, $1) ON CONFLICT DO NOTHING",
+                user_id,
+            )
+            for sql, params in statements:
+                await conn.execute(sql, *params)
+    finally:
+        await conn.close()
+
+
+JOB_SQL = (
+    "INSERT INTO memory_jobs (user_id, status, attempts, last_error, note, extraction, "
+    "prompt_tokens, completion_tokens, finished_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, "
+    "CASE WHEN $2 IN ('done', 'failed') THEN clock_timestamp() END)"
+)
+HOSTILE_ERROR = "model said \x1b[2J[bold]no[/bold]\nsecond line"
+
+
+def _jobs(dsn: str) -> None:
+    asyncio.run(
+        _insert(
+            dsn,
+            "alice",
+            (
+                JOB_SQL,
+                (
+                    "alice",
+                    "done",
+                    1,
+                    None,
+                    "1 change refused: memory.max_per_user",
+                    "tools",
+                    812,
+                    64,
+                ),
+            ),
+            (JOB_SQL, ("alice", "failed", 3, HOSTILE_ERROR, None, "json", None, None)),
+        )
+    )
+    asyncio.run(_insert(dsn, "bob", (JOB_SQL, ("bob", "pending", 0, None, None, None, None, None))))
+
+
+def test_jobs_lists_newest_first_with_errors_and_notes_shown_literally(
+    memchat: Run, database_dsn: str
+) -> None:
+    _jobs(database_dsn)
+    result = memchat("jobs")
+    assert result.returncode == 0, result.stderr
+    header, *rows = result.stdout.splitlines()
+    assert header.split() == [
+        "JOB", "USER", "STATUS", "TRIES", "MODE", "TOKENS", "IN/OUT",
+        "CREATED", "FINISHED", "ERROR", "/", "NOTE",
+    ]  # fmt: skip
+    assert [row.split()[1:3] for row in rows] == [
+        ["bob", "pending"],
+        ["alice", "failed"],
+        ["alice", "done"],
+    ]
+    assert rows[1].split()[3:5] == ["3", "json"] and rows[2].split()[3:5] == ["1", "tools"]
+    failed, done = rows[1], rows[2]
+    assert "error: model said \\x1b[2J[bold]no[/bold] second line" in failed
+    assert "\x1b" not in result.stdout
+    assert "812/64" in done and "note: 1 change refused: memory.max_per_user" in done
+
+    only_failed = memchat("jobs", "--failed", "--json")
+    body = json.loads(only_failed.stdout)
+    assert [(j["user_id"], j["status"], j["attempts"]) for j in body] == [("alice", "failed", 3)]
+    assert body[0]["last_error"] == HOSTILE_ERROR and body[0]["extraction"] == "json"
+    assert body[0]["prompt_tokens"] is None and body[0]["finished_at"]
+
+    alice = json.loads(memchat("jobs", "--user", "alice", "--limit", "1", "--json").stdout)
+    assert [(j["status"], j["note"]) for j in alice] == [("failed", None)]
+    assert memchat("jobs", "--user", "bob", "--failed").stdout == "no failed memory jobs for bob\n"
+
+
+def test_jobs_on_an_empty_database(memchat: Run) -> None:
+    result = memchat("jobs")
+    assert (result.returncode, result.stdout) == (0, "no memory jobs\n")
+    assert json.loads(memchat("jobs", "--json").stdout) == []
+
+
+def test_jobs_does_not_start_memory_workers(memchat: Run, database_dsn: str) -> None:
+    asyncio.run(
+        _insert(database_dsn, "bob", (JOB_SQL, ("bob", "pending", 0, None, None, None, None, None)))
+    )
+    assert memchat("jobs", "--json").returncode == 0
+    # A worker would have claimed the pending job; a read-only view must leave it be.
+    body = json.loads(memchat("jobs", "--json").stdout)
+    assert [(j["status"], j["attempts"], j["worker"]) for j in body] == [("pending", 0, None)]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["jobs", "--user", "nobody@example.com"], 3, "no user 'nobody@example.com'"),
+        (["jobs", "--user", "bad id"], 2, "invalid user id"),
+        (["jobs", "--limit", "0"], 2, "--limit must be at least 1"),
+        (["jobs", "--limit", "x"], 2, "invalid int value"),
+    ],
+)
+def test_jobs_mistakes_are_one_line(memchat: Run, args: list[str], code: int, message: str) -> None:
+    result = memchat(*args)
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_users_shows_tokens_only_where_usage_was_reported(memchat: Run, database_dsn: str) -> None:
+    assert memchat("chat", "--user", "carol", "hi").returncode == 0
+    plain = memchat("users")
+    tokens_reported = "TOKENS" in plain.stdout.splitlines()[0]
+    _jobs(database_dsn)
+    table = memchat("users").stdout.splitlines()
+    assert table[0].split()[-2:] == ["TOKENS", "IN/OUT"]
+    rows = {line.split()[0]: line for line in table[1:]}
+    assert rows["alice"].rstrip().endswith("812/64")
+    assert not rows["bob"].rstrip().endswith("/0"), "unknown usage is shown as nothing, not 0"
+    body = {u["user_id"]: u for u in json.loads(memchat("users", "--json").stdout)}
+    assert body["alice"]["tokens"] == {"prompt": 812, "completion": 64}
+    assert body["bob"]["tokens"] is None
+    assert (body["carol"]["tokens"] is not None) == tokens_reported
+
+
+def test_history_json_carries_token_usage(memchat: Run, fake: FakeOpenAI) -> None:
+    env = {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-x"}
+    chat = json.loads(memchat("chat", "--user", "alice", "--json", "hello", env=env).stdout)
+    history = memchat("history", "--user", "alice", "--session", chat["session_id"], "--json")
+    user_message, reply = json.loads(history.stdout)["messages"]
+    assert {"prompt_tokens", "completion_tokens"} <= set(user_message) <= set(reply)
+    assert user_message["prompt_tokens"] is None
