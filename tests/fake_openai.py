@@ -9,7 +9,10 @@ tests and subprocesses can all talk to it over a socket, exactly as the
     GET  /v1/models
 
 Replies are deterministic ("Echo: <last user message>"). Faults are injected
-on demand (``fail_next``) or at a seeded random rate (``fault_rate``).
+on demand (``fail_next``) or at a seeded random rate (``fault_rate``). Exact
+responses of real providers are replayed with ``queue_response`` (see
+``canned_json``, ``canned_sse``, ``canned_text``): status, headers and body
+bytes, or an SSE stream sent chunk by chunk, as the provider sent them.
 
 Usage::
 
@@ -62,6 +65,61 @@ class Fault:
     retry_after: float | None = None  # "429"/"500": seconds, sent as Retry-After headers
 
 
+@dataclass(frozen=True, slots=True)
+class CannedResponse:
+    """One HTTP response to replay byte for byte (a real provider's answer).
+
+    With ``chunks`` the body is sent with chunked encoding, one write per
+    chunk, the way a streaming server sends SSE events; otherwise ``body`` is
+    sent with a Content-Length.
+    """
+
+    status: int = 200
+    body: bytes = b""
+    chunks: tuple[bytes, ...] | None = None
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def canned_json(
+    payload: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> CannedResponse:
+    """``payload`` as a JSON body; a ``str`` or ``bytes`` payload is sent as is."""
+    if isinstance(payload, str):
+        body = payload.encode()
+    elif isinstance(payload, bytes):
+        body = payload
+    else:
+        body = json.dumps(payload).encode()
+    return CannedResponse(status, body, headers=tuple((headers or {}).items()))
+
+
+def canned_text(
+    text: str, status: int, content_type: str = "text/plain; charset=utf-8"
+) -> CannedResponse:
+    """A non-JSON body: a plain-text error, a proxy's HTML page."""
+    return CannedResponse(status, text.encode(), content_type=content_type)
+
+
+def canned_sse(events: Iterable[Any], *, done: bool = True, status: int = 200) -> CannedResponse:
+    """An SSE stream of ``events``, each its own HTTP chunk.
+
+    A dict is sent as ``data: <json>``, a str as ``data: <str>`` (the payload
+    as is, e.g. a malformed one), and bytes verbatim (comments, ``event:``
+    lines, odd line endings). ``done`` appends ``data: [DONE]``.
+    """
+    chunks: list[bytes] = []
+    for event in events:
+        if isinstance(event, bytes):
+            chunks.append(event)
+        else:
+            payload = event if isinstance(event, str) else json.dumps(event)
+            chunks.append(f"data: {payload}\n\n".encode())
+    if done:
+        chunks.append(b"data: [DONE]\n\n")
+    return CannedResponse(status, chunks=tuple(chunks), content_type="text/event-stream")
+
+
 @dataclass(slots=True)
 class _Request:
     method: str
@@ -95,6 +153,7 @@ class _State:
     requests: list[dict[str, Any]] = field(default_factory=list)
     faults: deque[Fault] = field(default_factory=deque)
     tool_call_queue: deque[list[dict[str, Any]]] = field(default_factory=deque)
+    canned: deque[CannedResponse] = field(default_factory=deque)
     fault_rate: float = 0.0
     fault_kinds: tuple[FaultKind, ...] = DEFAULT_RANDOM_FAULTS
     connections: int = 0  # open now
@@ -230,12 +289,24 @@ class FakeOpenAI:
         with self._state.lock:
             self._state.tool_call_queue.append([dict(call) for call in calls])
 
+    def queue_response(self, *responses: CannedResponse) -> None:
+        """The next chat requests get these responses, in order, instead of a reply.
+
+        They come before faults and queued tool calls (which stay queued), and
+        each request is still recorded; once they are used up the server
+        answers as usual again.
+        """
+        with self._state.lock:
+            self._state.canned.extend(responses)
+
     def reset(self) -> None:
-        """Forget recorded requests, pending faults, fault rate and queued tool calls."""
+        """Forget recorded requests, pending faults, fault rate, queued tool calls
+        and queued responses."""
         with self._state.lock:
             self._state.requests.clear()
             self._state.faults.clear()
             self._state.tool_call_queue.clear()
+            self._state.canned.clear()
             self._state.fault_rate = 0.0
 
     @property
@@ -354,12 +425,25 @@ class FakeOpenAI:
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             await _send_json(writer, 400, _error_body("messages missing", "invalid_request_error"))
             return True
+        canned = self._record_canned(body)
+        if canned is not None:
+            await _send_canned(writer, canned)
+            return True
         number, fault, queued_calls = self._record(body)
         if self.reject_stream_options and "stream_options" in body:
             message = "Unrecognized request argument supplied: stream_options"
             await _send_json(writer, 400, _error_body(message, "invalid_request_error"))
             return True
         return await self._answer_chat(number, body, fault, queued_calls, reader, writer)
+
+    def _record_canned(self, body: dict[str, Any]) -> CannedResponse | None:
+        """Record the request and take the next canned response, if one is queued."""
+        with self._state.changed:
+            if not self._state.canned:
+                return None
+            self._state.requests.append(body)
+            self._state.changed.notify_all()
+            return self._state.canned.popleft()
 
     def _record(
         self, body: dict[str, Any]
@@ -698,8 +782,12 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
 
 
 def _head(status: int, content_type: str, headers: dict[str, str] | None = None) -> bytes:
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:  # a provider's own status (Cloudflare's 520-530, ...)
+        phrase = "Unknown"
     lines = [
-        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
+        f"HTTP/1.1 {status} {phrase}",
         f"Content-Type: {content_type}",
         "Connection: keep-alive",
         *(f"{name}: {value}" for name, value in (headers or {}).items()),
@@ -720,6 +808,21 @@ async def _send_raw(
 ) -> None:
     all_headers = {"Content-Length": str(len(payload)), **(headers or {})}
     writer.write(_head(status, content_type, all_headers) + payload)
+    await writer.drain()
+
+
+async def _send_canned(writer: asyncio.StreamWriter, canned: CannedResponse) -> None:
+    headers = dict(canned.headers)
+    if canned.chunks is None:
+        await _send_raw(writer, canned.status, canned.body, canned.content_type, headers)
+        return
+    headers["Transfer-Encoding"] = "chunked"
+    writer.write(_head(canned.status, canned.content_type, headers))
+    for piece in canned.chunks:
+        if piece:  # an empty chunk would end the body
+            writer.write(_chunk(piece))
+            await writer.drain()
+    writer.write(b"0\r\n\r\n")
     await writer.drain()
 
 

@@ -15,7 +15,14 @@ import httpx2
 import openai
 import pytest
 
-from tests.fake_openai import FakeOpenAI, echo_tokens
+from tests.fake_openai import (
+    CannedResponse,
+    FakeOpenAI,
+    canned_json,
+    canned_sse,
+    canned_text,
+    echo_tokens,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 STREAMS = 200
@@ -292,6 +299,56 @@ def test_reset_clears_faults_and_requests(server: FakeOpenAI, http: httpx2.Clien
     server.reset()
 
     assert server.request_count == 0
+    assert http.post("/chat/completions", json=HELLO).status_code == 200
+
+
+def test_canned_responses_are_replayed_in_order_then_normal_replies(
+    server: FakeOpenAI, http: httpx2.Client
+) -> None:
+    server.fail_next("500")
+    server.queue_response(
+        canned_json({"error": "model 'x' not found"}, status=404, headers={"X-Server": "o"}),
+        canned_text("<html><body>502 Bad Gateway</body></html>", 502, "text/html"),
+        CannedResponse(529, b"overloaded", content_type="text/plain"),
+    )
+
+    first = http.post("/chat/completions", json=HELLO)
+    second = http.post("/chat/completions", json=HELLO)
+    third = http.post("/chat/completions", json=HELLO)
+    fourth = http.post("/chat/completions", json=HELLO)  # the pending fault comes after
+    fifth = http.post("/chat/completions", json=HELLO)
+
+    assert (first.status_code, first.content) == (404, b'{"error": "model \'x\' not found"}')
+    assert first.headers["x-server"] == "o"
+    assert first.headers["content-type"] == "application/json"
+    assert second.status_code == 502
+    assert second.headers["content-type"] == "text/html"
+    assert (third.status_code, third.text) == (529, "overloaded")
+    assert fourth.status_code == 500
+    assert fifth.json()["choices"][0]["message"]["content"] == "Echo: hello there world"
+    assert server.request_count == 5
+
+
+def test_canned_sse_is_sent_chunk_by_chunk(server: FakeOpenAI, http: httpx2.Client) -> None:
+    server.queue_response(
+        canned_sse([{"choices": [{"index": 0, "delta": {"content": "hi"}}]}, b": keep-alive\n\n"]),
+        CannedResponse(chunks=(b'data: {"a"', b": 1}\n", b"\n"), content_type="text/event-stream"),
+    )
+
+    with http.stream("POST", "/chat/completions", json={**HELLO, "stream": True}) as response:
+        assert response.headers["transfer-encoding"] == "chunked"
+        first = sse_payloads(response)
+    with http.stream("POST", "/chat/completions", json={**HELLO, "stream": True}) as response:
+        raw = b"".join(response.iter_raw())
+
+    assert first == ['{"choices": [{"index": 0, "delta": {"content": "hi"}}]}', "[DONE]"]
+    assert raw == b'data: {"a": 1}\n\n'
+
+
+def test_reset_forgets_canned_responses(server: FakeOpenAI, http: httpx2.Client) -> None:
+    server.queue_response(canned_text("no", 400))
+    server.reset()
+
     assert http.post("/chat/completions", json=HELLO).status_code == 200
 
 
