@@ -8,6 +8,9 @@ are the sessions' titles.
 ``load`` runs N users x S sessions x T turns concurrently, waits for every
 memory job, then audits the result through the admin path: every user's
 memories must mention only that user's unique token.
+
+Both report what went wrong, not just what came out: failed turns with their
+errors, and memory jobs that failed or were still open after the wait.
 """
 
 from __future__ import annotations
@@ -16,13 +19,17 @@ import asyncio
 import re
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from engine.agent import TurnCompleted
+from engine.agent import TurnCompleted, TurnEnd, TurnFailed
+from engine.records import MemoryJob
 from engine.runtime import Runtime
 from engine.store import Store
+
+ERRORS_SHOWN = 5
+"""Distinct error texts a load reports (the most frequent), with their counts."""
 
 SEED_SCRIPT: dict[str, list[tuple[str, str]]] = {
     "user_1@example.com": [
@@ -42,15 +49,84 @@ SEED_SCRIPT: dict[str, list[tuple[str, str]]] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class FailedTurn:
+    user_id: str
+    session: str
+    """The session's name in the script."""
+    text: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobReport:
+    """A memory job worth a look: failed, still open after the wait, or done with a note."""
+
+    job_id: int
+    user_id: str
+    status: str
+    attempts: int
+    error: str | None
+    note: str | None
+
+    @classmethod
+    def of(cls, job: MemoryJob) -> JobReport:
+        return cls(job.job_id, job.user_id, job.status, job.attempts, job.last_error, job.note)
+
+
 @dataclass(slots=True)
 class SeedResult:
     memories: dict[str, list[str]]
     runs: int
     wall_s: float
-    failed_turns: int
+    turn_failures: list[FailedTurn] = field(default_factory=list)
+    unsettled_jobs: list[JobReport] = field(default_factory=list)
+    """Jobs failed, or still pending or running when the wait ended."""
+    job_notes: list[JobReport] = field(default_factory=list)
+    """Jobs done with something to say (refused changes, an unusable answer)."""
+
+    @property
+    def failed_turns(self) -> int:
+        return len(self.turn_failures)
+
+    @property
+    def ok(self) -> bool:
+        return not self.turn_failures and not self.unsettled_jobs
+
+    def problem(self) -> str | None:
+        """One line saying what went wrong, or None when every turn and job succeeded."""
+        statuses = Counter(job.status for job in self.unsettled_jobs)
+        return problem_line(
+            self.failed_turns,
+            self.runs,
+            statuses["failed"],
+            statuses["pending"] + statuses["running"],
+        )
 
     def as_json(self) -> dict[str, object]:
-        return {"users": self.memories, "runs": self.runs, "wall_s": round(self.wall_s, 3)}
+        return {
+            "ok": self.ok,
+            "users": self.memories,
+            "runs": self.runs,
+            "wall_s": round(self.wall_s, 3),
+            "failed_turns": self.turn_failures,
+            "unsettled_jobs": self.unsettled_jobs,
+            "job_notes": self.job_notes,
+        }
+
+
+def problem_line(failed_turns: int, runs: int, failed_jobs: int, open_jobs: int) -> str | None:
+    """``7 of 8 turns failed; 1 memory job failed``, or None when nothing went wrong."""
+    parts = []
+    if failed_turns:
+        parts.append(f"{failed_turns} of {runs} turns failed")
+    if failed_jobs:
+        parts.append(f"{failed_jobs} memory {'job' if failed_jobs == 1 else 'jobs'} failed")
+    if open_jobs:
+        parts.append(
+            f"{open_jobs} memory {'job' if open_jobs == 1 else 'jobs'} still pending or running"
+        )
+    return "; ".join(parts) or None
 
 
 async def reset_users(store: Store, user_ids: Sequence[str]) -> None:
@@ -67,25 +143,35 @@ async def run_seed(runtime: Runtime, *, wait_within: float = 120.0) -> SeedResul
     failures = await asyncio.gather(*(_seed_user(runtime, u, SEED_SCRIPT[u]) for u in users))
     await runtime.workers.wait_idle(users, within=wait_within)
     wall = time.perf_counter() - started
-    memories: dict[str, list[str]] = {}
+    runs = sum(len(turns) for turns in SEED_SCRIPT.values())
+    result = SeedResult({}, runs, wall, [f for user in failures for f in user])
     for user_id in users:
         async with runtime.store.scope(user_id) as s:
             # Oldest first reads like the conversation did.
-            memories[user_id] = [m.content for m in reversed(await s.list_memories())]
-    runs = sum(len(turns) for turns in SEED_SCRIPT.values())
-    return SeedResult(memories, runs, wall, sum(failures))
+            result.memories[user_id] = [m.content for m in reversed(await s.list_memories())]
+            jobs = sorted(await s.list_jobs(), key=lambda job: job.job_id)
+        result.unsettled_jobs += [JobReport.of(j) for j in jobs if j.status != "done"]
+        result.job_notes += [JobReport.of(j) for j in jobs if j.status == "done" and j.note]
+    return result
 
 
-async def _seed_user(runtime: Runtime, user_id: str, turns: list[tuple[str, str]]) -> int:
+async def _seed_user(
+    runtime: Runtime, user_id: str, turns: list[tuple[str, str]]
+) -> list[FailedTurn]:
     sessions: dict[str, str] = {}
-    failed = 0
+    failed: list[FailedTurn] = []
     for session_name, text in turns:
         if session_name not in sessions:
             async with runtime.store.scope(user_id) as s:
                 sessions[session_name] = str((await s.create_session(session_name)).session_id)
         end = await runtime.agent.run(user_id, sessions[session_name], text)
-        failed += not isinstance(end, TurnCompleted)
+        if not isinstance(end, TurnCompleted):
+            failed.append(FailedTurn(user_id, session_name, text, turn_error(end)))
     return failed
+
+
+def turn_error(end: TurnEnd) -> str:
+    return end.error if isinstance(end, TurnFailed) else end.reply.status
 
 
 @dataclass(slots=True)
@@ -101,9 +187,15 @@ class LoadResult:
     failed_jobs: int = 0
     """The five audit figures: 0 when the run was not audited."""
     failed_turns: int = 0
+    open_jobs: int = 0
+    """Jobs still pending or running after the wait (part of ``lost``)."""
     audited: bool = False
     jobs_idle: bool = False
     """Whether every memory job was done within the wait."""
+    turn_errors: Counter[str] = field(default_factory=Counter)
+    """Error text -> failed turns with it."""
+    job_errors: dict[str, int] = field(default_factory=dict)
+    """Error text -> failed jobs with it (the ERRORS_SHOWN most frequent; audited runs)."""
     turn_latencies: list[float] = field(default_factory=list, repr=False)
     completed_at: dict[str, list[float]] = field(default_factory=dict, repr=False)
     """Per user, when each completed turn ended (perf_counter), in order."""
@@ -120,7 +212,33 @@ class LoadResult:
             "duplicates": self.duplicates,
             "failed_jobs": self.failed_jobs,
             "failed_turns": self.failed_turns,
+            "open_jobs": self.open_jobs,
+            "turn_errors": dict(self.turn_errors.most_common(ERRORS_SHOWN)),
+            "job_errors": self.job_errors,
         }
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem()
+
+    def problem(self) -> str | None:
+        """One line saying what went wrong, or None when the load was clean."""
+        parts = [
+            problem_line(self.failed_turns, self.runs, self.failed_jobs, self.open_jobs),
+            *(
+                f"{count} {name}"
+                for name, count in (
+                    ("memories naming another user", self.leaks),
+                    # ``lost`` counts open and failed jobs too, said above.
+                    ("replies without a memory job", self.lost - self.open_jobs - self.failed_jobs),
+                    ("duplicate memories", self.duplicates),
+                )
+                if count > 0
+            ),
+        ]
+        if not self.jobs_idle and not self.open_jobs:
+            parts.append("the wait for memory jobs ran out")
+        return "; ".join(p for p in parts if p) or None
 
 
 def load_user_id(i: int) -> str:
@@ -190,6 +308,8 @@ async def run_load(
     if audit:
         for name, value in (await audit_load(runtime, ids)).items():
             setattr(result, name, value)
+        if result.failed_jobs:
+            result.job_errors = await failed_job_errors(runtime, ids)
         result.audited = True
     return result
 
@@ -219,6 +339,7 @@ async def _load_user(
                 completed.append(ended)
             else:
                 result.failed_turns += 1
+                result.turn_errors[turn_error(end)] += 1
 
 
 async def audit_load(runtime: Runtime, user_ids: list[str]) -> dict[str, int]:
@@ -264,4 +385,18 @@ async def audit_load(runtime: Runtime, user_ids: list[str]) -> dict[str, int]:
         "lost": not_done + replies_without_job,
         "duplicates": duplicates,
         "failed_jobs": by_status.get("failed", 0),
+        "open_jobs": by_status.get("pending", 0) + by_status.get("running", 0),
     }
+
+
+async def failed_job_errors(runtime: Runtime, user_ids: list[str]) -> dict[str, int]:
+    """The most frequent errors of these users' failed jobs, with their counts."""
+    async with runtime.db.admin() as conn:
+        rows = await conn.fetch(
+            "SELECT coalesce(last_error, '') AS error, count(*) AS n FROM memory_jobs "
+            "WHERE user_id = ANY($1::text[]) AND status = 'failed' "
+            "GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT $2",
+            user_ids,
+            ERRORS_SHOWN,
+        )
+    return {row["error"]: row["n"] for row in rows}

@@ -11,7 +11,7 @@ import argparse
 from typing import Any
 
 from engine.admin import AdminReader
-from engine.cli.output import print_json, say, table, tokens_cell, when
+from engine.cli.output import one_line, print_json, say, table, tokens_cell, when
 from engine.config import Settings
 from engine.db import Database
 from engine.errors import InvalidInput
@@ -95,9 +95,9 @@ def detail(job: MemoryJob) -> str:
     """The error (of a failed job, or of a retrying one's last attempt) and the note."""
     parts = []
     if job.last_error:
-        parts.append(f"error: {job.last_error}")
+        parts.append(f"error: {one_line(job.last_error)}")
     if job.note:
-        parts.append(f"note: {job.note}")
+        parts.append(f"note: {one_line(job.note)}")
     return "; ".join(parts)
 
 

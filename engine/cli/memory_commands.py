@@ -7,11 +7,12 @@ import asyncio
 import signal
 from typing import Any
 
-from engine.cli.output import print_json, say, table, warn, when
+from engine.cli.output import one_line, print_json, say, table, warn, when
 from engine.config import Settings
 from engine.errors import InvalidInput
 from engine.runtime import open_runtime
-from engine.scenarios import run_load, run_seed
+from engine.scenarios import JobReport, SeedResult, run_load, run_seed
+from engine.validation import printable
 
 
 def register(commands: argparse._SubParsersAction[Any], exit_codes: str) -> None:
@@ -63,6 +64,11 @@ def register(commands: argparse._SubParsersAction[Any], exit_codes: str) -> None
     seed = kinds.add_parser(
         "seed",
         help="three users at once, the agent-framework example's script (resets those users)",
+        description=(
+            "Run the seed script, wait for its memory jobs, print each user's memories. "
+            "Failed turns (with their errors) and memory jobs that failed or are still "
+            "pending are listed; then the exit code is 1."
+        ),
         epilog=exit_codes,
         formatter_class=fmt,
     )
@@ -71,6 +77,12 @@ def register(commands: argparse._SubParsersAction[Any], exit_codes: str) -> None
     load = kinds.add_parser(
         "load",
         help="N users x S sessions x T turns at once, then a leak/loss audit (one JSON line)",
+        description=(
+            "Run the load, wait for every memory job, audit, print one JSON line. Exit 1 "
+            "(with one line on stderr) when turns or memory jobs failed, jobs are still open, "
+            "or the audit found leaks, lost jobs or duplicates; the most frequent errors are "
+            "in turn_errors and job_errors."
+        ),
         epilog=exit_codes,
         formatter_class=fmt,
     )
@@ -151,15 +163,43 @@ async def seed_command(args: argparse.Namespace, settings: Settings) -> int:
         result = await run_seed(rt)
     if args.json:
         print_json(result.as_json())
-        return 0
+    else:
+        _print_seed(result)
+    problem = result.problem()
+    if problem:
+        warn(f"error: seed: {problem}")
+    return 1 if problem else 0
+
+
+def _print_seed(result: SeedResult) -> None:
     for number, (user_id, memories) in enumerate(result.memories.items(), start=1):
         say(f"User {number}'s memories ({user_id}):")
         for index, text in enumerate(memories, start=1):
             say(f"  {index}. {text}")
         if not memories:
             say("  (none)")
+    if result.turn_failures:
+        say("\nFailed turns:")
+        for turn in result.turn_failures:
+            say(f"  {turn.user_id} {turn.session}: {printable(turn.text)}: {one_line(turn.error)}")
+    for title, jobs in (
+        ("Memory jobs not done", result.unsettled_jobs),
+        ("Memory job notes", result.job_notes),
+    ):
+        if jobs:
+            say(f"\n{title}:")
+            for job in jobs:
+                say(f"  job {job.job_id} {job.user_id} {job.status}: {_job_text(job)}")
     say(f"\n{result.runs} runs in {result.wall_s:.2f}s")
-    return 1 if result.failed_turns else 0
+
+
+def _job_text(job: JobReport) -> str:
+    parts = [f"after {job.attempts} attempts" if job.attempts != 1 else "after 1 attempt"]
+    if job.error:
+        parts.append(f"error: {one_line(job.error)}")
+    if job.note:
+        parts.append(f"note: {one_line(job.note)}")
+    return "; ".join(parts)
 
 
 async def load_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -173,8 +213,10 @@ async def load_command(args: argparse.Namespace, settings: Settings) -> int:
     async with open_runtime(settings) as rt:
         result = await run_load(rt, args.users, args.sessions, args.turns)
     print_json(result.as_json())
-    clean = not (result.leaks or result.lost or result.duplicates)
-    return 0 if clean else 1
+    problem = result.problem()
+    if problem:
+        warn(f"error: load: {problem}")
+    return 1 if problem else 0
 
 
 async def worker_command(args: argparse.Namespace, settings: Settings) -> int:

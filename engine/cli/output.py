@@ -46,6 +46,11 @@ def when(moment: datetime) -> str:
     return moment.astimezone().strftime("%Y-%m-%d %H:%M")
 
 
+def one_line(text: str) -> str:
+    """Newlines as visible ``\\n``, for text that must stay on one line."""
+    return text.replace("\r\n", "\n").replace("\n", "\\n")
+
+
 def tokens_cell(prompt: int | None, completion: int | None) -> str:
     """``1,204/96`` (prompt/completion); empty when the endpoint reported nothing."""
     if prompt is None and completion is None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from engine.scenarios import SEED_SCRIPT
 from tests.fake_openai import FakeOpenAI
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
@@ -240,7 +241,7 @@ def test_jobs_lists_newest_first_with_errors_and_notes_shown_literally(
     ]
     assert rows[1].split()[3:5] == ["3", "json"] and rows[2].split()[3:5] == ["1", "tools"]
     failed, done = rows[1], rows[2]
-    assert "error: model said \\x1b[2J[bold]no[/bold] second line" in failed
+    assert "error: model said \\x1b[2J[bold]no[/bold]\\nsecond line" in failed
     assert "\x1b" not in result.stdout
     assert "812/64" in done and "note: 1 change refused: memory.max_per_user" in done
 
@@ -310,3 +311,101 @@ def test_history_json_carries_token_usage(memchat: Run, fake: FakeOpenAI) -> Non
     user_message, reply = json.loads(history.stdout)["messages"]
     assert {"prompt_tokens", "completion_tokens"} <= set(user_message) <= set(reply)
     assert user_message["prompt_tokens"] is None
+
+
+# -- scenarios report what failed --------------------------------------------------
+
+
+def _endpoint(chat: FakeOpenAI, memory: FakeOpenAI | None = None) -> dict[str, str]:
+    env = {
+        "OPENAI_BASE_URL": chat.base_url,
+        "OPENAI_API_KEY": "sk-cli-secret",
+        "MEMCHAT_MODEL__MAX_RETRIES": "0",
+        "MEMCHAT_MEMORY__MAX_ATTEMPTS": "1",
+    }
+    if memory is not None:
+        env |= {"MEMCHAT_MEMORY__BASE_URL": memory.base_url, "MEMCHAT_MEMORY__API_KEY": "sk-mem"}
+    return env
+
+
+def _said(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """memchat's own lines on stderr (not log records, which -v would add anyway)."""
+    return [line for line in result.stderr.splitlines() if line.startswith("memchat: ")]
+
+
+def test_seed_offline_succeeds_with_nothing_to_report(memchat: Run) -> None:
+    result = memchat("scenario", "seed", "--json")
+    assert result.returncode == 0, result.stderr
+    assert _said(result) == []
+    body = json.loads(result.stdout)
+    assert body["ok"] is True and body["runs"] == 8
+    assert (body["failed_turns"], body["unsettled_jobs"]) == ([], [])
+    assert "Name is Mark Gonzales" in body["users"]["user_1@example.com"]
+
+
+def test_seed_with_failing_replies_lists_them_and_exits_1(memchat: Run, fake: FakeOpenAI) -> None:
+    fake.fail_next("500", count=1000)
+    result = memchat("scenario", "seed", "--json", env=_endpoint(fake))
+    assert result.returncode == 1
+    body = json.loads(result.stdout)
+    assert body["ok"] is False
+    failed = body["failed_turns"]
+    assert len(failed) == 8
+    assert {(t["user_id"], t["session"], t["text"]) for t in failed} == {
+        (user, session, text) for user, turns in SEED_SCRIPT.items() for session, text in turns
+    }
+    assert all(t["error"] for t in failed)
+    assert body["unsettled_jobs"] == [], "a failed turn has no memory job"
+    assert _said(result) == ["memchat: error: seed: 8 of 8 turns failed"]
+    assert "sk-cli-secret" not in result.stdout + result.stderr
+
+    text = memchat("scenario", "seed", env=_endpoint(fake))
+    assert text.returncode == 1
+    assert "\nFailed turns:\n" in text.stdout
+    assert "  user_2@example.com user_2_session_1: 'Hi my name is John Doe.': " in text.stdout
+    assert _said(text) == ["memchat: error: seed: 8 of 8 turns failed"]
+
+
+def test_seed_with_failing_memory_jobs_lists_them_and_exits_1(
+    memchat: Run, fake: FakeOpenAI
+) -> None:
+    with FakeOpenAI() as memory:
+        memory.fail_next("500", count=1000)
+        result = memchat("scenario", "seed", "--json", env=_endpoint(fake, memory))
+    assert result.returncode == 1, result.stderr
+    body = json.loads(result.stdout)
+    assert body["failed_turns"] == []
+    jobs = body["unsettled_jobs"]
+    assert len(jobs) == 8 and {j["status"] for j in jobs} == {"failed"}
+    assert all(j["error"] and j["attempts"] == 1 for j in jobs)
+    assert _said(result) == ["memchat: error: seed: 8 memory jobs failed"]
+    # The same jobs as the admin view lists.
+    listed = json.loads(memchat("jobs", "--failed", "--json").stdout)
+    assert sorted(j["job_id"] for j in listed) == sorted(j["job_id"] for j in jobs)
+    assert {j["job_id"]: j["last_error"] for j in listed} == {j["job_id"]: j["error"] for j in jobs}
+
+
+def test_load_reports_failed_turns_and_jobs_and_exits_1(memchat: Run, fake: FakeOpenAI) -> None:
+    args = ("scenario", "load", "--users", "2", "--sessions", "1", "--turns", "2")
+    clean = memchat(*args)
+    assert clean.returncode == 0, clean.stderr
+    body = json.loads(clean.stdout)
+    assert (body["failed_turns"], body["failed_jobs"], body["open_jobs"]) == (0, 0, 0)
+    assert (body["turn_errors"], body["job_errors"]) == ({}, {})
+
+    fake.fail_next("500", count=1000)
+    failing = memchat(*args, env=_endpoint(fake))
+    assert failing.returncode == 1
+    body = json.loads(failing.stdout)
+    assert body["failed_turns"] == 4 and sum(body["turn_errors"].values()) == 4
+    assert _said(failing) == ["memchat: error: load: 4 of 4 turns failed"]
+
+    fake.reset()
+    with FakeOpenAI() as memory:
+        memory.fail_next("500", count=1000)
+        jobs_failing = memchat(*args, env=_endpoint(fake, memory))
+    assert jobs_failing.returncode == 1
+    body = json.loads(jobs_failing.stdout)
+    assert (body["failed_turns"], body["failed_jobs"]) == (0, 4)
+    assert sum(body["job_errors"].values()) == 4
+    assert _said(jobs_failing) == ["memchat: error: load: 4 memory jobs failed"]
