@@ -364,6 +364,8 @@ class OpenAIChatModel:
                 continue
             delta = choice.get("delta")
             text = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(text, list):
+                text = _content_text(text)  # Mistral's thinking models stream content parts
             finish = choice.get("finish_reason")
             return (
                 text if isinstance(text, str) else "",
@@ -600,8 +602,8 @@ def _arguments(raw: object) -> tuple[dict[str, Any], str | None]:
     """A call's arguments as an object, or the reason they are not one.
 
     Accepted: a JSON string (OpenAI), an already-parsed object (Ollama's
-    native shape), nothing or ``""`` (a call without arguments), and a JSON
-    object inside other text (a code fence, "Sure: {...}").
+    native shape), nothing, ``""`` or ``"null"`` (a call without arguments),
+    and a JSON object inside other text (a code fence, "Sure: {...}").
     """
     if raw is None:
         return {}, None
@@ -617,6 +619,8 @@ def _arguments(raw: object) -> tuple[dict[str, Any], str | None]:
             return {}, f"arguments are nested deeper than {MAX_ARGUMENT_DEPTH} levels"
         except ValueError as exc:
             return {}, f"arguments are not valid JSON: {exc}"
+        if value is None:
+            return {}, None  # "null": Ollama marshals a call without arguments so
     if not isinstance(value, dict):
         return {}, f"arguments are a JSON {_json_kind(value)}, not an object"
     if _too_deep(value, MAX_ARGUMENT_DEPTH):
@@ -783,7 +787,7 @@ def _error_object(raw: object) -> _ServerError:
         return _ServerError("", "", "", html=False)
     message = raw.get("message")
     if not isinstance(message, str):
-        message = raw.get("detail") if isinstance(raw.get("detail"), str) else ""
+        message = _detail_text(raw.get("detail"))
     metadata = raw.get("metadata")
     if isinstance(metadata, dict) and isinstance(metadata.get("raw"), str):
         # OpenRouter wraps the upstream provider's own error here; its words
@@ -797,6 +801,17 @@ def _error_object(raw: object) -> _ServerError:
         kind if isinstance(kind, str) else "",
         html=False,
     )
+
+
+def _detail_text(detail: object) -> str:
+    """FastAPI's ``detail``: a string, or a 422's list of ``{"loc", "msg"}`` problems."""
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, list):
+        return "; ".join(
+            str(item.get("msg")) for item in detail if isinstance(item, dict) and "msg" in item
+        )
+    return ""
 
 
 def _looks_like_html(content_type: str, text: str) -> bool:
