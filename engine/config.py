@@ -69,7 +69,8 @@ class ModelSettings(_Section):
         default=2048, ge=1, le=1_000_000, description="Most tokens a chat reply may have."
     )
     context_tokens: int = Field(
-        default=16384,
+        # gpt-4o-mini's window; local servers are often far smaller: set theirs.
+        default=128_000,
         ge=256,
         le=10_000_000,
         description=(

@@ -451,13 +451,17 @@ class FakeOpenAI:
         with self._state.changed:
             self._state.requests.append(body)
             number = len(self._state.requests)
-            fault = self._state.faults.popleft() if self._state.faults else None
-            rate = self._state.fault_rate
+            # A forced tool call is a capability probe (memchat's extraction
+            # "auto", doctor): it answers as a tool-calling model would and
+            # leaves injected faults and queued calls for the requests under test.
+            forced = _forced_tool(body) is not None
+            fault = self._state.faults.popleft() if self._state.faults and not forced else None
+            rate = 0.0 if forced else self._state.fault_rate
             if fault is None and rate > 0 and self._random.random() < rate:
                 kind = self._random.choice(self._state.fault_kinds)
                 fault = Fault(kind, after=1 + self._random.randrange(4), retry_after=0.001)
             queued = None
-            if body.get("tools") and self._state.tool_call_queue and fault is None:
+            if body.get("tools") and self._state.tool_call_queue and fault is None and not forced:
                 queued = self._state.tool_call_queue.popleft()
             self._state.changed.notify_all()
         return number, fault, queued
@@ -573,6 +577,9 @@ class _Reply:
         if fault is not None and fault.kind == "bad_tool_args":
             calls = [{"name": _first_tool_name(body), "arguments": '{"memory": "unterminated'}]
             return cls(completion_id, model, [], _tool_calls(calls), prompt_tokens)
+        if (forced := _forced_tool(body)) is not None:
+            calls = [{"name": forced, "arguments": {"ok": True}}]
+            return cls(completion_id, model, [], _tool_calls(calls), prompt_tokens)
         if queued_calls is not None:
             return cls(completion_id, model, [], _tool_calls(queued_calls), prompt_tokens)
         if body.get("tools"):
@@ -684,6 +691,14 @@ def _tool_calls(calls: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return result
+
+
+def _forced_tool(body: dict[str, Any]) -> str | None:
+    """The function a request's ``tool_choice`` names, if it names one."""
+    choice = body.get("tool_choice")
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) and body.get("tools") else None
 
 
 def _first_tool_name(body: dict[str, Any]) -> str:

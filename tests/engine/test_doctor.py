@@ -27,7 +27,15 @@ Run = Callable[..., subprocess.CompletedProcess[str]]
 
 UNREACHABLE_DSN = "postgresql://me:hunter2@127.0.0.1:1/none"
 REFUSING_MODEL_URL = "http://127.0.0.1:9/v1"  # the discard port: nothing listens there
-ALL_CHECKS = ["settings", "database", "migrations", "isolation", "memory jobs", "model"]
+ALL_CHECKS = [
+    "settings",
+    "database",
+    "migrations",
+    "isolation",
+    "memory jobs",
+    "model",
+    "memory extraction",
+]
 
 
 def by_name(results: list[CheckResult]) -> dict[str, CheckResult]:
@@ -87,7 +95,7 @@ async def test_failed_memory_job_is_a_problem_naming_the_user(
     assert not jobs.ok
     assert jobs.detail == "0 pending, 0 running, 1 failed (newest: alice: boom)"
     assert jobs.fix is not None
-    assert "memchat memories --user alice --history" in jobs.fix and "(F3)" in jobs.fix
+    assert "memchat jobs --failed --user alice" in jobs.fix and "(F3)" in jobs.fix
 
 
 async def test_row_level_security_switched_off_is_a_problem(
