@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from engine.config import ModelSettings
@@ -23,7 +26,13 @@ from engine.models import (
     ToolSpec,
     create_model,
 )
-from engine.models.openai_model import OpenAIChatModel
+from engine.models.openai_model import (
+    MAX_ARGUMENT_DEPTH,
+    OpenAIChatModel,
+    _arguments,
+    _strip_reasoning,
+    _ThinkFilter,
+)
 from tests.fake_openai import FakeOpenAI
 
 # Recognisable, so that a leak into any error message is easy to assert on.
@@ -356,3 +365,67 @@ async def test_errors_are_model_errors_with_one_line(
         server.reset()
         assert_no_key(caught.value)
         assert "(fake-model at http://127.0.0.1:" in str(caught.value)
+
+
+# --- reply reading, without a server ----------------------------------------------
+
+# Text made of the pieces that matter to a leading think block.
+THINKISH = st.lists(
+    st.sampled_from(["<think>", "</think>", "<", "think>", "</", " ", "\n", "a", "Hi", "<b>"]),
+    max_size=12,
+).map("".join)
+
+
+@given(text=THINKISH, cuts=st.lists(st.integers(min_value=0, max_value=60), max_size=8))
+def test_streamed_think_filter_matches_the_whole_text_rule(text: str, cuts: list[int]) -> None:
+    # However a reply is split into deltas, the stream shows what the
+    # non-streamed path shows for the whole text.
+    bounds = sorted({0, len(text), *(min(cut, len(text)) for cut in cuts)})
+    chunks = [text[a:b] for a, b in itertools.pairwise(bounds)]
+    thinking = _ThinkFilter()
+
+    shown = "".join(thinking.feed(chunk) for chunk in chunks) + thinking.finish()
+
+    assert shown == _strip_reasoning(text)
+
+
+def test_think_filter_passes_a_plain_reply_through_at_once() -> None:
+    thinking = _ThinkFilter()
+
+    assert thinking.feed("Hello") == "Hello"
+    assert thinking.feed(" <think>not reasoning</think>") == " <think>not reasoning</think>"
+
+
+@given(raw=st.one_of(st.text(max_size=40), st.none(), st.integers(), st.lists(st.integers())))
+def test_arguments_never_raise(raw: object) -> None:
+    arguments, error = _arguments(raw)
+
+    assert isinstance(arguments, dict)
+    assert (error is None) or (arguments == {} and isinstance(error, str) and "\n" not in error)
+
+
+def test_arguments_depth_limit_is_on_containers() -> None:
+    deepest: dict[str, Any] = {"a": 1}
+    for _ in range(MAX_ARGUMENT_DEPTH - 1):
+        deepest = {"a": deepest}
+
+    assert _arguments(deepest) == (deepest, None)
+    assert (
+        _arguments({"a": deepest})[1]
+        == f"arguments are nested deeper than {MAX_ARGUMENT_DEPTH} levels"
+    )
+    assert _arguments('"{\\"memory\\": \\"tea\\"}"') == ({"memory": "tea"}, None)  # encoded twice
+
+
+async def test_complete_sends_max_tokens_and_json_mode(
+    model: OpenAIChatModel, server: FakeOpenAI
+) -> None:
+    completion = await model.complete(MESSAGES, json_object=True)
+
+    assert completion.text == "Echo: tell me about the sea"
+    assert completion.finish_reason == "stop"
+    assert completion.usage is not None and completion.usage.prompt_tokens == 8
+    request = server.requests[-1]
+    assert request["response_format"] == {"type": "json_object"}
+    assert request["max_tokens"] == ModelSettings().max_tokens
+    assert "tools" not in request and "stream" not in request
