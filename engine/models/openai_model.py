@@ -294,6 +294,10 @@ class OpenAIChatModel:
 
     def _adapt(self, error: _ServerError, body: dict[str, Any]) -> bool:
         """Whether a refusal names a field this model can drop or rename (then it is, for good)."""
+        if error.context_exceeded:
+            # vLLM's "'max_tokens' or 'max_completion_tokens' is too large: ... maximum
+            # context length" names the field but is about the prompt's size.
+            return False
         if "stream_options" in body and error.mentions("stream_options"):
             self._send_stream_options = False
             return True

@@ -928,6 +928,20 @@ ERROR_ROWS = [
         ("16384",),
     ),
     ErrorRow(
+        "vllm-max-tokens-too-large-for-context",
+        "vLLM's OpenAI server (serving_engine.py _validate_input), as its users quote it",
+        canned_json(
+            '{"error":{"message":"\'max_tokens\' or \'max_completion_tokens\' is too large: '
+            "8000. This model's maximum context length is 4096 tokens and your request has "
+            '2778 input tokens (8000 > 4096 - 2778). None","type":"BadRequestError",'
+            '"param":null,"code":400}}',
+            400,
+        ),
+        "stream",
+        ModelContextTooLong,
+        ("4096 tokens",),  # and one request: not taken for a max_tokens rename
+    ),
+    ErrorRow(
         "llamacpp-exceeds-available-context",
         "https://github.com/oobabooga/textgen/issues/7257; ggml-org/llama.cpp#15780",
         canned_json(
