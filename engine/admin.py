@@ -135,6 +135,8 @@ class JobCounts:
     """Jobs that left a note (refused changes, an unusable answer)."""
     problems: tuple[JobProblem, ...] = ()
     """Newest first, at most JOB_PROBLEMS_SHOWN: failed jobs and jobs with a note."""
+    problem_total: int = 0
+    """All of this user's failed jobs and jobs with a note (``problems`` shows the newest)."""
 
     @property
     def total(self) -> int:
@@ -330,7 +332,9 @@ class AdminReader:
                        count(*) FILTER (WHERE status = 'failed') AS failed,
                        (array_agg(last_error ORDER BY job_id DESC)
                             FILTER (WHERE status = 'failed'))[1] AS last_error,
-                       count(*) FILTER (WHERE note IS NOT NULL) AS noted
+                       count(*) FILTER (WHERE note IS NOT NULL) AS noted,
+                       count(*) FILTER (WHERE status = 'failed' OR note IS NOT NULL)
+                           AS problem_total
                   FROM memory_jobs
                  GROUP BY user_id
                 """
@@ -388,6 +392,7 @@ def _job_counts(jobs: Iterable[Any], problems: Iterable[Any]) -> dict[str, JobCo
             last_error=row["last_error"],
             noted=row["noted"],
             problems=tuple(problems_of.get(row["user_id"], ())),
+            problem_total=row["problem_total"],
         )
         for row in jobs
     }

@@ -159,6 +159,7 @@ async def test_overview_history_forgotten_failed_jobs_and_empty_users(
             JobProblem("failed", 0, "newest error", None),
             JobProblem("failed", 0, "older error", None),
         ),
+        problem_total=2,
     )
     assert alice.jobs.total == 5
 
@@ -204,6 +205,7 @@ async def test_overview_shows_failed_jobs_and_notes_newest_first_and_bounded(
 
     jobs = _by_user(await AdminReader(db).overview())["alice"].jobs
     assert (jobs.done, jobs.failed, jobs.noted, jobs.last_error) == (3, 2, 2, "second failure")
+    assert jobs.problem_total == 4
     assert len(jobs.problems) == JOB_PROBLEMS_SHOWN == 3
     assert jobs.problems == (
         JobProblem("done", 1, None, "the answer was not usable"),

@@ -18,6 +18,7 @@ from textual.widgets import LoadingIndicator, Static
 from engine.admin import AdminReader, AuditResult, UserOverview
 from engine.db import Database
 from engine.errors import DatabaseError
+from engine.models import Usage
 from engine.scenarios import SEED_SCRIPT, SeedResult
 from engine.store import Store
 from tui.screens.inspector import PAGE_SIZE, InspectorScreen, UserSection
@@ -324,3 +325,76 @@ async def test_many_users_are_mounted_a_page_at_a_time(store: Store, db: Databas
             await pilot.pause()
         assert list(sections(app)) == users
         assert "user059" in rendered(sections(app)["user059"])
+
+
+async def _job(
+    db: Database,
+    user_id: str,
+    status: str,
+    *,
+    error: str | None = None,
+    note: str | None = None,
+    tokens: tuple[int | None, int | None] = (None, None),
+) -> None:
+    async with db.scoped(user_id) as conn:
+        await conn.execute(
+            "INSERT INTO memory_jobs (user_id, status, attempts, last_error, note, "
+            "prompt_tokens, completion_tokens) VALUES ($1, $2, 3, $3, $4, $5, $6)",
+            user_id,
+            status,
+            error,
+            note,
+            *tokens,
+        )
+
+
+async def test_tokens_are_shown_per_user_and_nothing_where_none_were_reported(
+    store: Store, db: Database
+) -> None:
+    for user_id in ("alice", "bob"):
+        async with store.scope(user_id) as s:
+            session = await s.create_session("plans")
+            await s.append_message(session.session_id, "user", "hi")
+            usage = Usage(1204, 96) if user_id == "alice" else None
+            await s.append_message(session.session_id, "assistant", "hello", usage=usage)
+    await _job(db, "alice", "done", tokens=(2410, 120))
+
+    app = InspectorHost(AdminReader(db))
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app)
+        alice = rendered(sections(app)["alice"])
+        bob = rendered(sections(app)["bob"])
+
+    assert "tokens: chat 1,204 in / 96 out · memory 2,410 in / 120 out" in alice
+    assert "tokens" not in bob, "unknown usage is shown as nothing, not as 0"
+
+
+async def test_the_job_section_shows_failed_jobs_errors_and_notes(
+    store: Store, db: Database
+) -> None:
+    async with store.scope("alice") as s:
+        await s.ensure_user()
+    await _job(db, "alice", "failed", error="oldest failure, not shown")
+    await _job(db, "alice", "done")
+    await _job(db, "alice", "done", note="2 changes refused: memory.max_calls_per_job")
+    await _job(db, "alice", "failed", error="the endpoint said 500", note="json mode")
+    await _job(db, "alice", "failed", error="timed out after 60s")
+
+    app = InspectorHost(AdminReader(db))
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app)
+        section = sections(app)["alice"]
+        text = rendered(section)
+        assert section.has_class("-failed-jobs")
+
+    assert "jobs: 2 done, 3 failed, 2 with a note" in text
+    lines = text.splitlines()
+    shown = [i for i, line in enumerate(lines) if "Failed job" in line or "Job note" in line]
+    assert [lines[i].strip("│ ") for i in shown] == [
+        "✗ Failed job (3 attempts): timed out after 60s",
+        "✗ Failed job (3 attempts): the endpoint said 500",
+        "Job note: json mode",
+        "Job note: 2 changes refused: memory.max_calls_per_job",
+    ]
+    assert "oldest failure" not in text
+    assert "… and 1 more; all of them: memchat jobs --user alice" in text

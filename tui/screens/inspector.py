@@ -1,5 +1,8 @@
 """The isolation inspector: every user's data side by side, and the audit's verdict.
 
+Per user also what the model spent (tokens, where the endpoint reported them)
+and what went wrong with memory jobs (failed jobs' errors, jobs' notes).
+
 Read-only. Everything comes from ``engine.admin.AdminReader`` (the admin path);
 this screen runs no SQL. It is shown in demos to prove isolation by eye, so it
 shows no UUIDs or clock times (session titles and counts instead), orders by
@@ -34,8 +37,10 @@ from engine.admin import (
     AuditCheck,
     AuditResult,
     JobCounts,
+    JobProblem,
     MemoryOverview,
     SessionOverview,
+    TokenUsage,
     UserOverview,
 )
 from engine.terminal import terminal_safe
@@ -75,6 +80,7 @@ def _jobs_text(jobs: JobCounts) -> Text:
         (jobs.running, "running", "cyan"),
         (jobs.done, "done", ""),
         (jobs.failed, "failed", "bold red"),
+        (jobs.noted, "with a note", "yellow"),
     ]
     shown = [(n, label, style) for n, label, style in parts if n]
     if not shown:
@@ -102,6 +108,56 @@ def user_summary(user: UserOverview) -> Text:
         text.append(*dot)
     text.append_text(_jobs_text(user.jobs))
     return text
+
+
+def _tokens(usage: TokenUsage) -> str:
+    return f"{usage.prompt:,} in / {usage.completion:,} out"
+
+
+def tokens_text(user: UserOverview) -> Text | None:
+    """``tokens: chat 1,204 in / 96 out · memory 2,410 in / 120 out``; None if none reported."""
+    parts = [
+        (label, usage)
+        for label, usage in (("chat", user.chat_tokens), ("memory", user.memory_tokens))
+        if usage is not None
+    ]
+    if not parts:
+        return None  # unknown is not zero: say nothing
+    text = Text("tokens: ", style="dim")
+    for i, (label, usage) in enumerate(parts):
+        if i:
+            text.append(" · ", style="dim")
+        text.append(f"{label} ", style="dim")
+        text.append(_tokens(usage))
+    return text
+
+
+def _problem_text(problem: JobProblem) -> Text:
+    text = Text()
+    if problem.status == "failed":
+        tries = _plural(problem.attempts, "attempt")
+        text.append(f"{FAIL_MARK} Failed job ({tries}): ", style="bold red")
+        text.append_text(literal(problem.error or "(no error recorded)", "red"))
+    if problem.note:
+        if text:
+            text.append("\n  ")
+        text.append("Job note: ", style="bold yellow")
+        text.append_text(literal(problem.note, "yellow"))
+    return text
+
+
+def jobs_renderable(user: UserOverview) -> RenderableType | None:
+    """The newest failed jobs' errors and jobs' notes; None when there are none."""
+    jobs = user.jobs
+    if not jobs.problems:
+        return None
+    lines = [_problem_text(problem) for problem in jobs.problems]
+    hidden = jobs.problem_total - len(jobs.problems)
+    if hidden > 0:
+        more = Text(f"… and {hidden} more; all of them: memchat jobs --user ", style="dim")
+        more.append_text(literal(user.user_id, "dim"))
+        lines.append(more)
+    return Group(*lines)
 
 
 def user_title(user: UserOverview) -> Text:
@@ -214,6 +270,9 @@ def user_renderable(
         else Text("No memories.", "dim italic")
     )
     parts: list[RenderableType] = [user_summary(user)]
+    tokens = tokens_text(user)
+    if tokens is not None:
+        parts.append(tokens)
     if wide:
         side_by_side = Table.grid(padding=(0, 4))
         # Wide enough for a sessions table, so memories line up across users.
@@ -223,10 +282,9 @@ def user_renderable(
         parts.append(side_by_side)
     else:
         parts += [sessions, memories]
-    if user.jobs.last_error:
-        parts.append(
-            Text.assemble(("Last failed job: ", "bold red"), literal(user.jobs.last_error, "red"))
-        )
+    jobs = jobs_renderable(user)
+    if jobs is not None:
+        parts.append(jobs)
     return Group(*parts)
 
 
