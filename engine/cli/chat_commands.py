@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any
 
@@ -80,6 +81,9 @@ async def _pick_session(store: Store, user_id: str, session: str | None, new: bo
 
 async def chat_command(args: argparse.Namespace, settings: Settings) -> int:
     text = _read_text(args.text)
+    if not args.verbose:
+        # This command reports its job's outcome in one line of its own.
+        logging.getLogger("engine.jobs").setLevel(logging.ERROR)
     # No dispatcher: this process learns from its own turn only, never from
     # another user's queued jobs (which may be meant for another model).
     async with open_runtime(settings, run_workers=False) as rt:
