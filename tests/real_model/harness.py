@@ -48,7 +48,9 @@ CAPTURED = Path(__file__).resolve().parent / "captured"
 # Without prebuilt wheels pip builds llama.cpp from source; a native build
 # crashed on these VMs (they advertise AMX they cannot run).
 SOURCE_BUILD_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX512=OFF"
-THREADS = int(os.environ.get("REAL_MODEL_THREADS", "2"))
+# One thread: on a busy 2-core machine two llama.cpp threads spin on each other
+# (100 tokens: 2 s with one thread, 37 s with two, at load 8).
+THREADS = int(os.environ.get("REAL_MODEL_THREADS", "1"))
 
 
 class NotAvailable(Exception):

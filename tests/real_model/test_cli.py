@@ -1,0 +1,194 @@
+"""``memchat chat``, ``jobs``, ``memories``, ``history``, ``doctor`` and ``scenario seed``
+against a real small model, in every extraction mode, on both llama.cpp servers.
+
+Pass conditions are memchat's own: replies stream and are stored, every memory
+job ends done or failed with an error (none left pending or running, none
+missing), the doctor is green. What the 135M model remembers is a figure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.real_model.conftest import Report, model_env
+from tests.real_model.drive import SETTLED, Memchat, turn_timings
+from tests.real_model.harness import ENABLED, SKIP_REASON, LlamaServer
+
+if not ENABLED:
+    pytest.skip(SKIP_REASON, allow_module_level=True)
+
+pytestmark = [pytest.mark.real_model, pytest.mark.db]
+
+TURNS = (
+    "My name is Alice and I like kites.",
+    "I work as a nurse in Lisbon and I have a dog named Rex.",
+)
+
+# Every extraction mode on both servers: "tools" on the server without
+# function calling shows what a user who forces tools there gets.
+MODES = [
+    ("fc", "auto"),
+    ("fc", "tools"),
+    ("fc", "json"),
+    ("plain", "auto"),
+    ("plain", "tools"),
+    ("plain", "json"),
+]
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "none.toml"
+    path.touch()
+    return path
+
+
+def job_problems(jobs: list[dict[str, Any]]) -> list[str]:
+    """Jobs not settled, or failed without saying why."""
+    problems = []
+    for job in jobs:
+        if job["status"] not in SETTLED:
+            problems.append(f"job {job['job_id']} left {job['status']}")
+        elif job["status"] == "failed" and not (job.get("last_error") or "").strip():
+            problems.append(f"job {job['job_id']} failed without an error")
+    return problems
+
+
+def doctor_problems(done: Any) -> list[str]:
+    try:
+        found = json.loads(done.stdout)
+    except ValueError:
+        return [f"memchat doctor --json exited {done.returncode}: {done.stderr.strip()}"]
+    bad = [
+        f"doctor: {c['name']}: {c['detail']} (fix: {c.get('fix')})"
+        for c in found.get("checks", [])
+        if not c.get("ok")
+    ]
+    if done.returncode != 0:
+        return [f"memchat doctor exited {done.returncode}", *bad]
+    return []
+
+
+@pytest.mark.parametrize(
+    ("server", "extraction"), MODES, indirect=["server"], ids=[f"{s}-{m}" for s, m in MODES]
+)
+def test_chat_streams_stores_and_settles_every_memory_job(
+    server: LlamaServer, extraction: str, database_dsn: str, config: Path, report: Report
+) -> None:
+    memchat = Memchat(database_dsn, config, model_env(server, extraction))
+    user = "alice@example.com"
+    problems: list[str] = []
+    runs = []
+    for text in TURNS:
+        run = memchat.chat(user, text)
+        runs.append(run)
+        if run.code != 0:
+            problems.append(f"chat {text!r} exited {run.code}: {run.stderr.strip()}")
+        if not run.stdout.strip():
+            problems.append(f"chat {text!r}: no reply text on stdout")
+
+    history = memchat.history(user)
+    replies = [m for m in history if m["role"] == "assistant"]
+    jobs = memchat.jobs(user)
+    memories = memchat.memories(user)
+    doctor = memchat.run("doctor", "--json")
+    by_reply = {job["assistant_message_id"]: job for job in jobs}
+
+    turns = []
+    for run, reply in zip(runs, replies, strict=False):
+        turns.append(turn_timings(run, by_reply.get(reply["message_id"])))
+    report.add(
+        kind="chat",
+        server=server.name,
+        extraction=extraction,
+        turns=turns,
+        replies=[{"status": r["status"], "content": r["content"]} for r in replies],
+        stderr=[run.stderr.strip() for run in runs if run.stderr.strip()],
+        job_states=[job["status"] for job in reversed(jobs)],
+        jobs=[turn.get("job") for turn in turns],
+        memories=[m["content"] for m in memories],
+        doctor={"exit": doctor.returncode, "stdout": doctor.stdout, "stderr": doctor.stderr},
+        problems=None,
+    )
+
+    # Replies streamed (several writes to stdout) and are stored complete, as streamed.
+    if len(replies) != len(TURNS):
+        problems.append(f"{len(replies)} replies stored for {len(TURNS)} turns")
+    for run, reply in zip(runs, replies, strict=False):
+        if reply["status"] != "complete":
+            problems.append(f"reply {reply['message_id']} is {reply['status']}: {reply['error']}")
+        elif reply["content"].strip() != run.stdout.strip():
+            problems.append(f"reply {reply['message_id']} stored differs from what streamed")
+        if len(reply["content"].split()) > 3 and run.reads < 2:
+            problems.append(f"reply {reply['message_id']} came in one piece (not streamed)")
+    # One job per stored reply, each settled.
+    for reply in replies:
+        if reply["status"] == "complete" and reply["message_id"] not in by_reply:
+            problems.append(f"no memory job for reply {reply['message_id']}")
+    problems += job_problems(jobs)
+    problems += doctor_problems(doctor)
+
+    report.runs[-1]["problems"] = problems or None
+    report.write()
+    assert not problems, "\n".join(problems)
+
+
+SEEDS = [("fc", "auto"), ("plain", "json")]
+
+
+@pytest.mark.parametrize(
+    ("server", "extraction"), SEEDS, indirect=["server"], ids=[f"{s}-{m}" for s, m in SEEDS]
+)
+def test_scenario_seed_reports_honestly_and_settles_every_job(
+    server: LlamaServer, extraction: str, database_dsn: str, config: Path, report: Report
+) -> None:
+    memchat = Memchat(database_dsn, config, model_env(server, extraction))
+    done = memchat.run("scenario", "seed", "--json", timeout=1800)
+    problems: list[str] = []
+    try:
+        seed = json.loads(done.stdout)
+    except ValueError:
+        pytest.fail(f"scenario seed --json exited {done.returncode}: {done.stderr.strip()}")
+    jobs = memchat.jobs()
+    users = list(seed.get("users", {}))
+    stored = {user: [m["content"] for m in memchat.memories(user)] for user in users}
+    report.add(
+        kind="seed",
+        server=server.name,
+        extraction=extraction,
+        exit=done.returncode,
+        stderr=done.stderr.strip(),
+        seed=seed,
+        job_states=[job["status"] for job in reversed(jobs)],
+        memories=[m for user in users for m in stored[user]],
+        problems=None,
+    )
+
+    if seed.get("failed_turns"):
+        problems.append(f"failed turns: {seed['failed_turns']}")
+    problems += job_problems(jobs)
+    if len(jobs) != seed.get("runs"):
+        problems.append(f"{len(jobs)} memory jobs for {seed.get('runs')} turns")
+    # Honest: ok and the exit code agree with the jobs, and the memories it
+    # printed are the ones stored.
+    failed = [job for job in jobs if job["status"] == "failed"]
+    expect_ok = not failed and not seed.get("failed_turns")
+    if seed.get("ok") is not expect_ok or (done.returncode == 0) is not expect_ok:
+        problems.append(
+            f"seed says ok={seed.get('ok')} (exit {done.returncode}) "
+            f"with {len(failed)} failed jobs: {done.stderr.strip()}"
+        )
+    unsettled = {job["job_id"] for job in seed.get("unsettled_jobs", [])}
+    if unsettled != {job["job_id"] for job in failed}:
+        problems.append(f"seed lists unsettled jobs {sorted(unsettled)}, failed are {failed}")
+    for user in users:
+        if sorted(seed["users"][user]) != sorted(stored[user]):
+            problems.append(f"{user}: seed printed {seed['users'][user]}, stored {stored[user]}")
+    # A failed job is allowed (a tiny model), but only with its reason.
+    report.runs[-1]["problems"] = problems or None
+    report.write()
+    assert not problems, "\n".join(problems)
