@@ -15,11 +15,12 @@ from engine.cli.doctor_commands import doctor_broken_settings, format_line
 from engine.config import Settings
 from engine.db import Database
 from engine.db.migrate import available_migrations
-from engine.doctor import CheckResult, diagnose, model_check
+from engine.doctor import CheckResult, diagnose, model_check, probe_checks
 from engine.errors import ConfigError
+from engine.extraction import EndpointModes
 from engine.store import Store
 from tests.conftest import make_settings
-from tests.fake_openai import FakeOpenAI
+from tests.fake_openai import FakeOpenAI, canned_json, canned_sse
 
 pytestmark = [pytest.mark.db]
 
@@ -175,7 +176,8 @@ def test_doctor_json_shape(memchat: Run) -> None:
     assert result.returncode == 1
     body = json.loads(result.stdout)
     assert set(body) == {"ok", "checks"} and body["ok"] is False
-    assert [c["name"] for c in body["checks"]] == ALL_CHECKS
+    # An unreachable model is not probed further.
+    assert [c["name"] for c in body["checks"]] == ALL_CHECKS[:-1]
     for check in body["checks"]:
         assert set(check) == {"name", "ok", "detail", "fix"}
         assert (check["fix"] is None) == check["ok"]
@@ -200,7 +202,12 @@ def test_doctor_command_with_an_unreachable_database(memchat: Run) -> None:
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     # The checks that need the database are skipped; the model is still checked.
-    assert [line[9:].split(":", 1)[0] for line in lines] == ["settings", "database", "model"]
+    assert [line[9:].split(":", 1)[0] for line in lines] == [
+        "settings",
+        "database",
+        "model",
+        "memory extraction",
+    ]
     assert lines[1].startswith("problem  database: cannot connect to postgresql://me:***@")
     assert lines[1].endswith("-> is PostgreSQL running? check database.url (MEMCHAT_DATABASE__URL)")
     assert "hunter2" not in result.stdout + result.stderr
@@ -229,3 +236,76 @@ def test_doctor_command_reports_a_broken_settings_file_as_a_problem(
     assert result.returncode == 1
     assert result.stdout.startswith(f"problem  settings: {bad}: invalid TOML")
     assert result.stdout.rstrip().endswith("-> fix the line named above or remove the file")
+
+
+# -- the probe: a few real tokens ---------------------------------------------------
+
+
+def _fake_model(tmp_path: Path, fake: FakeOpenAI, **memory: str) -> Settings:
+    return make_settings(
+        tmp_path,
+        model={"base_url": fake.base_url, "api_key": "sk-doctor-test", "name": "m1"},
+        memory=memory,
+    )
+
+
+async def test_the_probe_streams_a_reply_and_learns_the_extraction_form(
+    tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    results = by_name(await probe_checks(_fake_model(tmp_path, fake)))
+    assert results["model stream"].ok and "a reply streamed" in results["model stream"].detail
+    extraction = results["memory extraction"]
+    assert extraction.ok
+    assert extraction.detail == (
+        f"tools for m1 @ {fake.base_url.rstrip('/')} "
+        "(auto: the endpoint returned a forced tool call)"
+    )
+    probe = fake.requests[-1]
+    assert probe["tool_choice"] == {"type": "function", "function": {"name": "memchat_probe"}}
+    assert probe["max_tokens"] == 64, "a few tokens, not a full reply"
+    learnt = EndpointModes().get(f"m1 @ {fake.base_url.rstrip('/')}")
+    assert learnt is not None and learnt.mode == "tools", "what jobs will use, learnt now"
+
+
+async def test_an_endpoint_refusing_tools_is_json_under_auto_and_a_problem_under_tools(
+    tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    refusal = canned_json({"error": "llama3 does not support tools"}, status=400)
+    reply = canned_sse([{"choices": [{"index": 0, "delta": {"content": "OK"}}]}])
+    fake.queue_response(reply, refusal)
+    extraction = by_name(await probe_checks(_fake_model(tmp_path, fake)))["memory extraction"]
+    assert extraction.ok and extraction.detail.startswith("json for m1 @ ")
+    assert "the endpoint refuses tools" in extraction.detail
+
+    fake.queue_response(reply, refusal)
+    settings = _fake_model(tmp_path, fake, extraction="tools")
+    extraction = by_name(await probe_checks(settings))["memory extraction"]
+    assert not extraction.ok
+    assert extraction.detail.startswith("tools is set, but the endpoint refuses tools")
+    assert extraction.fix == 'set memory.extraction = "auto" or "json"'
+
+
+async def test_a_chat_model_that_streams_nothing_is_a_problem(
+    tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    fake.queue_response(
+        canned_sse([{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}])
+    )
+    stream = by_name(await probe_checks(_fake_model(tmp_path, fake)))["model stream"]
+    assert not stream.ok and stream.detail == "the endpoint streamed an empty reply"
+
+
+def test_doctor_command_shows_the_probe_and_no_probe_skips_it(
+    memchat: Run, fake: FakeOpenAI
+) -> None:
+    env = {"OPENAI_BASE_URL": fake.base_url, "MEMCHAT_MODEL__NAME": "m1"}
+    result = memchat("doctor", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    names = [line[9:].split(":", 1)[0] for line in result.stdout.splitlines()]
+    assert names[-3:] == ["model", "model stream", "memory extraction"]
+    chats = fake.request_count
+    assert chats == 2  # one short reply, one forced tool call
+
+    result = memchat("doctor", "--no-probe", env=env)
+    assert result.returncode == 0
+    assert "model stream" not in result.stdout and fake.request_count == chats

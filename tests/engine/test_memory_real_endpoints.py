@@ -400,3 +400,46 @@ async def test_every_request_carries_max_tokens(rt_factory: Any, fake: FakeOpenA
     chat, memory = fake.requests[-2:]
     assert chat.get("max_tokens") == 2048 and memory.get("max_tokens") == 77
     assert json.dumps(memory).count("add_memory") >= 1
+
+
+async def test_a_memory_model_of_its_own(
+    tmp_path: Path, database_dsn: str, fake: FakeOpenAI
+) -> None:
+    with FakeOpenAI() as memory_server:
+        settings = make_settings(
+            tmp_path,
+            database={"url": database_dsn},
+            model={"base_url": fake.base_url, "api_key": "sk-chat-only-secret", "name": "big"},
+            memory={
+                "base_url": memory_server.base_url,
+                "model": "small",
+                "max_tokens": 99,
+                "extraction": "tools",
+            },
+        )
+        async with open_runtime(settings, run_workers=False) as rt:
+            job_id = await _turn(rt, "ann", "My name is Ann.")
+            job = await _settle(rt, "ann", job_id)
+        assert job.status == "done"
+        assert [r["model"] for r in fake.requests] == ["big"], "chat only"
+        extraction = memory_server.requests[-1]
+        assert (extraction["model"], extraction["max_tokens"]) == ("small", 99)
+        assert "tools" in extraction
+
+
+def test_the_chat_key_goes_only_to_the_chat_endpoint() -> None:
+    from pydantic import SecretStr
+
+    from engine.config import MemorySettings, ModelSettings, memory_model_settings
+
+    chat = ModelSettings(base_url="https://api.example/v1", api_key=SecretStr("sk-chat"))
+    same = memory_model_settings(chat, MemorySettings(model="mini"))
+    assert same.api_key == chat.api_key and same.base_url == chat.base_url and same.name == "mini"
+    other = memory_model_settings(chat, MemorySettings(base_url="http://127.0.0.1:8080/v1"))
+    assert other.api_key is None and other.base_url == "http://127.0.0.1:8080/v1"
+    own = memory_model_settings(
+        chat, MemorySettings(base_url="http://h/v1", api_key=SecretStr("sk-mem"))
+    )
+    assert own.api_key is not None and own.api_key.get_secret_value() == "sk-mem"
+    offline = memory_model_settings(ModelSettings(), MemorySettings())
+    assert offline.resolved_provider == "offline"
