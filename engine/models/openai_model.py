@@ -3,8 +3,8 @@
 Retries and timeouts are the client's own (``max_retries``, ``timeout``);
 this module adds no retry loop of its own except one-time fallbacks for
 servers that reject a request field (``stream_options``, ``response_format``,
-``max_tokens``): each is dropped or renamed once and remembered for the life
-of the instance. Every failure leaves as a
+``max_tokens``, a named ``tool_choice``): each is dropped or changed once and
+remembered for the life of the instance. Every failure leaves as a
 :class:`~engine.models.base.ModelError` whose message is one line naming the
 model and endpoint, and never the API key.
 
@@ -66,9 +66,9 @@ STREAMED: dict[str, Any] = {"headers": {"X-Stainless-Raw-Response": "stream"}}
 MAX_ARGUMENT_DEPTH: Final = 10
 THINK_OPEN: Final = "<think>"
 THINK_CLOSE: Final = "</think>"
-# Each one-time fallback (stream_options, response_format, max_tokens) costs
-# at most one extra request.
-MAX_REQUEST_ADAPTATIONS: Final = 3
+# Each one-time fallback (stream_options, response_format, max_tokens, and
+# the two of tool_choice) costs at most one extra request.
+MAX_REQUEST_ADAPTATIONS: Final = 5
 
 _KEY_LIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,})")
 # A server or model that refuses the ``tools`` field, in the words real
@@ -152,6 +152,10 @@ class OpenAIChatModel:
         self._send_response_format = True
         # Newer OpenAI (reasoning) models reject max_tokens and want this name.
         self._tokens_field = "max_tokens"
+        # How a forced call is asked for: by name, else "required" (llama.cpp
+        # takes only the string forms; OpenRouter may route to no provider
+        # that takes a named one), else not at all.
+        self._tool_choice_forms: tuple[str, ...] = ("named", "required", "omitted")
         # One client for the life of this model (one per runtime): its
         # connection pool is shared by every turn and memory job. aiohttp is
         # the client's documented transport for many concurrent requests; it
@@ -269,6 +273,11 @@ class OpenAIChatModel:
                 body["stream_options"] = {"include_usage": True}
         if json_object and self._send_response_format:
             body["response_format"] = {"type": "json_object"}
+        if "tool_choice" in body and self._tool_choice_forms[0] != "named":
+            if self._tool_choice_forms[0] == "required":
+                body["tool_choice"] = "required"
+            else:
+                del body["tool_choice"]
         return body
 
     async def _send(
@@ -284,7 +293,11 @@ class OpenAIChatModel:
                     body=body,
                     options=STREAMED if stream else {},
                 )
-            except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+            except (
+                openai.BadRequestError,
+                openai.NotFoundError,
+                openai.UnprocessableEntityError,
+            ) as exc:
                 if self._adapt(_server_error(exc), body):
                     continue
                 raise self._translate(exc, streaming=False, tools=tools) from exc
@@ -306,6 +319,9 @@ class OpenAIChatModel:
             return True
         if "response_format" in body and error.mentions("response_format"):
             self._send_response_format = False
+            return True
+        if "tool_choice" in body and error.mentions("tool_choice") and not error.tools_refused:
+            self._tool_choice_forms = self._tool_choice_forms[1:] or ("omitted",)
             return True
         return False
 

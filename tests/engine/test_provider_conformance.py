@@ -1382,6 +1382,28 @@ async def test_request_force_sends_tool_choice(server: FakeOpenAI, model: OpenAI
     }
 
 
+async def test_request_named_tool_choice_fallback(
+    server: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    # https://github.com/zed-industries/zed/issues/36094 (OpenRouter)
+    refusal = canned_json(
+        '{"error":{"message":"No endpoints found that support the provided \'tool_choice\' '
+        "value. To learn more about provider routing, visit: "
+        'https://openrouter.ai/docs/provider-routing","code":404}}',
+        404,
+    )
+    server.queue_response(refusal, refusal)
+
+    first = await model.call_tools(MESSAGES, TOOLS[:1], force="add_memory")
+    second = await model.call_tools(MESSAGES, TOOLS[:1], force="add_memory")
+
+    assert [call.name for call in (*first.tool_calls, *second.tool_calls)] == ["add_memory"] * 2
+    named, required, omitted, later = server.requests
+    assert named["tool_choice"] == {"type": "function", "function": {"name": "add_memory"}}
+    assert required["tool_choice"] == "required"
+    assert "tool_choice" not in omitted and "tool_choice" not in later
+
+
 async def test_request_max_completion_tokens_fallback(
     server: FakeOpenAI, model: OpenAIChatModel
 ) -> None:
