@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-external bench lint format clean
+.PHONY: demo test test-external test-real-model bench lint format clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -28,6 +28,16 @@ test: $(STAMP)
 test-external: $(STAMP)
 	@test -n "$(MEMCHAT_TEST_DSN)" || { echo "set MEMCHAT_TEST_DSN"; exit 2; }
 	MEMCHAT_TEST_DSN='$(MEMCHAT_TEST_DSN)' $(BIN)/python -m pytest tests/engine -m "db and not slow" $(PYTEST_ARGS)
+
+# memchat against a real small model: llama.cpp's OpenAI-compatible server (in
+# .venv-llama/; prebuilt from ../shared/wheels when that folder has the wheel)
+# serving SmolLM2-135M (in .cache/real-model/), twice: with and without function
+# calling. The tests skip with the reason when either cannot be had. Figures
+# (memories per extraction mode, per-turn timings) go to .cache/real-model/summary.json.
+# See docs/real-model.md.
+test-real-model: $(STAMP)
+	-$(BIN)/python -m tests.real_model.harness
+	REAL_MODEL_TESTS=1 $(BIN)/python -m pytest tests/real_model -m real_model $(PYTEST_ARGS)
 
 # Every benchmark (a few minutes); BENCH_ARGS="cost --json" for some of them.
 bench: $(STAMP)

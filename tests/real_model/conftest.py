@@ -123,19 +123,21 @@ class Report:
             jobs = run.get("job_states")
             out.append(f"  {head} {count:<12} jobs {jobs}  {run.get('problems') or ''}".rstrip())
             for turn in run.get("turns", ()):
-                out.append(
-                    "      turn: first text {ttft_s}s, reply stored {reply_s}s, "
-                    "extraction {extraction_s}s, whole command {total_s}s".format(
-                        **{k: turn.get(k) for k in ("ttft_s", "reply_s", "extraction_s")},
-                        total_s=turn.get("total_s"),
-                    )
+                figures = ", ".join(
+                    f"{key} {turn[key]}s" for key in TIMINGS if turn.get(key) is not None
                 )
+                out.append(f"      {turn.get('text', '')[:40]!r}: {figures}")
+                job = turn.get("job") or {}
+                if job.get("note") or job.get("last_error"):
+                    says = job.get("last_error") or job.get("note")
+                    out.append(f"        job {job.get('job_id')} {job.get('status')}: {says}")
         out.append("memories extracted per server/mode: " + json.dumps(self.memories_by_mode()))
         out.append(f"summary: {SUMMARY}")
         return out
 
 
 _REPORT: Report | None = None
+TIMINGS = ("ttft_s", "first_text_s", "reply_s", "extraction_s", "job_settled_s", "total_s")
 
 
 def _commit() -> str | None:

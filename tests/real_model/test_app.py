@@ -1,0 +1,160 @@
+"""The app (headless, driven with Pilot) against a real small model.
+
+Type a message, see the reply stream into the pane and be stored, and wait
+(on state, not on time) for the memory job to settle and the sidebar to
+show what the database holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.conftest import make_settings
+from tests.real_model.conftest import DRAIN_TIMEOUT_S, Report, model_env
+from tests.real_model.drive import SETTLED
+from tests.real_model.harness import ENABLED, SKIP_REASON, LlamaServer
+from tests.tui.conftest import wait_until
+from tui.app import MemchatApp
+from tui.widgets.messages import AssistantMessage
+
+if not ENABLED:
+    pytest.skip(SKIP_REASON, allow_module_level=True)
+
+pytestmark = [pytest.mark.real_model, pytest.mark.db]
+
+USER = "alice@example.com"
+TEXT = "My name is Alice and I like kites."
+MODES = [("fc", "auto"), ("plain", "json")]
+
+
+async def _rows(dsn: str, query: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(query)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize(
+    ("server", "extraction"), MODES, indirect=["server"], ids=[f"{s}-{m}" for s, m in MODES]
+)
+async def test_app_streams_a_reply_and_its_memory_job_settles(
+    server: LlamaServer,
+    extraction: str,
+    database_dsn: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    report: Report,
+) -> None:
+    for name, value in model_env(server, extraction).items():
+        monkeypatch.setenv(name, value)
+    settings = make_settings(tmp_path, database={"url": database_dsn})
+    assert settings.model.base_url == server.base_url  # the environment was read
+    app = MemchatApp(
+        settings, [USER], animate=False, highlight_seconds=0, demo_char_delay=0, tune_gc=False
+    )
+    timings: dict[str, float | None] = {}
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        pane = app.pane_of(USER)
+        assert pane is not None
+        assert app.focused is pane.input
+        await pilot.press(*TEXT)
+        assert pane.input.value == TEXT
+        started = time.monotonic()
+        await pilot.press("enter")
+
+        def replies() -> list[AssistantMessage]:
+            return list(pane.query(AssistantMessage))
+
+        # Streaming: text shows while the turn is still running.
+        streamed_while_busy = False
+
+        def some_text() -> bool:
+            nonlocal streamed_while_busy
+            found = replies()
+            if found and found[-1].source.strip():
+                streamed_while_busy = pane.busy
+                return True
+            return False
+
+        await wait_until(some_text, within=DRAIN_TIMEOUT_S, step=0.01)
+        timings["first_text_s"] = round(time.monotonic() - started, 2)
+        await wait_until(lambda: not pane.busy, within=DRAIN_TIMEOUT_S)
+        timings["reply_s"] = round(time.monotonic() - started, 2)
+        shown = replies()[-1].source
+
+        async def job_settled() -> bool:
+            jobs = await _rows(database_dsn, "SELECT status FROM memory_jobs")
+            return bool(jobs) and all(job["status"] in SETTLED for job in jobs)
+
+        await wait_until(job_settled, within=DRAIN_TIMEOUT_S, step=0.2)
+        timings["job_settled_s"] = round(time.monotonic() - started, 2)
+        jobs = await _rows(database_dsn, "SELECT * FROM memory_jobs ORDER BY job_id")
+        memories = await _rows(database_dsn, "SELECT content FROM memories ORDER BY created_at")
+        stored = [m["content"] for m in memories]
+        # The sidebar follows the database (through NOTIFY), and the job spinner stops.
+        sidebar_ok = True
+        try:
+            await wait_until(
+                lambda: (
+                    sorted(m.content for m in pane.sidebar._memories) == sorted(stored)
+                    and pane.sidebar.job_state != "running"
+                ),
+                within=30,
+            )
+        except AssertionError:
+            sidebar_ok = False
+        sidebar = [m.content for m in pane.sidebar._memories]
+        job_state = pane.sidebar.job_state
+        job_error = pane.sidebar.job_error
+        await asyncio.sleep(0)
+    messages = await _rows(
+        database_dsn, "SELECT role, content, status, error FROM messages ORDER BY message_id"
+    )
+    report.add(
+        kind="tui",
+        server=server.name,
+        extraction=extraction,
+        turns=[{"text": TEXT, **timings}],
+        replies=[dict(m) for m in messages if m["role"] == "assistant"],
+        job_states=[job["status"] for job in jobs],
+        jobs=[
+            {
+                k: job[k]
+                for k in ("job_id", "status", "attempts", "extraction", "last_error", "note")
+            }
+            for job in jobs
+        ],
+        memories=stored,
+        sidebar={"memories": sidebar, "job_state": job_state, "job_error": job_error},
+        problems=None,
+    )
+
+    problems = []
+    if not streamed_while_busy:
+        problems.append("the reply's text appeared only after the turn ended (not streamed)")
+    assistant = [m for m in messages if m["role"] == "assistant"]
+    if len(assistant) != 1 or assistant[0]["status"] != "complete":
+        problems.append(f"stored replies: {[dict(m) for m in assistant]}")
+    elif assistant[0]["content"].strip() != shown.strip():
+        problems.append(
+            f"stored reply {assistant[0]['content']!r} differs from the shown {shown!r}"
+        )
+    if len(jobs) != 1:
+        problems.append(f"{len(jobs)} memory jobs for one turn")
+    for job in jobs:
+        if job["status"] == "failed" and not (job["last_error"] or "").strip():
+            problems.append(f"job {job['job_id']} failed without an error")
+        if job["status"] == "failed" and job_state != "failed":
+            problems.append(f"job {job['job_id']} failed but the sidebar shows {job_state!r}")
+    if not sidebar_ok:
+        problems.append(f"sidebar shows {sidebar} (job {job_state!r}), the database holds {stored}")
+    report.runs[-1]["problems"] = problems or None
+    report.write()
+    assert not problems, "\n".join(problems)
