@@ -123,7 +123,8 @@ def tokens_text(user: UserOverview) -> Text | None:
     ]
     if not parts:
         return None  # unknown is not zero: say nothing
-    text = Text("tokens: ", style="dim")
+    text = Text()
+    text.append("tokens: ", style="dim")
     for i, (label, usage) in enumerate(parts):
         if i:
             text.append(" · ", style="dim")
