@@ -556,7 +556,11 @@ class UserScope:
                SET status = $3,
                    last_error = CASE WHEN $3 = 'done' THEN NULL
                                      ELSE COALESCE($4, last_error) END,
-                   note = COALESCE($7, note),
+                   -- A success keeps what earlier attempts ran into as history, not error.
+                   note = CASE WHEN $3 = 'done' AND last_error IS NOT NULL
+                               THEN concat_ws('; ', COALESCE($7, note),
+                                              'succeeded after: ' || last_error)
+                               ELSE COALESCE($7, note) END,
                    extraction = COALESCE($8, extraction),
                    prompt_tokens = CASE WHEN $9::int IS NULL THEN prompt_tokens
                                         ELSE coalesce(prompt_tokens, 0) + $9 END,

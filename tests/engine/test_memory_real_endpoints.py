@@ -213,6 +213,7 @@ async def test_a_transient_failure_then_success_leaves_no_stale_error(
     fake.fail_next("500")
     job = await _settle(rt, "ann", job_id)
     assert (job.status, job.attempts, job.last_error) == ("done", 2, None)
+    assert job.note is not None and job.note.startswith("succeeded after: model server error")
     assert await _memories(rt, "ann") == ["My name is Ann."]
 
 
