@@ -115,17 +115,20 @@ class SeedResult:
         }
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def problem_line(failed_turns: int, runs: int, failed_jobs: int, open_jobs: int) -> str | None:
     """``7 of 8 turns failed; 1 memory job failed``, or None when nothing went wrong."""
     parts = []
     if failed_turns:
         parts.append(f"{failed_turns} of {runs} turns failed")
     if failed_jobs:
-        parts.append(f"{failed_jobs} memory {'job' if failed_jobs == 1 else 'jobs'} failed")
+        parts.append(_count(failed_jobs, "memory job failed", "memory jobs failed"))
     if open_jobs:
-        parts.append(
-            f"{open_jobs} memory {'job' if open_jobs == 1 else 'jobs'} still pending or running"
-        )
+        still = "still pending or running"
+        parts.append(_count(open_jobs, f"memory job {still}", f"memory jobs {still}"))
     return "; ".join(parts) or None
 
 
@@ -223,17 +226,18 @@ class LoadResult:
 
     def problem(self) -> str | None:
         """One line saying what went wrong, or None when the load was clean."""
+        replies_without_job = self.lost - self.open_jobs - self.failed_jobs
         parts = [
             problem_line(self.failed_turns, self.runs, self.failed_jobs, self.open_jobs),
             *(
-                f"{count} {name}"
-                for name, count in (
-                    ("memories naming another user", self.leaks),
+                _count(n, one, many)
+                for n, one, many in (
+                    (self.leaks, "memory names another user", "memories name another user"),
                     # ``lost`` counts open and failed jobs too, said above.
-                    ("replies without a memory job", self.lost - self.open_jobs - self.failed_jobs),
-                    ("duplicate memories", self.duplicates),
+                    (replies_without_job, "reply has no memory job", "replies have no memory job"),
+                    (self.duplicates, "duplicate memory", "duplicate memories"),
                 )
-                if count > 0
+                if n > 0
             ),
         ]
         if not self.jobs_idle and not self.open_jobs:

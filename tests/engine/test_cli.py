@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from engine.scenarios import SEED_SCRIPT
+from engine.scenarios import SEED_SCRIPT, LoadResult, problem_line
 from tests.fake_openai import FakeOpenAI
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
@@ -145,7 +145,7 @@ def test_missing_key_for_the_real_openai_endpoint_fails_at_start(memchat: Run) -
 
 def test_help_documents_exit_codes_and_every_command(memchat: Run) -> None:
     result = memchat("--help")
-    for command in ("chat", "sessions", "history", "users", "config"):
+    for command in ("chat", "sessions", "history", "users", "jobs", "config"):
         assert command in result.stdout
     assert "exit codes" in memchat("chat", "--help").stdout
 
@@ -312,8 +312,9 @@ def test_history_json_carries_token_usage(memchat: Run, fake: FakeOpenAI) -> Non
     chat = json.loads(memchat("chat", "--user", "alice", "--json", "hello", env=env).stdout)
     history = memchat("history", "--user", "alice", "--session", chat["session_id"], "--json")
     user_message, reply = json.loads(history.stdout)["messages"]
-    assert {"prompt_tokens", "completion_tokens"} <= set(user_message) <= set(reply)
-    assert user_message["prompt_tokens"] is None
+    # The fake server reports usage for the streamed reply; a user message has none.
+    assert (user_message["prompt_tokens"], user_message["completion_tokens"]) == (None, None)
+    assert reply["prompt_tokens"] > 0 and reply["completion_tokens"] > 0
 
 
 # -- scenarios report what failed --------------------------------------------------
@@ -334,6 +335,20 @@ def _endpoint(chat: FakeOpenAI, memory: FakeOpenAI | None = None) -> dict[str, s
 def _said(result: subprocess.CompletedProcess[str]) -> list[str]:
     """memchat's own lines on stderr (not log records, which -v would add anyway)."""
     return [line for line in result.stderr.splitlines() if line.startswith("memchat: ")]
+
+
+def test_problem_lines() -> None:
+    assert problem_line(0, 8, 0, 0) is None
+    assert problem_line(7, 8, 1, 2) == (
+        "7 of 8 turns failed; 1 memory job failed; 2 memory jobs still pending or running"
+    )
+    load = LoadResult(users=2, runs=4, jobs_idle=True)
+    assert load.ok and load.problem() is None
+    load.failed_jobs, load.lost, load.leaks = 1, 3, 1
+    assert load.problem() == (
+        "1 memory job failed; 1 memory names another user; 2 replies have no memory job"
+    )
+    assert not LoadResult(users=1, runs=1, jobs_idle=False).ok
 
 
 def test_seed_offline_succeeds_with_nothing_to_report(memchat: Run) -> None:
