@@ -10,7 +10,10 @@ default chat format) and saves, per server, under ``tests/real_model/captured/``
   answered with a tool call (``tool_choice`` forced when the model would not call);
 * ``<server>-tools-not-called.json``: the same tools, a turn with nothing to
   remember, answered with text and no call;
-* ``<server>-json-object.json``: a request with ``response_format`` ``json_object``.
+* ``<server>-json-object.json``: memchat's JSON extraction request, with
+  ``response_format`` ``json_object``;
+* ``<server>-probe-forced.json``: memchat's probe of tool calls (a forced call of
+  a dummy tool), which ``memory.extraction = "auto"`` and the doctor send.
 
 Each file holds the request, the HTTP status, the answer and the seconds it took.
 The prompts are memchat's own (engine.memory) where they exist.
@@ -40,11 +43,31 @@ FACT_TURN = (
 )
 SMALL_TALK_TURN = ("What time is it?", "I cannot see a clock, sorry.")
 
-JSON_SYSTEM = (
-    "You keep long-term memories about a user. Answer with one JSON object only: "
-    '{"add": ["short fact", ...], "update": [{"id": "m1", "memory": "..."}], '
-    '"delete": ["m2"]}. Use empty lists when nothing durable was said.'
-)
+
+def _json_system() -> str:
+    from engine.memory import JSON_SYSTEM_PROMPT
+
+    return JSON_SYSTEM_PROMPT
+
+
+def _probe() -> dict[str, Any]:
+    """memchat's probe of an endpoint's tool calls (memory.extraction = auto, doctor)."""
+    from engine.memory import PROBE_PROMPT, PROBE_TOOL
+
+    return {
+        "messages": [{"role": m.role, "content": m.content} for m in PROBE_PROMPT],
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": PROBE_TOOL.name,
+                    "description": PROBE_TOOL.description,
+                    "parameters": PROBE_TOOL.parameters,
+                },
+            }
+        ],
+        "tool_choice": {"type": "function", "function": {"name": PROBE_TOOL.name}},
+    }
 
 
 def _extraction_messages(turn: tuple[str, str]) -> tuple[list[dict[str, str]], list[Any]]:
@@ -155,12 +178,13 @@ def capture(server: LlamaServer, out: Path) -> list[Path]:
                 "max_tokens": 256,
                 "response_format": {"type": "json_object"},
                 "messages": [
-                    {"role": "system", "content": JSON_SYSTEM},
+                    {"role": "system", "content": _json_system()},
                     {"role": "user", "content": render_turn(FACT_TURN)},
                 ],
             },
         ),
     )
+    save("probe-forced", _post(url, {"model": MODEL_ALIAS, "max_tokens": 64, **_probe()}))
     return written
 
 

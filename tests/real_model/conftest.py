@@ -120,8 +120,10 @@ class Report:
             head = f"{run['server']:<24} {run.get('extraction', ''):<5} {run['kind']:<5}"
             memories = run.get("memories")
             count = f"{len(memories)} memories" if memories is not None else ""
-            jobs = run.get("job_states")
-            out.append(f"  {head} {count:<12} jobs {jobs}  {run.get('problems') or ''}".rstrip())
+            jobs = f"jobs {run['job_states']}" if "job_states" in run else ""
+            if run["kind"] == "doctor":
+                jobs = f"exit {run['exit']} in {run['seconds']}s"
+            out.append(f"  {head} {count:<12} {jobs}  {run.get('problems') or ''}".rstrip())
             for turn in run.get("turns", ()):
                 figures = ", ".join(
                     f"{key} {turn[key]}s" for key in TIMINGS if turn.get(key) is not None

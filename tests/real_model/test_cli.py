@@ -9,6 +9,7 @@ missing), the doctor is green. What the 135M model remembers is a figure.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,8 @@ def test_chat_streams_stores_and_settles_every_memory_job(
     replies = [m for m in history if m["role"] == "assistant"]
     jobs = memchat.jobs(user)
     memories = memchat.memories(user)
-    doctor = memchat.run("doctor", "--json")
+    # The model probes have a test of their own; here: the jobs and the database.
+    doctor = memchat.run("doctor", "--no-probe", "--json")
     by_reply = {job["assistant_message_id"]: job for job in jobs}
 
     turns = []
@@ -134,6 +136,35 @@ def test_chat_streams_stores_and_settles_every_memory_job(
 
     report.runs[-1]["problems"] = problems or None
     report.write()
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    ("server", "extraction"), MODES, indirect=["server"], ids=[f"{s}-{m}" for s, m in MODES]
+)
+def test_doctor_is_green(
+    server: LlamaServer, extraction: str, database_dsn: str, config: Path, report: Report
+) -> None:
+    """The whole doctor, model probes included (a short streamed reply, a forced tool call)."""
+    memchat = Memchat(database_dsn, config, model_env(server, extraction))
+    started = time.monotonic()
+    done = memchat.run("doctor", "--json")
+    took = round(time.monotonic() - started, 2)
+    problems = doctor_problems(done)
+    try:
+        checks = json.loads(done.stdout)["checks"]
+    except (ValueError, KeyError):
+        checks = None
+    report.add(
+        kind="doctor",
+        server=server.name,
+        extraction=extraction,
+        exit=done.returncode,
+        seconds=took,
+        checks=checks,
+        stderr=done.stderr.strip(),
+        problems=problems or None,
+    )
     assert not problems, "\n".join(problems)
 
 
