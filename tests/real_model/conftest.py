@@ -123,6 +123,8 @@ class Report:
             jobs = f"jobs {run['job_states']}" if "job_states" in run else ""
             if run["kind"] == "doctor":
                 jobs = f"exit {run['exit']} in {run['seconds']}s"
+            elif run["kind"] == "auto":
+                jobs = f"chose {run['chosen']}"
             out.append(f"  {head} {count:<12} {jobs}  {run.get('problems') or ''}".rstrip())
             for turn in run.get("turns", ()):
                 figures = ", ".join(

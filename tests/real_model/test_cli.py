@@ -168,6 +168,36 @@ def test_doctor_is_green(
     assert not problems, "\n".join(problems)
 
 
+AUTO_EXPECTED = [("fc", "tools"), ("plain", "json")]
+
+
+@pytest.mark.parametrize(
+    ("server", "expected"), AUTO_EXPECTED, indirect=["server"], ids=[s for s, _ in AUTO_EXPECTED]
+)
+def test_auto_extraction_picks_the_form_the_server_answers_in(
+    server: LlamaServer, expected: str, database_dsn: str, config: Path, report: Report
+) -> None:
+    """README: "Without a tool-calling chat format the server ignores `tools`; `auto`
+    extraction notices and uses `json`." The doctor shows the form auto chose."""
+    memchat = Memchat(database_dsn, config, model_env(server, "auto"))
+    done = memchat.run("doctor", "--json")
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    detail = checks.get("memory extraction", {}).get("detail", "")
+    chosen = detail.split(" ", 1)[0]
+    problem = None
+    if chosen != expected:
+        problem = f"auto chose {chosen!r}, expected {expected!r}: {detail}"
+    report.add(
+        kind="auto",
+        server=server.name,
+        extraction="auto",
+        chosen=chosen,
+        detail=detail,
+        problems=[problem] if problem else None,
+    )
+    assert problem is None, problem
+
+
 SEEDS = [("fc", "auto"), ("plain", "json")]
 
 
