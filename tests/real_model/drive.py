@@ -161,3 +161,19 @@ def turn_timings(run: ChatRun, job: dict[str, Any] | None) -> dict[str, Any]:
             )
         }
     return timings
+
+
+async def audit(database_url: str, tmp_path: Path) -> list[str]:
+    """engine.audit's invariants over the whole database: every turn has one outcome,
+    every completed reply one settled job, no leak, no duplicate. Problem lines."""
+    from engine.audit import audit_invariants
+    from engine.db import Database
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path, database={"url": database_url})
+    db = await Database.open(settings)
+    try:
+        found = await audit_invariants(db)
+    finally:
+        await db.close()
+    return [f"audit: {line}" for line in found.problems]

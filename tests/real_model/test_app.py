@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import make_settings
 from tests.real_model.conftest import DRAIN_TIMEOUT_S, Report, model_env
-from tests.real_model.drive import SETTLED
+from tests.real_model.drive import SETTLED, audit
 from tests.real_model.harness import ENABLED, SKIP_REASON, LlamaServer
 from tests.tui.conftest import wait_until
 from tui.app import MemchatApp
@@ -153,6 +153,7 @@ async def test_app_streams_a_reply_and_its_memory_job_settles(
             problems.append(f"job {job['job_id']} failed without an error")
         if job["status"] == "failed" and job_state != "failed":
             problems.append(f"job {job['job_id']} failed but the sidebar shows {job_state!r}")
+    problems += await audit(database_dsn, tmp_path)
     if not sidebar_ok:
         problems.append(f"sidebar shows {sidebar} (job {job_state!r}), the database holds {stored}")
     report.runs[-1]["problems"] = problems or None

@@ -8,6 +8,7 @@ missing), the doctor is green. What the 135M model remembers is a figure.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.real_model.conftest import Report, model_env
-from tests.real_model.drive import SETTLED, Memchat, turn_timings
+from tests.real_model.drive import SETTLED, Memchat, audit, turn_timings
 from tests.real_model.harness import ENABLED, SKIP_REASON, LlamaServer
 
 if not ENABLED:
@@ -133,6 +134,7 @@ def test_chat_streams_stores_and_settles_every_memory_job(
             problems.append(f"no memory job for reply {reply['message_id']}")
     problems += job_problems(jobs)
     problems += doctor_problems(doctor)
+    problems += asyncio.run(audit(database_dsn, config.parent))
 
     report.runs[-1]["problems"] = problems or None
     report.write()
@@ -250,6 +252,7 @@ def test_scenario_seed_reports_honestly_and_settles_every_job(
         if sorted(seed["users"][user]) != sorted(stored[user]):
             problems.append(f"{user}: seed printed {seed['users'][user]}, stored {stored[user]}")
     # A failed job is allowed (a tiny model), but only with its reason.
+    problems += asyncio.run(audit(database_dsn, config.parent))
     report.runs[-1]["problems"] = problems or None
     report.write()
     assert not problems, "\n".join(problems)
