@@ -13,7 +13,9 @@ default chat format) and saves, per server, under ``tests/real_model/captured/``
 * ``<server>-json-object.json``: memchat's JSON extraction request, with
   ``response_format`` ``json_object``;
 * ``<server>-probe-forced.json``: memchat's probe of tool calls (a forced call of
-  a dummy tool), which ``memory.extraction = "auto"`` and the doctor send.
+  a dummy tool), which ``memory.extraction = "auto"`` and the doctor send;
+* ``<server>-over-context.json`` and ``-over-context-stream.json``: a prompt
+  over the 4,096-token window, not streamed (HTTP 400) and streamed.
 
 Each file holds the request, the HTTP status, the answer and the seconds it took.
 The prompts are memchat's own (engine.memory) where they exist.
@@ -21,6 +23,7 @@ The prompts are memchat's own (engine.memory) where they exist.
 
 from __future__ import annotations
 
+import http.client
 import json
 import sys
 import time
@@ -100,6 +103,9 @@ def _post(url: str, body: dict[str, Any], *, stream: bool = False) -> dict[str, 
             raw = response.read().decode()
     except urllib.error.HTTPError as exc:
         status, raw = exc.code, exc.read().decode(errors="replace")
+    except http.client.IncompleteRead as exc:
+        # The body was cut off (a server that failed mid-stream): keep what came.
+        status, raw = 200, exc.partial.decode(errors="replace")
     elapsed = round(time.perf_counter() - started, 3)
     if stream and status == 200:
         events: list[Any] = []
@@ -185,7 +191,23 @@ def capture(server: LlamaServer, out: Path) -> list[Path]:
         ),
     )
     save("probe-forced", _post(url, {"model": MODEL_ALIAS, "max_tokens": 64, **_probe()}))
+
+    # Over the window: 8,500 characters of digits, about 2,800 tokens by memchat's
+    # estimate (3 characters a token), about 8,500 for SmolLM2's tokenizer.
+    over = {
+        "model": MODEL_ALIAS,
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": digits()}],
+    }
+    save("over-context", _post(url, over))
+    streamed = {**over, "stream": True, "stream_options": {"include_usage": True}}
+    save("over-context-stream", _post(url, streamed, stream=True))
     return written
+
+
+def digits(count: int = 1700) -> str:
+    """Digit groups: one token per digit for SmolLM2, a third of that by memchat's estimate."""
+    return " ".join(str(1000 + (i * 7919) % 9000) for i in range(count))
 
 
 def render_turn(turn: tuple[str, str]) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.real_model.capture import digits
 from tests.real_model.conftest import Report, model_env
 from tests.real_model.drive import SETTLED, Memchat, audit, turn_timings
 from tests.real_model.harness import ENABLED, SKIP_REASON, LlamaServer
@@ -255,4 +256,54 @@ def test_scenario_seed_reports_honestly_and_settles_every_job(
     problems += asyncio.run(audit(database_dsn, config.parent))
     report.runs[-1]["problems"] = problems or None
     report.write()
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("server", ["plain"], indirect=True)
+def test_a_message_over_the_real_window_fails_clearly_and_the_session_goes_on(
+    server: LlamaServer, database_dsn: str, config: Path, report: Report
+) -> None:
+    """8,500 characters of digits: about 2,800 tokens by memchat's estimate (three
+    characters a token), about 8,500 for SmolLM2's tokenizer (a token per digit),
+    twice the 4,096-token window. The turn may fail, but clearly (the README: a
+    message that cannot fit fails its turn, message kept), and the session must
+    stay usable: the next, short message gets a reply."""
+    memchat = Memchat(database_dsn, config, model_env(server, "json"))
+    user = "dora@example.com"
+    big = memchat.chat(user, digits())
+    after = memchat.chat(user, "Hello again. What can you do?")
+    history = memchat.history(user)
+    jobs = memchat.jobs(user)
+    problems: list[str] = []
+    replies = [m for m in history if m["role"] == "assistant"]
+    if big.code not in (0, 1):
+        problems.append(f"the long message: exit {big.code}: {big.stderr.strip()}")
+    if big.code == 1:
+        failed = replies[0] if replies else None
+        if failed is None or failed["status"] != "failed" or not failed["error"]:
+            problems.append(
+                f"the long message's failed reply is not stored with its error: {failed}"
+            )
+        elif "context" not in failed["error"].lower():
+            problems.append(
+                "the long message failed without saying it is over the context window: "
+                + failed["error"]
+            )
+    if after.code != 0:
+        problems.append(
+            "the next short message in the same session failed too "
+            f"(exit {after.code}): {after.stderr.strip()}"
+        )
+    problems += job_problems(jobs)
+    problems += asyncio.run(audit(database_dsn, config.parent))
+    report.add(
+        kind="over-window",
+        server=server.name,
+        extraction="json",
+        turns=[turn_timings(big, None), turn_timings(after, None)],
+        replies=[{"status": r["status"], "error": r["error"]} for r in replies],
+        stderr=[big.stderr.strip(), after.stderr.strip()],
+        job_states=[job["status"] for job in reversed(jobs)],
+        problems=problems or None,
+    )
     assert not problems, "\n".join(problems)
