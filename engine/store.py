@@ -31,6 +31,7 @@ from engine.records import (
     Session,
     User,
 )
+from engine.redact import scrub
 from engine.validation import (
     clean_text,
     clean_title,
@@ -194,7 +195,7 @@ class UserScope:
                 role,
                 content,
                 status,
-                storable(error) if error is not None else None,
+                _stored_error(error),
                 title,
             )
         except asyncpg.ForeignKeyViolationError:
@@ -492,7 +493,7 @@ class UserScope:
             job_id,
             worker,
             status,
-            storable(error) if error is not None else None,
+            _stored_error(error),
             retry_in,
             JOB_CHANNEL,
         )
@@ -571,6 +572,12 @@ class UserScope:
             actor,
             MEMORY_CHANNEL,
         )
+
+
+def _stored_error(error: str | None) -> str | None:
+    # Error text comes from model servers, which may echo the API key (with
+    # or without its sk- prefix): the configured secrets never reach a row.
+    return storable(scrub(error)) if error is not None else None
 
 
 def _memory(row: Any) -> Memory:
