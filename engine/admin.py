@@ -10,6 +10,7 @@ rows in Python, so its cost grows with the data, not with round trips per user.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from collections import defaultdict
@@ -24,7 +25,7 @@ import asyncpg
 from engine.db import Database
 from engine.db.migrate import APP_ROLE
 from engine.records import MemoryOp
-from engine.validation import printable
+from engine.validation import look_alikes, printable, validate_user_id
 
 USER_OWNED_TABLES = ("users", "sessions", "messages", "memories", "memory_events", "memory_jobs")
 
@@ -103,6 +104,8 @@ class UserOverview:
     jobs: JobCounts
     forgotten: int
     """Memories this user once had that have since been deleted."""
+    look_alikes: tuple[str, ...] = ()
+    """Other user ids that differ from this one only by look-alike characters (I/l/1, O/0)."""
 
     @property
     def messages(self) -> int:
@@ -231,7 +234,21 @@ class AdminReader:
                  GROUP BY user_id
                 """
             )
-        return _assemble_overview(users, sessions, memories, events, jobs)
+        overview = _assemble_overview(users, sessions, memories, events, jobs)
+        ids = [user.user_id for user in overview]
+        return [
+            dataclasses.replace(user, look_alikes=tuple(found))
+            if (found := look_alikes(user.user_id, ids))
+            else user
+            for user in overview
+        ]
+
+    async def look_alikes(self, user_id: str) -> list[str]:
+        """Existing user ids that could be mistaken for ``user_id`` (I/l/1, O/0, rn/m)."""
+        user_id = validate_user_id(user_id)
+        async with self._snapshot() as conn:
+            rows = await conn.fetch("SELECT user_id FROM users")
+        return look_alikes(user_id, (row["user_id"] for row in rows))
 
     # -- the isolation audit ------------------------------------------------
 

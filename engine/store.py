@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
@@ -103,7 +103,17 @@ class UserScope:
             self.user_id,
             storable(name),
         )
-        assert row is not None
+        if row is None:
+            # Another transaction inserted this user at the same moment: the
+            # INSERT waited for it and skipped, but the SELECT above ran on
+            # the statement's snapshot, taken before that commit. A new
+            # statement takes a new snapshot (READ COMMITTED) and sees it.
+            row = await self.conn.fetchrow(
+                "SELECT user_id, display_name, created_at FROM users WHERE user_id = $1",
+                self.user_id,
+            )
+        if row is None:
+            raise NotFound(f"user {printable(self.user_id)} was deleted while being created")
         return User(**row)
 
     async def delete_user(self) -> bool:
@@ -454,6 +464,25 @@ class UserScope:
             limit,
         )
         return [MemoryJob(**row) for row in rows]
+
+    async def job_state(self) -> tuple[Literal["idle", "running", "failed"], str | None]:
+        """What the sidebar shows: running while a job runs, else failed if the newest failed."""
+        row = await self.conn.fetchrow(
+            """
+            SELECT EXISTS (SELECT 1 FROM memory_jobs
+                            WHERE user_id = $1 AND status = 'running') AS running,
+                   newest.status, newest.last_error
+              FROM (SELECT 1) one
+              LEFT JOIN LATERAL (SELECT status, last_error FROM memory_jobs WHERE user_id = $1
+                                  ORDER BY job_id DESC LIMIT 1) newest ON true
+            """,
+            self.user_id,
+        )
+        if row["running"]:
+            return "running", None
+        if row["status"] == "failed":
+            return "failed", row["last_error"]
+        return "idle", None
 
     async def open_job_count(self) -> int:
         return await self.conn.fetchval(

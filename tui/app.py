@@ -24,7 +24,7 @@ from engine.events import JobChanged, Resync
 from engine.jobs import job_counts
 from engine.runtime import Runtime, open_runtime
 from engine.terminal import terminal_safe
-from engine.validation import validate_user_id
+from engine.validation import look_alikes, validate_user_id
 from tui.demo import DemoPlayer
 from tui.screens.dialogs import PromptDialog
 from tui.screens.help import HelpScreen
@@ -144,6 +144,7 @@ class MemchatApp(App[None]):
 
     async def add_pane(self, user_id: str) -> UserPane | None:
         assert self.runtime is not None
+        user_id = validate_user_id(user_id)  # the canonical (lower-cased) id
         if (existing := self.pane_of(user_id)) is not None:
             return existing
         if len(self.panes) >= MAX_PANES:
@@ -152,7 +153,28 @@ class MemchatApp(App[None]):
         pane = UserPane(self.runtime, user_id, self.pane_options)
         await self.query_one(".panes").mount(pane)
         self._apply_layout()
+        self.flag_look_alikes(user_id)
         return pane
+
+    @work(group="look-alikes")
+    async def flag_look_alikes(self, user_id: str) -> None:
+        """Warn when this id reads like another (aIice / alice): likely the wrong person."""
+        assert self.runtime is not None
+        try:
+            others = await AdminReader(self.runtime.db).look_alikes(user_id)
+        except MemchatError:
+            return  # the database status line reports an unreachable database
+        others += [p.user_id for p in self.panes if p.user_id not in others]
+        similar = look_alikes(user_id, others)
+        if similar:
+            self.notify(
+                f"{terminal_safe(user_id)} looks like {terminal_safe(', '.join(similar))}: "
+                "a different user. Check it is the one you mean.",
+                title="Look-alike user id",
+                severity="warning",
+                markup=False,
+                timeout=10,
+            )
 
     # -- status ------------------------------------------------------------
 
