@@ -116,6 +116,13 @@ class UserScope:
             raise NotFound(f"user {printable(self.user_id)} was deleted while being created")
         return User(**row)
 
+    async def get_user(self) -> User | None:
+        """This user, or None before first use."""
+        row = await self.conn.fetchrow(
+            "SELECT user_id, display_name, created_at FROM users WHERE user_id = $1", self.user_id
+        )
+        return User(**row) if row is not None else None
+
     async def delete_user(self) -> bool:
         """Remove this user and everything they own (sessions, messages, memories, jobs)."""
         status = await self.conn.execute("DELETE FROM users WHERE user_id = $1", self.user_id)

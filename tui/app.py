@@ -25,7 +25,7 @@ from engine.jobs import job_counts
 from engine.runtime import Runtime, open_runtime
 from engine.terminal import terminal_safe
 from engine.validation import look_alikes, validate_user_id
-from tui.demo import DemoPlayer
+from tui.demo import SCRIPTS, DemoPlayer
 from tui.screens.dialogs import PromptDialog
 from tui.screens.help import HelpScreen
 from tui.widgets.pane import PaneOptions, UserPane
@@ -91,7 +91,10 @@ class MemchatApp(App[None]):
         super().__init__()
         self.tune_gc = tune_gc
         self.settings = settings
-        self.initial_users = [validate_user_id(u) for u in (users or settings.ui.users)]
+        # Playing a demo without --users opens the demo's own users only.
+        script = SCRIPTS.get(play) if play is not None else None
+        default_users = list(script) if script is not None else settings.ui.users
+        self.initial_users = [validate_user_id(u) for u in (users or default_users)]
         self.play = play
         self.animate = animate
         self.pane_options = PaneOptions(highlight_seconds=highlight_seconds, animate=animate)
