@@ -107,7 +107,13 @@ class MemchatApp(App[None]):
     # -- building ----------------------------------------------------------
 
     def compose(self) -> ComposeResult:
-        yield StatusBar("Starting: opening the database…", classes="status")
+        # The start line names the settings file in use (docs/security.md).
+        yield StatusBar(
+            Text(
+                f"Starting: opening the database…  ({terminal_safe(self.settings.source_line())})"
+            ),
+            classes="status",
+        )
         yield Horizontal(classes="panes -grid")
         yield Footer()
 
@@ -120,7 +126,11 @@ class MemchatApp(App[None]):
             self.runtime = await self._stack.enter_async_context(open_runtime(self.settings))
         except MemchatError as exc:
             self.query_one(StatusBar).update(
-                Text(f"Cannot start: {terminal_safe(exc.message)}  (ctrl+q quits)", style="bold")
+                Text(
+                    f"Cannot start: {terminal_safe(exc.message)}  "
+                    f"({terminal_safe(self.settings.source_line())}; ctrl+q quits)",
+                    style="bold",
+                )
             )
             return
         for user_id in self.initial_users:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 
 import asyncpg
 import pytest
 
+from engine.config import load_settings
 from engine.store import JOB_CHANNEL, MEMORY_CHANNEL
 from tests.tui.conftest import AppFactory, wait_until
-from tui.app import MemchatApp
+from tui.app import MemchatApp, StatusBar
 
 pytestmark = pytest.mark.db
 
@@ -80,3 +82,13 @@ async def test_look_alike_user_ids_are_flagged(make_app: AppFactory) -> None:
         assert not any("looks like" in m for m in _notified(app))
         await app.add_pane("aIice")  # capital I
         await wait_until(lambda: any("aiice looks like alice" in m for m in _notified(app)))
+
+
+async def test_the_start_line_names_the_settings_file(tmp_path: Path) -> None:
+    config = tmp_path / "chosen.toml"
+    config.write_text('[database]\nurl = "postgresql://me@127.0.0.1:1/none"\nconnect_timeout = 1\n')
+    app = MemchatApp(load_settings(config), ["alice"], animate=False, tune_gc=False)
+    async with app.run_test(size=(200, 30)):
+        bar = app.query_one(StatusBar)
+        await wait_until(lambda: "Cannot start" in str(bar.render()))
+        assert f"settings: {config} (--config)" in str(bar.render())
