@@ -138,14 +138,10 @@ def secrets_in_url(url: str, *, user_is_secret: bool = False) -> list[str]:
 
 def key_variants(key: str) -> list[str]:
     """An API key as a server might echo it: whole, and without its ``sk-``-style prefix."""
-    variants = [key]
     # "sk-abc…" -> "abc…"; "sk-proj-abc…" -> "proj-abc…" and "abc…".
-    for prefix in re.finditer(r"^[A-Za-z]{2,8}[-_]|^[A-Za-z]{2,8}[-_][A-Za-z]{2,12}[-_]", key):
-        variants.append(key[prefix.end() :])
-    second = re.match(r"^[A-Za-z]{2,8}[-_][A-Za-z]{2,12}[-_]", key)
-    if second is not None:
-        variants.append(key[second.end() :])
-    return variants
+    one = re.match(r"[A-Za-z]{2,8}[-_]", key)
+    two = re.match(r"[A-Za-z]{2,8}[-_][A-Za-z]{2,12}[-_]", key)
+    return [key] + [key[m.end() :] for m in (one, two) if m is not None]
 
 
 class _Known:
