@@ -14,10 +14,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from engine.admin import AdminReader
 from engine.config import load_settings
 from engine.store import JOB_CHANNEL, MEMORY_CHANNEL
 from tests.tui.conftest import AppFactory, wait_until
 from tui.app import MemchatApp, StatusBar
+from tui.screens.inspector import user_title
 
 pytestmark = pytest.mark.db
 
@@ -92,3 +94,18 @@ async def test_the_start_line_names_the_settings_file(tmp_path: Path) -> None:
         bar = app.query_one(StatusBar)
         await wait_until(lambda: "Cannot start" in str(bar.render()))
         assert f"settings: {config} (--config)" in str(bar.render())
+
+
+async def test_the_inspector_marks_look_alike_users(
+    make_app: AppFactory, database_dsn: str
+) -> None:
+    app = make_app(["alice"])
+    async with app.run_test(size=(160, 48)):
+        await app.ready.wait()
+        assert app.runtime is not None
+        async with app.runtime.store.scope("aIice") as s:
+            await s.ensure_user()
+        overview = {u.user_id: u for u in await AdminReader(app.runtime.db).overview()}
+    title = user_title(overview["aiice"]).plain
+    assert title == "aiice  ⚠ looks like alice"
+    assert user_title(overview["alice"]).plain == "alice  ⚠ looks like aiice"
