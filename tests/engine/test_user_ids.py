@@ -52,7 +52,14 @@ async def test_first_use_from_60_connections_at_once(store: Store, db: Database)
 
 
 @pytest.mark.slow
-def test_20_chat_processes_first_use_all_stored(database_dsn: str, tmp_path: Path) -> None:
+async def test_20_chat_processes_first_use_all_stored(database_dsn: str, tmp_path: Path) -> None:
+    """20 real `memchat chat` processes create the same new user at the same moment.
+
+    The moment is made exact, without timing: the test holds an EXCLUSIVE
+    lock on ``users`` until all 20 processes are blocked in their INSERT
+    (their statement snapshots taken), then lets them all go at once. The
+    old statement crashed every process but one here.
+    """
     config = tmp_path / "none.toml"
     config.touch()
     env = {
@@ -64,41 +71,68 @@ def test_20_chat_processes_first_use_all_stored(database_dsn: str, tmp_path: Pat
         "MEMCHAT_DATABASE__POOL_MAX_SIZE": "2",
         "MEMCHAT_MEMORY__DRAIN_TIMEOUT": "0",
     }
-    procs = [
+    gate = await asyncpg.connect(database_dsn)
+    try:
+        gate_tx = gate.transaction()
+        await gate_tx.start()
+        await gate.execute("LOCK TABLE users IN EXCLUSIVE MODE")
+        procs = await asyncio.to_thread(start_chats, env, 20)
+        observer = await asyncpg.connect(database_dsn)
+        try:
+            await wait_for_blocked_inserts(observer, 20, procs)
+        finally:
+            await observer.close()
+        await gate_tx.commit()
+    finally:
+        await gate.close()
+    results = [await asyncio.to_thread(p.communicate, timeout=180) for p in procs]
+    failed = [
+        (p.returncode, err) for p, (_out, err) in zip(procs, results, strict=True) if p.returncode
+    ]
+    assert not failed, failed
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT content FROM messages WHERE user_id = 'newcomer@example.com' AND role = 'user'"
+        )
+    finally:
+        await conn.close()
+    assert sorted(r["content"] for r in rows) == sorted(f"hello number {i}" for i in range(20))
+
+
+def start_chats(env: dict[str, str], count: int) -> list[subprocess.Popen[str]]:
+    """``count`` `memchat chat` processes, each a first message of the same new user."""
+    chat = [sys.executable, "-m", "engine.cli", "chat", "--user", "Newcomer@Example.com"]
+    return [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "engine.cli",
-                "chat",
-                "--user",
-                "Newcomer@Example.com",
-                "--new-session",
-                f"hello number {i}",
-            ],
+            [*chat, "--new-session", f"hello number {i}"],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for i in range(20)
+        for i in range(count)
     ]
-    results = [(p.wait(timeout=180), *p.communicate()) for p in procs]
-    failed = [(code, err) for code, _out, err in results if code != 0]
-    assert not failed, failed
 
-    async def stored() -> list[str]:
-        conn = await asyncpg.connect(database_dsn)
-        try:
-            rows = await conn.fetch(
-                "SELECT content FROM messages WHERE user_id = 'newcomer@example.com' "
-                "AND role = 'user'"
-            )
-            return sorted(r["content"] for r in rows)
-        finally:
-            await conn.close()
 
-    assert asyncio.run(stored()) == sorted(f"hello number {i}" for i in range(20))
+async def wait_for_blocked_inserts(
+    observer: asyncpg.Connection, count: int, procs: list[subprocess.Popen[str]]
+) -> None:
+    """Until ``count`` backends wait for the users lock (fails if a process exits first)."""
+    deadline = asyncio.get_running_loop().time() + 120
+    while True:
+        waiting = await observer.fetchval(
+            """
+            SELECT count(*) FROM pg_locks l
+             WHERE NOT l.granted AND l.relation = 'users'::regclass
+            """
+        )
+        if waiting >= count:
+            return
+        exited = [p.args for p in procs if p.poll() is not None]
+        assert not exited, f"a process ended before reaching its INSERT: {exited[:1]}"
+        assert asyncio.get_running_loop().time() < deadline, f"only {waiting} blocked"
+        await asyncio.sleep(0.05)  # polling the server for a condition, not a timing guess
 
 
 # -- finding 11: case-insensitive ids ----------------------------------------------
