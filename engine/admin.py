@@ -10,6 +10,7 @@ rows in Python, so its cost grows with the data, not with round trips per user.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from collections import defaultdict
@@ -25,7 +26,7 @@ from engine.db import Database
 from engine.db.migrate import APP_ROLE
 from engine.errors import NotFound
 from engine.records import MemoryJob, MemoryOp
-from engine.validation import printable, validate_user_id
+from engine.validation import look_alikes, printable, validate_user_id
 
 USER_OWNED_TABLES = ("users", "sessions", "messages", "memories", "memory_events", "memory_jobs")
 
@@ -158,6 +159,8 @@ class UserOverview:
     """What this user's replies cost, when the endpoint said; None when it never did."""
     memory_tokens: TokenUsage | None = None
     """What this user's memory jobs cost, likewise."""
+    look_alikes: tuple[str, ...] = ()
+    """Other user ids that differ from this one only by look-alike characters (I/l/1, O/0)."""
 
     @property
     def messages(self) -> int:
@@ -362,9 +365,23 @@ class AdminReader:
                   FROM memory_jobs WHERE {_REPORTED} GROUP BY user_id
                 """
             )
-        return _assemble_overview(
+        overview = _assemble_overview(
             users, sessions, memories, events, _job_counts(jobs, problems), _usage(usage)
         )
+        ids = [user.user_id for user in overview]
+        return [
+            dataclasses.replace(user, look_alikes=tuple(found))
+            if (found := look_alikes(user.user_id, ids))
+            else user
+            for user in overview
+        ]
+
+    async def look_alikes(self, user_id: str) -> list[str]:
+        """Existing user ids that could be mistaken for ``user_id`` (I/l/1, O/0, rn/m)."""
+        user_id = validate_user_id(user_id)
+        async with self._snapshot() as conn:
+            rows = await conn.fetch("SELECT user_id FROM users")
+        return look_alikes(user_id, (row["user_id"] for row in rows))
 
     # -- the isolation audit ------------------------------------------------
 

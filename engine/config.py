@@ -7,13 +7,24 @@ Precedence, highest first: explicit overrides passed to :func:`load_settings`,
 The file is the first that exists of: ``--config PATH``, ``$MEMCHAT_CONFIG``,
 ``./config.toml``, ``<user config dir>/memchat/config.toml``. A path given
 explicitly (flag or variable) must exist; the implicit ones are optional.
+
+Trust (docs/security.md, "Hostile working directories"): a file found
+implicitly may not redirect the model endpoint or the database
+(:data:`REDIRECTING_KEYS`) unless it is the user config dir's file, owned by
+this user (or root) and not group/world writable. ``./config.toml`` is never
+trusted for those keys: it comes with whatever directory one is in (a cloned
+repository), and its ``model.base_url`` would receive the user's own
+``OPENAI_API_KEY``, chats and memories. Such a file is refused with one line
+saying how to trust it: name it with ``--config``.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +38,7 @@ from pydantic_settings import (
 )
 
 from engine.errors import ConfigError
+from engine.redact import redact_url, remember_secrets
 from engine.validation import printable
 
 ENV_PREFIX = "MEMCHAT_"
@@ -227,6 +239,13 @@ class Settings(BaseSettings):
 
     # Where the settings came from, for `memchat doctor` and error messages.
     config_file: Path | None = Field(default=None, exclude=True)
+    config_how: str | None = Field(default=None, exclude=True)
+
+    def source_line(self) -> str:
+        """The settings file in use, for start lines: which file, and how it was found."""
+        if self.config_file is None:
+            return "settings: no file (defaults and environment)"
+        return f"settings: {self.config_file} ({self.config_how or 'given'})"
 
     @classmethod
     def settings_customise_sources(
@@ -276,19 +295,94 @@ class _OpenAIEnvSource(PydanticBaseSettingsSource):
         return {"model": model} if model else {}
 
 
+# Settings that decide where chats, memories and the API key go, or which
+# database (and so which server and its configuration) runs.
+REDIRECTING_KEYS: tuple[tuple[str, str], ...] = (
+    ("model", "base_url"),
+    ("database", "url"),
+    ("database", "data_dir"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSource:
+    path: Path
+    how: Literal["--config", "MEMCHAT_CONFIG", "current directory", "user config dir"]
+
+    @property
+    def explicit(self) -> bool:
+        return self.how in ("--config", "MEMCHAT_CONFIG")
+
+
 def user_config_path() -> Path:
     return Path(platformdirs.user_config_dir(APP_NAME)) / "config.toml"
 
 
+def locate_config_file(explicit: str | os.PathLike[str] | None = None) -> ConfigSource | None:
+    """The settings file to read and how it was found, or None (defaults apply)."""
+    if explicit is not None:
+        return ConfigSource(Path(explicit).expanduser(), "--config")
+    if from_env := os.environ.get(CONFIG_ENV_VAR):
+        return ConfigSource(Path(from_env).expanduser(), "MEMCHAT_CONFIG")
+    user_file = user_config_path()
+    here = Path("config.toml")
+    if here.is_file():
+        if _same_file(here, user_file):
+            return ConfigSource(user_file, "user config dir")
+        return ConfigSource(here, "current directory")
+    if user_file.is_file():
+        return ConfigSource(user_file, "user config dir")
+    return None
+
+
 def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:
     """The settings file to read, or None when there is none (defaults apply)."""
-    if explicit is not None:
-        return Path(explicit).expanduser()
-    if from_env := os.environ.get(CONFIG_ENV_VAR):
-        return Path(from_env).expanduser()
-    for candidate in (Path("config.toml"), user_config_path()):
-        if candidate.is_file():
-            return candidate
+    source = locate_config_file(explicit)
+    return source.path if source is not None else None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
+def check_trusted(source: ConfigSource, data: Mapping[str, Any]) -> None:
+    """Refuse an implicitly found file that redirects the model or the database."""
+    if source.explicit:
+        return
+    redirects = [
+        f"{section}.{key}"
+        for section, key in REDIRECTING_KEYS
+        if isinstance(data.get(section), dict) and key in data[section]
+    ]
+    if not redirects:
+        return
+    what = " and ".join(redirects)
+    trust = f"if you trust it, name it: memchat --config {source.path} (or MEMCHAT_CONFIG)"
+    if source.how == "current directory":
+        raise ConfigError(
+            f"{source.path}: sets {what}, and a settings file found in the current directory "
+            f"may not redirect the model or the database; {trust}"
+        )
+    problem = _ownership_problem(source.path)
+    if problem is not None:
+        raise ConfigError(
+            f"{source.path}: sets {what} but is {problem}, so it is not trusted; "
+            f"fix it (chown, chmod go-w) or {trust}"
+        )
+
+
+def _ownership_problem(path: Path) -> str | None:
+    try:
+        info = path.stat()
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if info.st_uid not in (os.getuid(), 0):
+        return f"owned by uid {info.st_uid}, not you"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return "writable by group or others"
     return None
 
 
@@ -317,10 +411,13 @@ def load_settings(
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
     """Read settings; every problem becomes one :class:`ConfigError` line."""
-    path = find_config_file(config)
+    source = locate_config_file(config)
+    path = source.path if source is not None else None
     file_data = read_toml(path) if path is not None else {}
+    if source is not None:
+        check_trusted(source, file_data)
     for key in file_data:
-        if key not in Settings.model_fields or key == "config_file":
+        if key not in Settings.model_fields or key in ("config_file", "config_how"):
             raise ConfigError(f"{path}: {_shown_key(key)}: unknown setting")
     _OverridesSource.overrides = dict(overrides or {})
     try:
@@ -330,7 +427,34 @@ def load_settings(
     finally:
         _OverridesSource.overrides = {}
     settings.config_file = path
+    settings.config_how = source.how if source is not None else None
+    # From here on, this process scrubs these values from all it shows and logs.
+    remember_secrets(settings)
+    _refuse_credentials_in_base_url(settings, path)
     return settings
+
+
+def _refuse_credentials_in_base_url(settings: Settings, path: Path | None) -> None:
+    # The OpenAI client sends the API key as a Bearer token and ignores a
+    # URL's user:password@, so every request would fail (as "malformed
+    # response"): better one line at start than a failure per turn.
+    base_url = settings.model.base_url
+    if not base_url:
+        return
+    rest = base_url.split("://", 1)[-1]
+    if "@" not in rest.split("/", 1)[0] and "@" not in rest.split("?", 1)[0]:
+        return
+    for origin in ("MEMCHAT_MODEL__BASE_URL", "OPENAI_BASE_URL"):
+        if os.environ.get(origin):
+            where = f"environment variable {origin}"
+            break
+    else:
+        where = str(path) if path is not None else "settings"
+    raise ConfigError(
+        f"{where}: model.base_url {redact_url(base_url, keep_user=False)} carries credentials "
+        "(user:password@), which are not sent; remove them and put the key in "
+        "OPENAI_API_KEY or model.api_key"
+    )
 
 
 def _describe_validation_error(exc: ValidationError, path: Path | None) -> str:

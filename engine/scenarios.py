@@ -1,9 +1,11 @@
 """Scripted multi-user runs: the seed conversation and a load generator.
 
 ``seed`` is the well-known agent-framework example's exact script: three users
-run at once (``asyncio.gather``), each user's turns in order. It resets its
-own three users first, so repeated runs give the same result; session names
-are the sessions' titles.
+run at once (``asyncio.gather``), each user's turns in order. Its users are
+its own (``seed-N@example.com``, never the app's default ``user_N``), created
+with the display name :data:`SEED_MARK`; it resets them first, so repeated
+runs give the same result, and refuses to touch an id of that name that it
+did not create (a person's data). Session names are the sessions' titles.
 
 ``load`` runs N users x S sessions x T turns concurrently, waits for every
 memory job, then audits the result through the admin path: every user's
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine.agent import TurnCompleted, TurnEnd, TurnFailed
+from engine.errors import InvalidInput
 from engine.records import MemoryJob
 from engine.runtime import Runtime
 from engine.store import Store
@@ -32,17 +35,17 @@ ERRORS_SHOWN = 5
 """Distinct error texts a load reports (the most frequent), with their counts."""
 
 SEED_SCRIPT: dict[str, list[tuple[str, str]]] = {
-    "user_1@example.com": [
+    "seed-1@example.com": [
         ("user_1_session_1", "My name is Mark Gonzales and I like anime and video games."),
         ("user_1_session_1", "I also enjoy reading manga and playing video games."),
         ("user_1_session_2", "I'm going to the movies tonight."),
         ("user_1_session_1", "What do you suggest I do this weekend?"),
     ],
-    "user_2@example.com": [
+    "seed-2@example.com": [
         ("user_2_session_1", "Hi my name is John Doe."),
         ("user_2_session_1", "I'm planning to hike this weekend."),
     ],
-    "user_3@example.com": [
+    "seed-3@example.com": [
         ("user_3_session_1", "Hi my name is Jane Smith."),
         ("user_3_session_1", "I'm going to the gym tomorrow."),
     ],
@@ -139,9 +142,32 @@ async def reset_users(store: Store, user_ids: Sequence[str]) -> None:
             await s.delete_user()
 
 
+SEED_MARK = "memchat seed scenario"
+"""Display name of the users the seed scenario creates: only those it resets."""
+
+
+async def reset_seed_users(store: Store, user_ids: Sequence[str]) -> None:
+    """Start the seed's users afresh; refuse, changing nothing, if one is a person's.
+
+    All are checked before any is deleted, so a refusal deletes nothing.
+    """
+    for user_id in user_ids:
+        async with store.scope(user_id) as s:
+            user = await s.get_user()
+        if user is not None and user.display_name != SEED_MARK:
+            raise InvalidInput(
+                f"{user_id} exists and was not created by the seed scenario, so the scenario "
+                "will not delete it; rename or delete that user yourself"
+            )
+    for user_id in user_ids:
+        async with store.scope(user_id) as s:
+            await s.delete_user()
+            await s.ensure_user(SEED_MARK)
+
+
 async def run_seed(runtime: Runtime, *, wait_within: float = 120.0) -> SeedResult:
     users = list(SEED_SCRIPT)
-    await reset_users(runtime.store, users)
+    await reset_seed_users(runtime.store, users)
     started = time.perf_counter()
     failures = await asyncio.gather(*(_seed_user(runtime, u, SEED_SCRIPT[u]) for u in users))
     await runtime.workers.wait_idle(users, within=wait_within)

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
@@ -33,6 +33,7 @@ from engine.records import (
     Session,
     User,
 )
+from engine.redact import scrub
 from engine.validation import (
     clean_text,
     clean_title,
@@ -118,8 +119,25 @@ class UserScope:
             self.user_id,
             storable(name),
         )
-        assert row is not None
+        if row is None:
+            # Another transaction inserted this user at the same moment: the
+            # INSERT waited for it and skipped, but the SELECT above ran on
+            # the statement's snapshot, taken before that commit. A new
+            # statement takes a new snapshot (READ COMMITTED) and sees it.
+            row = await self.conn.fetchrow(
+                "SELECT user_id, display_name, created_at FROM users WHERE user_id = $1",
+                self.user_id,
+            )
+        if row is None:
+            raise NotFound(f"user {printable(self.user_id)} was deleted while being created")
         return User(**row)
+
+    async def get_user(self) -> User | None:
+        """This user, or None before first use."""
+        row = await self.conn.fetchrow(
+            "SELECT user_id, display_name, created_at FROM users WHERE user_id = $1", self.user_id
+        )
+        return User(**row) if row is not None else None
 
     async def delete_user(self) -> bool:
         """Remove this user and everything they own (sessions, messages, memories, jobs)."""
@@ -212,7 +230,7 @@ class UserScope:
                 role,
                 content,
                 status,
-                storable(error) if error is not None else None,
+                _stored_error(error),
                 title,
                 usage.prompt_tokens if usage else None,
                 usage.completion_tokens if usage else None,
@@ -525,6 +543,24 @@ class UserScope:
             JOB_CHANNEL,
         )
         return MemoryJob(**row) if row is not None else None
+    async def job_state(self) -> tuple[Literal["idle", "running", "failed"], str | None]:
+        """What the sidebar shows: running while a job runs, else failed if the newest failed."""
+        row = await self.conn.fetchrow(
+            """
+            SELECT EXISTS (SELECT 1 FROM memory_jobs
+                            WHERE user_id = $1 AND status = 'running') AS running,
+                   newest.status, newest.last_error
+              FROM (SELECT 1) one
+              LEFT JOIN LATERAL (SELECT status, last_error FROM memory_jobs WHERE user_id = $1
+                                  ORDER BY job_id DESC LIMIT 1) newest ON true
+            """,
+            self.user_id,
+        )
+        if row["running"]:
+            return "running", None
+        if row["status"] == "failed":
+            return "failed", row["last_error"]
+        return "idle", None
 
     async def open_job_count(self) -> int:
         return await self.conn.fetchval(
@@ -578,7 +614,7 @@ class UserScope:
             job_id,
             worker,
             status,
-            storable(error) if error is not None else None,
+            _stored_error(error),
             retry_in,
             JOB_CHANNEL,
             storable(outcome.note) if outcome.note is not None else None,
@@ -661,6 +697,12 @@ class UserScope:
             actor,
             MEMORY_CHANNEL,
         )
+
+
+def _stored_error(error: str | None) -> str | None:
+    # Error text comes from model servers, which may echo the API key (with
+    # or without its sk- prefix): the configured secrets never reach a row.
+    return storable(scrub(error)) if error is not None else None
 
 
 def _memory(row: Any) -> Memory:

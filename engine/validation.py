@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterable
 
 from engine.errors import InvalidInput
 
@@ -32,6 +33,14 @@ def printable(value: object, limit: int = 60) -> str:
 
 
 def validate_user_id(user_id: str) -> str:
+    """The canonical form of a user id: trimmed and lower-cased.
+
+    User ids are case-insensitive: ``ALICE@EXAMPLE.COM`` is ``alice@example.com``
+    (the database enforces the lower-cased form, migration 0005). Only ASCII
+    letters, digits and ``. _ @ + -`` are allowed, so Unicode look-alikes,
+    zero-width and bidi characters are refused; ASCII look-alikes (I/l/1,
+    O/0, rn/m) are flagged by :func:`look_alike_key`.
+    """
     if not isinstance(user_id, str):
         raise InvalidInput(f"invalid user id {printable(user_id)}: expected text")
     candidate = user_id.strip()
@@ -46,7 +55,27 @@ def validate_user_id(user_id: str) -> str:
             f"invalid user id {printable(candidate)}: use letters, digits and . _ @ + -, "
             "starting with a letter or digit"
         )
-    return candidate
+    return candidate.lower()
+
+
+# Lower-cased ASCII that reads alike in common terminal fonts. Applied to the
+# canonical (lower-cased) id, so a capital I typed for an l arrives as "i".
+_LOOK_ALIKE_SEQUENCES = (("rn", "m"), ("vv", "w"), ("cl", "d"))
+_LOOK_ALIKE_CHARS = str.maketrans({"1": "l", "i": "l", "|": "l", "0": "o"})
+
+
+def look_alike_key(user_id: str) -> str:
+    """Ids with the same key differ only by characters that look alike (I/l/1, O/0, rn/m)."""
+    key = user_id.lower()
+    for sequence, single in _LOOK_ALIKE_SEQUENCES:
+        key = key.replace(sequence, single)
+    return key.translate(_LOOK_ALIKE_CHARS)
+
+
+def look_alikes(user_id: str, others: Iterable[str]) -> list[str]:
+    """The ids among ``others`` that look like ``user_id`` but are not it."""
+    key = look_alike_key(user_id)
+    return sorted({o for o in others if o != user_id and look_alike_key(o) == key})
 
 
 def parse_session_id(session_id: str | uuid.UUID) -> uuid.UUID:

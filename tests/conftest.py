@@ -184,8 +184,11 @@ def memchat(database_dsn: str, tmp_path: Path) -> Run:
     config.touch()
 
     def run(
-        *args: str, env: dict[str, str] | None = None, stdin: str | None = None
-    ) -> subprocess.CompletedProcess[str]:
+        *args: str,
+        env: dict[str, str] | None = None,
+        stdin: str | None = None,
+        binary: bool = False,
+    ) -> subprocess.CompletedProcess[Any]:
         full_env = {
             **os.environ,
             "MEMCHAT_DATABASE__URL": database_dsn,
@@ -195,7 +198,8 @@ def memchat(database_dsn: str, tmp_path: Path) -> Run:
         return subprocess.run(
             [sys.executable, "-m", "engine.cli", *args],
             capture_output=True,
-            text=True,
+            # binary: the exact bytes a terminal would receive.
+            text=not binary,
             env=full_env,
             input=stdin,
             timeout=120,

@@ -24,8 +24,8 @@ from engine.events import JobChanged, Resync
 from engine.jobs import job_counts
 from engine.runtime import Runtime, open_runtime
 from engine.terminal import terminal_safe
-from engine.validation import validate_user_id
-from tui.demo import DemoPlayer
+from engine.validation import look_alikes, validate_user_id
+from tui.demo import SCRIPTS, DemoPlayer
 from tui.screens.dialogs import PromptDialog
 from tui.screens.help import HelpScreen
 from tui.widgets.pane import PaneOptions, UserPane
@@ -91,7 +91,10 @@ class MemchatApp(App[None]):
         super().__init__()
         self.tune_gc = tune_gc
         self.settings = settings
-        self.initial_users = [validate_user_id(u) for u in (users or settings.ui.users)]
+        # Playing a demo without --users opens the demo's own users only.
+        script = SCRIPTS.get(play) if play is not None else None
+        default_users = list(script) if script is not None else settings.ui.users
+        self.initial_users = [validate_user_id(u) for u in (users or default_users)]
         self.play = play
         self.animate = animate
         self.pane_options = PaneOptions(highlight_seconds=highlight_seconds, animate=animate)
@@ -104,7 +107,13 @@ class MemchatApp(App[None]):
     # -- building ----------------------------------------------------------
 
     def compose(self) -> ComposeResult:
-        yield StatusBar("Starting: opening the database…", classes="status")
+        # The start line names the settings file in use (docs/security.md).
+        yield StatusBar(
+            Text(
+                f"Starting: opening the database…  ({terminal_safe(self.settings.source_line())})"
+            ),
+            classes="status",
+        )
         yield Horizontal(classes="panes -grid")
         yield Footer()
 
@@ -117,7 +126,11 @@ class MemchatApp(App[None]):
             self.runtime = await self._stack.enter_async_context(open_runtime(self.settings))
         except MemchatError as exc:
             self.query_one(StatusBar).update(
-                Text(f"Cannot start: {terminal_safe(exc.message)}  (ctrl+q quits)", style="bold")
+                Text(
+                    f"Cannot start: {terminal_safe(exc.message)}  "
+                    f"({terminal_safe(self.settings.source_line())}; ctrl+q quits)",
+                    style="bold",
+                )
             )
             return
         for user_id in self.initial_users:
@@ -144,6 +157,7 @@ class MemchatApp(App[None]):
 
     async def add_pane(self, user_id: str) -> UserPane | None:
         assert self.runtime is not None
+        user_id = validate_user_id(user_id)  # the canonical (lower-cased) id
         if (existing := self.pane_of(user_id)) is not None:
             return existing
         if len(self.panes) >= MAX_PANES:
@@ -152,7 +166,28 @@ class MemchatApp(App[None]):
         pane = UserPane(self.runtime, user_id, self.pane_options)
         await self.query_one(".panes").mount(pane)
         self._apply_layout()
+        self.flag_look_alikes(user_id)
         return pane
+
+    @work(group="look-alikes")
+    async def flag_look_alikes(self, user_id: str) -> None:
+        """Warn when this id reads like another (aIice / alice): likely the wrong person."""
+        assert self.runtime is not None
+        try:
+            others = await AdminReader(self.runtime.db).look_alikes(user_id)
+        except MemchatError:
+            return  # the database status line reports an unreachable database
+        others += [p.user_id for p in self.panes if p.user_id not in others]
+        similar = look_alikes(user_id, others)
+        if similar:
+            self.notify(
+                f"{terminal_safe(user_id)} looks like {terminal_safe(', '.join(similar))}: "
+                "a different user. Check it is the one you mean.",
+                title="Look-alike user id",
+                severity="warning",
+                markup=False,
+                timeout=10,
+            )
 
     # -- status ------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from engine.admin import AdminReader, UserSummary
 from engine.cli.output import print_json, say, table, tokens_cell, when
 from engine.config import Settings
 from engine.db import Database, redact_dsn
+from engine.redact import redact_url
 
 
 def register(commands: argparse._SubParsersAction[Any], exit_codes: str) -> None:
@@ -75,6 +76,10 @@ def redacted_settings(settings: Settings) -> dict[str, Any]:
     data["database"]["data_dir"] = str(settings.data_dir())
     if settings.model.api_key is not None:
         data["model"]["api_key"] = "***"
+    if settings.model.base_url:
+        # user:pass@ and query secrets (api_key=, sig=, ...) are refused or
+        # allowed elsewhere; here they are only never shown.
+        data["model"]["base_url"] = redact_url(settings.model.base_url, keep_user=False)
     data["model"]["resolved_provider"] = settings.model.resolved_provider
     return data
 
@@ -85,7 +90,7 @@ async def config_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print_json({"config_file": source, "settings": data})
         return 0
-    say(f"# settings file: {source or 'none (defaults and environment only)'}")
+    say(f"# {settings.source_line()}")
     for section, values in data.items():
         say(f"\n[{section}]")
         for key, value in values.items():

@@ -20,6 +20,9 @@ from engine.cli import (
 from engine.cli.output import warn
 from engine.config import Settings, load_settings
 from engine.errors import ConfigError, MemchatError
+from engine.logsafe import install_logging
+
+log = logging.getLogger("memchat")
 
 EXIT_CODES = """\
 exit codes:
@@ -76,10 +79,9 @@ def main(
     if configure is not None:
         configure(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    # Before anything can log: every line, library tracebacks included, is
+    # rendered literally and without secrets (the app enters here too).
+    install_logging(args.verbose)
     if args.command is None and interactive is None:
         parser.print_help()
         return 0
@@ -92,6 +94,8 @@ def main(
             if on_broken is None:
                 raise
             return event_loop.run(on_broken(args, exc))
+        # The start line: which settings file is in use, and how it was found.
+        log.info("%s", settings.source_line())
         if args.command is None:
             assert interactive is not None
             return interactive(args, settings)
@@ -103,6 +107,12 @@ def main(
     except KeyboardInterrupt:
         warn("interrupted")
         return 130
+    except Exception:
+        # A bug, not a user mistake: the traceback goes through the safe
+        # formatter rather than Python's raw one (which prints exception text
+        # from libraries and servers as it is).
+        log.exception("unexpected error")
+        return 1
 
 
 def run() -> None:

@@ -227,7 +227,8 @@ async def worker_command(args: argparse.Namespace, settings: Settings) -> int:
     async with open_runtime(settings) as rt:
         warn(
             f"worker {rt.workers.name}: up to {settings.memory.concurrency} memory jobs at once on "
-            f"{rt.db.info.label}, model: {rt.model.label}; Ctrl-C to stop"
+            f"{rt.db.info.label}, model: {rt.model.label}, {settings.source_line()}; "
+            "Ctrl-C to stop"
         )
         await stop.wait()
         warn(f"stopping: draining running jobs (up to {settings.memory.drain_timeout:g}s)")

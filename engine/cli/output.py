@@ -9,6 +9,7 @@ import uuid
 from datetime import datetime
 from typing import Any, TextIO
 
+from engine.redact import scrub
 from engine.terminal import terminal_safe
 
 
@@ -27,18 +28,18 @@ def _default(value: Any) -> Any:
 def print_json(value: Any, stream: TextIO | None = None) -> None:
     # ensure_ascii keeps control characters and lone surrogates as \\u escapes.
     out = stream or sys.stdout
-    out.write(json.dumps(value, default=_default, ensure_ascii=True) + "\n")
+    out.write(scrub(json.dumps(value, default=_default, ensure_ascii=True)) + "\n")
     out.flush()
 
 
 def say(text: str = "", stream: TextIO | None = None, end: str = "\n") -> None:
     out = stream or sys.stdout
-    out.write(terminal_safe(text) + end)
+    out.write(terminal_safe(scrub(text)) + end)
     out.flush()
 
 
 def warn(text: str) -> None:
-    sys.stderr.write("memchat: " + terminal_safe(text) + "\n")
+    sys.stderr.write("memchat: " + terminal_safe(scrub(text)) + "\n")
     sys.stderr.flush()
 
 

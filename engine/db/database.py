@@ -21,7 +21,7 @@ import asyncpg
 from asyncpg.connection import LoggedQuery
 
 from engine.config import Settings
-from engine.db.dsn import redact_dsn, with_database
+from engine.db.dsn import check_dsn, redact_dsn, with_database
 from engine.db.embedded import DATABASE_NAME, EmbeddedServer, start_embedded
 from engine.db.migrate import ADMIN_ROLE, APP_ROLE, migrate
 from engine.errors import DatabaseError
@@ -107,7 +107,9 @@ class Database:
         """Start the embedded server if needed, migrate, and open the pool."""
         db_settings = settings.database
         if db_settings.url is not None:
-            return await cls._open_at(db_settings.url.get_secret_value(), settings, None)
+            dsn = db_settings.url.get_secret_value()
+            check_dsn(dsn)  # one line for a DSN the driver would misread, not its traceback
+            return await cls._open_at(dsn, settings, None)
         embedded = await asyncio.to_thread(start_embedded, settings.data_dir())
         try:
             await _ensure_database(embedded, db_settings.connect_timeout)

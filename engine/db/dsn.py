@@ -1,30 +1,39 @@
-"""Small DSN helpers: show one safely, point one at another database."""
+"""Small DSN helpers: show one safely, check its form, point one at another database."""
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
-_SECRET_PARAMS = {"password", "sslpassword"}
+from engine.errors import ConfigError
+from engine.redact import redact_dsn
+
+__all__ = ["check_dsn", "redact_dsn", "with_database"]
+
+_DSN_HELP = (
+    "database.url must be a postgresql://user:password@host:port/dbname URL "
+    "(percent-encode / # ? @ : in the password, e.g. %2F for /)"
+)
 
 
-def redact_dsn(dsn: str) -> str:
-    """The DSN with its passwords replaced (user:pw@ and ?password=), fit to show or log."""
+def check_dsn(dsn: str) -> None:
+    """Refuse, in one line, a DSN the driver would misread or choke on.
+
+    asyncpg takes the URL form only: the keyword form is refused here rather
+    than by the driver (whose error quoted the whole DSN, password included),
+    and a password with an unescaped ``/ # ?`` (which a URL parser splits into
+    path, fragment or query) is refused rather than failing with a traceback.
+    """
+    shown = redact_dsn(dsn)
     try:
-        parts = urlsplit(dsn)
-        password = parts.password
+        parts = urlsplit(dsn.strip())
+        _ = parts.port
     except ValueError:
-        return "<unparseable database URL>"
-    if password:
-        userinfo, _, hostport = parts.netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        parts = parts._replace(netloc=f"{user}:***@{hostport}")
-    if parts.query:
-        query = [
-            (key, "***" if key.lower() in _SECRET_PARAMS else value)
-            for key, value in parse_qsl(parts.query, keep_blank_values=True)
-        ]
-        parts = parts._replace(query=urlencode(query, safe="/*"))
-    return urlunsplit(parts)
+        raise ConfigError(f"{_DSN_HELP}; got {shown}") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"{_DSN_HELP}; got {shown}")
+    if "@" in dsn and "@" not in parts.netloc:
+        # The userinfo's "@" ended up past the host: an unescaped / # ? before it.
+        raise ConfigError(f"{_DSN_HELP}; got {shown}")
 
 
 def with_database(dsn: str, database: str) -> str:

@@ -122,7 +122,14 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
                         "it was applied to this database; restore the original file"
                     )
                 continue
-            await conn.execute(migration.sql)
+            try:
+                await conn.execute(migration.sql)
+            except asyncpg.RaiseError as exc:
+                # A migration that refuses the data it finds says why in one
+                # line (e.g. 0005: user ids that differ only by case).
+                raise DatabaseError(
+                    f"migration {migration.version:04d}_{migration.name} stopped: {exc}"
+                ) from None
             await conn.execute(
                 "INSERT INTO memchat_migrations (version, name, checksum) VALUES ($1, $2, $3)",
                 migration.version,

@@ -426,13 +426,17 @@ async def test_audit_finds_a_memory_citing_another_users_session(
 
 
 async def test_audit_finds_an_event_about_another_users_memory(
-    seeded: SeedResult, db: Database
+    seeded: SeedResult, db: Database, database_dsn: str
 ) -> None:
     async with db.scoped(USER_1) as conn:
         marks_memory = await conn.fetchval(
             "SELECT memory_id FROM memories WHERE content = 'Name is Mark Gonzales'"
         )
-    # memory_events has no foreign key to memories (it outlives deletions).
+    # The (user_id, memory_id) key of migration 0005 makes this impossible;
+    # without it (a schema changed by hand) the audit still finds it.
+    await _execute_as_owner(
+        database_dsn, "ALTER TABLE memory_events DROP CONSTRAINT memory_events_memory_fkey"
+    )
     async with db.scoped("bob") as conn:
         await conn.execute("INSERT INTO users (user_id, display_name) VALUES ('bob', 'bob')")
         await conn.execute(

@@ -54,7 +54,7 @@ async def _memories(rt: Runtime, user_id: str) -> list[str]:
 async def test_seed_scenario_offline(runtime: Runtime) -> None:
     result = await run_seed(runtime)
     assert result.runs == 8 and result.failed_turns == 0
-    mark, john, jane = (result.memories[f"user_{i}@example.com"] for i in (1, 2, 3))
+    mark, john, jane = (result.memories[f"seed-{i}@example.com"] for i in (1, 2, 3))
     assert "Name is Mark Gonzales" in mark
     assert any("anime" in m for m in mark) and any("manga" in m for m in mark)
     assert any("movies tonight" in m for m in mark)

@@ -9,6 +9,7 @@ tests/engine/test_embedded.py::test_fresh_start_reuse_and_clean_stop.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import threading
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from tests.conftest import make_settings
@@ -182,3 +184,87 @@ def test_doctor_scrubs_a_password_given_as_a_query_parameter(memchat: Run) -> No
 def test_config_and_error_lines_redact_a_query_parameter_password(memchat: Run) -> None:
     env = {"MEMCHAT_DATABASE__URL": QUERY_DSN, "MEMCHAT_DATABASE__CONNECT_TIMEOUT": "2"}
     assert_no_secret(memchat("config", env=env), memchat("users", env=env))
+
+
+# -- finding 8 of issue 12: every DSN form, model URL secrets, prefix-less echoes ----
+
+ODD_PASSWORD = "hun/ter#2?x"
+ODD_DSNS = [
+    # libpq keyword form, bare and quoted
+    f"host=127.0.0.1 port=1 user=me password={PASSWORD} dbname=none",
+    f"host=127.0.0.1 port=1 user=me password='{PASSWORD} x' dbname=none",
+    # a URL whose password holds / # ? unescaped
+    f"postgresql://me:{ODD_PASSWORD}@127.0.0.1:1/none",
+]
+
+
+@pytest.mark.parametrize("dsn", ODD_DSNS)
+def test_odd_dsns_are_redacted_everywhere_and_refused_in_one_line(memchat: Run, dsn: str) -> None:
+    env = {"MEMCHAT_DATABASE__URL": dsn, "MEMCHAT_DATABASE__CONNECT_TIMEOUT": "2"}
+    runs = [
+        memchat("config", env=env),
+        memchat("config", "--json", env=env),
+        memchat("doctor", env=env),
+        memchat("doctor", "--json", env=env),
+        memchat("-v", "users", env=env),
+        memchat("-v", "chat", "--user", "alice", "hi", env=env),
+    ]
+    assert [r.returncode for r in runs] == [0, 0, 1, 1, 2, 2], [r.stderr for r in runs]
+    for result in runs:
+        for stream in (result.stdout, result.stderr):
+            assert PASSWORD not in stream and "ter#2" not in stream, stream
+            assert "Traceback" not in stream, stream
+    for refused in runs[4:]:
+        assert "database.url must be a postgresql://" in refused.stderr
+        assert len([ln for ln in refused.stderr.splitlines() if "INFO" not in ln]) == 1
+
+
+def test_config_hides_model_url_credentials_and_query_secrets(memchat: Run) -> None:
+    url = "https://llm.example/v1?api-version=1&api_key=qsecret123&sig=sigsecret1"
+    shown = memchat("config", "--json", env={"OPENAI_BASE_URL": url})
+    assert shown.returncode == 0, shown.stderr
+    base_url = json.loads(shown.stdout)["settings"]["model"]["base_url"]
+    assert base_url == "https://llm.example/v1?api-version=1&api_key=***&sig=***"
+    assert "qsecret123" not in shown.stdout and "sigsecret1" not in shown.stdout
+
+
+async def _stored_errors(dsn: str) -> list[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT error FROM messages WHERE error IS NOT NULL")
+    finally:
+        await conn.close()
+    return [row["error"] for row in rows]
+
+
+class _PrefixlessEchoHandler(_EchoingHandler):
+    """Echoes the key with its ``sk-`` prefix cut off, as some proxies do."""
+
+    def _echo(self) -> None:
+        key = self.headers.get("Authorization", "").removeprefix("Bearer ").removeprefix("sk-")
+        body = json.dumps({"error": {"message": f"bad key '{key}'", "type": "x"}}).encode()
+        self.send_response(400)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_key_echoed_without_its_prefix_is_not_stored_or_shown(
+    memchat: Run, database_dsn: str
+) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _PrefixlessEchoHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        env = {"OPENAI_BASE_URL": url, "MEMCHAT_MODEL__MAX_RETRIES": "0"}
+        results = failed_turn_texts(memchat, env)
+    finally:
+        server.shutdown()
+        server.server_close()
+    bare = KEY.removeprefix("sk-")
+    # The row itself, not output (which is scrubbed on the way out as well).
+    stored = asyncio.run(_stored_errors(database_dsn))
+    assert stored and all("bad key" in e and bare not in e for e in stored), stored
+    for result in results:
+        assert bare not in result.stdout and bare not in result.stderr

@@ -276,9 +276,9 @@ async def test_demo_mode_plays_the_seed_into_three_panes(make_app: AppFactory) -
         await app.demo.finished.wait()
         assert app.runtime is not None
         assert await app.runtime.workers.wait_idle(within=30)
-        mark = pane(app, "user_1@example.com")
+        mark = pane(app, "seed-1@example.com")
         await wait_until(lambda: "Name is Mark Gonzales" in sidebar_texts(mark))
-        jane = pane(app, "user_3@example.com")
+        jane = pane(app, "seed-3@example.com")
         await wait_until(lambda: "Name is Jane Smith" in sidebar_texts(jane))
         assert not any("Mark" in m for m in sidebar_texts(jane))
 

@@ -73,12 +73,21 @@ def is_c0_c1(ch: str) -> bool:
     return ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F
 
 
+# Invisible characters that reorder text or hide in it (finding 13 of issue 12).
+INVISIBLE = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+INVISIBLE |= set("\u200b\u200c\u2060\u2061\u2062\u2063\u2064\ufeff")
+
+
+def is_shown_escaped(ch: str) -> bool:
+    return (is_c0_c1(ch) and ch not in "\n\t") or ch in INVISIBLE
+
+
 def visible_escape(ch: str) -> str:
-    return f"\\x{ord(ch):02x}"
+    return f"\\x{ord(ch):02x}" if ord(ch) <= 0xFF else f"\\u{ord(ch):04x}"
 
 
 def expected_safe(text: str) -> str:
-    return "".join(visible_escape(c) if is_c0_c1(c) and c not in "\n\t" else c for c in text)
+    return "".join(visible_escape(c) if is_shown_escaped(c) else c for c in text)
 
 
 # -- terminal_safe (pure) ---------------------------------------------------------
@@ -88,9 +97,10 @@ def expected_safe(text: str) -> str:
 @given(text=awkward_text | st.text(st.characters(codec=None), max_size=40))
 @example(text="\x1b[2J\x1b]0;title\x07" + OSC8_LINK)
 @example(text="\x00\t\n\r\x0b\x0c\x7f\x80\x9f")
+@example(text="invoice\u202egpj.exe \u2067x\u2069 pay\u200bpal \ufeff")
 def test_terminal_safe_leaves_only_newline_and_tab(text: str) -> None:
     safe = terminal_safe(text)
-    assert not any(is_c0_c1(c) and c not in "\n\t" for c in safe), repr(safe)
+    assert not any(is_shown_escaped(c) for c in safe), repr(safe)
     assert safe == expected_safe(text)  # everything else is kept as it is
 
 
@@ -102,6 +112,13 @@ def test_terminal_safe_shows_each_control_character_distinctly(a: str, b: str) -
     else:
         assert terminal_safe(a) == visible_escape(a)
     assert (terminal_safe(a) == terminal_safe(b)) == (a == b)
+
+
+def test_bidi_overrides_and_zero_width_characters_are_shown() -> None:
+    assert terminal_safe("invoice\u202egpj.exe") == "invoice\\u202egpj.exe"
+    assert terminal_safe("pay\u200bpal\u2066") == "pay\\u200bpal\\u2066"
+    # Emoji sequences keep their joiner: it cannot reorder or hide text.
+    assert terminal_safe("👩\u200d👧") == "👩\u200d👧"
 
 
 # -- widgets, mounted in one running app ------------------------------------------
@@ -221,3 +238,26 @@ async def test_invalid_user_id_error_is_shown_literally(make_app: AppFactory, us
         shown = shown_as_toast(notification)
         assert "invalid user id" in shown
         assert user_id in shown, shown
+
+
+async def test_a_reply_link_shows_its_target_and_is_not_a_link() -> None:
+    """Finding 13: ``[text](url)`` in a reply must not hide where it points."""
+    target = "http://evil.example/steal?x=1"
+    source = f"See [the docs]({target}) and ![logo]({target}).\n\n[ref]: {target}"
+    app = Harness()
+    async with app.run_test() as pilot:
+        widget = AssistantMessage(source)
+        await app.query_one("#log").mount(widget)
+        await pilot.pause()
+        async with widget.lock:
+            pass
+        shown = []
+        for block in widget.query(MarkdownBlock):
+            rendered = block.render()
+            content = rendered if isinstance(rendered, Content) else Content(str(rendered))
+            shown.append(content.plain)
+            # No span of the rendered text carries a link (clickable target).
+            assert not any("link" in str(span.style) for span in content.spans), content.spans
+        text = "\n".join(shown)
+        assert text.count(target) == 3, text
+        assert "[the docs]" in text

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(
     reason="snapshots are taken against the embedded PostgreSQL",
 )
 
-SEED_USERS = ["user_1@example.com", "user_2@example.com", "user_3@example.com"]
+DEFAULT_USERS = ["user_1@example.com", "user_2@example.com", "user_3@example.com"]
 FAKE_PORT = 47321
 
 RunBefore = Callable[[Pilot[Any]], Awaitable[None]]
@@ -88,7 +88,7 @@ def send_then_settle(user_id: str, text: str) -> RunBefore:
 
 @pytest.mark.parametrize("size", [(160, 48), (80, 24)])
 def test_start_screen(snap_compare: Any, make_app: AppFactory, size: tuple[int, int]) -> None:
-    assert snap_compare(make_app(SEED_USERS), terminal_size=size, run_before=settle)
+    assert snap_compare(make_app(DEFAULT_USERS), terminal_size=size, run_before=settle)
 
 
 def test_after_the_seed_conversation(snap_compare: Any, make_app: AppFactory) -> None:
@@ -118,10 +118,10 @@ def test_inspector_after_the_seed(snap_compare: Any, make_app: AppFactory) -> No
 def test_reply_with_markdown_and_an_escape_sequence(
     snap_compare: Any, make_app: AppFactory
 ) -> None:
-    app = make_app(SEED_USERS[:2])
+    app = make_app(DEFAULT_USERS[:2])
     text = "Look: **bold** `code` [red]markup[/red] \x1b[2J\x1b]0;title\x07 end"
     assert snap_compare(
-        app, terminal_size=(120, 30), run_before=send_then_settle(SEED_USERS[0], text)
+        app, terminal_size=(120, 30), run_before=send_then_settle(DEFAULT_USERS[0], text)
     )
 
 
@@ -135,9 +135,9 @@ def test_failed_turn(snap_compare: Any, make_app: AppFactory, tui_settings: Sett
         tui_settings.model.base_url = fake.base_url
         tui_settings.model.max_retries = 0
         fake.fail_next("500", count=5)
-        app = make_app(SEED_USERS[:1])
+        app = make_app(DEFAULT_USERS[:1])
         assert snap_compare(
-            app, terminal_size=(120, 30), run_before=send_then_settle(SEED_USERS[0], "hello")
+            app, terminal_size=(120, 30), run_before=send_then_settle(DEFAULT_USERS[0], "hello")
         )
     finally:
         fake.stop()

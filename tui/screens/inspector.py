@@ -167,6 +167,10 @@ def user_title(user: UserOverview) -> Text:
         title.append(" (")
         title.append_text(literal(user.display_name))
         title.append(")")
+    if user.look_alikes:
+        # Ids that read alike (aIice / alice) are told apart here, not by eye.
+        title.append("  ⚠ looks like ", style="bold")
+        title.append_text(literal(", ".join(user.look_alikes), "bold"))
     return title
 
 

@@ -13,8 +13,13 @@ from engine.terminal import terminal_safe
 
 # One parser for every reply: Textual builds a new one per update otherwise,
 # and linkify (bare URLs as links) made parsing a streamed reply 18 times
-# slower; written [links](...) still work.
-_PARSER = MarkdownIt("gfm-like").disable("linkify")
+# slower.
+#
+# A reply's [text](target) would be a clickable word whose target nobody sees,
+# so a model (or text it quotes) could dress any URL as anything. Links,
+# images and reference definitions are not parsed: they show as written,
+# target included. <https://...> autolinks stay: their text is their target.
+_PARSER = MarkdownIt("gfm-like").disable(["linkify", "link", "image", "reference"])
 
 
 def _reply_parser() -> MarkdownIt:

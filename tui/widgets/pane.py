@@ -254,11 +254,6 @@ class UserPane(Vertical):
             return
         self._show_memories(read, memories)
 
-    async def _job_failed_error(self) -> str:
-        async with self.runtime.store.scope(self.user_id) as s:
-            jobs = await s.list_jobs(limit=1)
-        return (jobs[0].last_error or "") if jobs else ""
-
     @work(group="events")
     async def follow_events(self) -> None:
         async with self.runtime.events.subscribe(self.user_id) as subscription:
@@ -276,15 +271,21 @@ class UserPane(Vertical):
         match event:
             case MemoryChanged():
                 await self.reload_memories()
-            case JobChanged(state="running"):
-                self.sidebar.job_state = "running"
-            case JobChanged(state="done"):
-                self.sidebar.job_state = "idle"
-            case JobChanged(state="failed"):
-                self.sidebar.job_error = await self._job_failed_error()
-                self.sidebar.job_state = "failed"
+            case JobChanged():
+                await self.reload_job_state()
             case Resync():
                 await self.reload_memories()
+                await self.reload_job_state()
+
+    async def reload_job_state(self) -> None:
+        # NOTIFY payloads are database-wide and anyone connected may send
+        # one: an event only says "look again". What the sidebar shows is
+        # what this user's scope reads, never the payload's state.
+        async with self.runtime.store.scope(self.user_id) as s:
+            state, error = await s.job_state()
+        if state == "failed":
+            self.sidebar.job_error = error or ""
+        self.sidebar.job_state = state
 
     # -- turns -------------------------------------------------------------
 
