@@ -270,6 +270,8 @@ class MemoryManager:
         """The form this manager asks in now: the setting, or for auto what was learnt."""
         if self.settings.extraction != "auto":
             return self.settings.extraction
+        if self.model.is_offline:
+            return "tools"
         learnt = self.modes.get(self.model.endpoint)
         if learnt is not None:
             return learnt.mode

@@ -29,7 +29,7 @@ exit codes:
   0    success
   1    the turn failed (model error; the message is stored) or an unexpected error
   2    bad usage, bad input or broken settings
-  3    not found (unknown session or memory of that user)
+  3    not found (unknown user, session or memory)
   4    database unreachable or refused the work
   130  interrupted (Ctrl-C); a reply being streamed is stored as cancelled
 """

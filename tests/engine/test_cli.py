@@ -358,7 +358,7 @@ def test_seed_offline_succeeds_with_nothing_to_report(memchat: Run) -> None:
     body = json.loads(result.stdout)
     assert body["ok"] is True and body["runs"] == 8
     assert (body["failed_turns"], body["unsettled_jobs"]) == ([], [])
-    assert "Name is Mark Gonzales" in body["users"]["user_1@example.com"]
+    assert "Name is Mark Gonzales" in body["users"]["seed-1@example.com"]
 
 
 def test_seed_with_failing_replies_lists_them_and_exits_1(memchat: Run, fake: FakeOpenAI) -> None:
@@ -380,7 +380,7 @@ def test_seed_with_failing_replies_lists_them_and_exits_1(memchat: Run, fake: Fa
     text = memchat("scenario", "seed", env=_endpoint(fake))
     assert text.returncode == 1
     assert "\nFailed turns:\n" in text.stdout
-    assert "  user_2@example.com user_2_session_1: 'Hi my name is John Doe.': " in text.stdout
+    assert "  seed-2@example.com user_2_session_1: 'Hi my name is John Doe.': " in text.stdout
     assert _said(text) == ["memchat: error: seed: 8 of 8 turns failed"]
 
 
