@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from engine.agent import TurnCancelled, TurnCompleted, TurnDelta, TurnFailed, TurnStarted
-from engine.cli.output import print_json, say, table, warn, when
+from engine.cli.output import print_json, say, table, tokens_cell, warn, when
 from engine.config import Settings
 from engine.errors import InvalidInput
 from engine.records import Message, Session
@@ -207,7 +207,9 @@ async def history_command(args: argparse.Namespace, settings: Settings) -> int:
     say(f"# {session.title or 'untitled'} ({session.session_id})")
     for m in messages:
         mark = "" if m.status == "complete" else f" [{m.status}]"
-        say(f"\n{m.role}{mark} · {when(m.created_at)}")
+        tokens = tokens_cell(m.prompt_tokens, m.completion_tokens)
+        spent = f" · {tokens} tokens" if tokens else ""
+        say(f"\n{m.role}{mark} · {when(m.created_at)}{spent}")
         say(m.content)
         if m.error:
             say(f"(error: {m.error})")
