@@ -34,7 +34,7 @@ from tests.real_model.harness import (
     THREADS,
     LlamaServer,
     NotAvailable,
-    prepare,
+    prepared,
 )
 
 FUNCTION_CALLING = "chatml-function-calling"
@@ -171,13 +171,24 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(line)
 
 
+def require_real_model() -> None:
+    """Skip the calling test module, in one line, unless the real model can run:
+    enabled (REAL_MODEL_TESTS=1), llama-cpp-python installed and the model here."""
+    if not ENABLED:
+        pytest.skip(SKIP_REASON, allow_module_level=True)
+    try:
+        prepared()
+    except NotAvailable as exc:
+        pytest.skip(f"real model not available: {exc}", allow_module_level=True)
+
+
 @pytest.fixture(scope="session")
 def real_model() -> tuple[Path, Path]:
     """(python of the llama.cpp venv, the GGUF file), installed on first use."""
     if not ENABLED:
         pytest.skip(SKIP_REASON)
     try:
-        return prepare()
+        return prepared()
     except NotAvailable as exc:
         pytest.skip(f"real model not available: {exc}")
 

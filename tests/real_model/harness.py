@@ -184,6 +184,22 @@ def prepare(*, quiet: bool = True) -> tuple[Path, Path]:
     return python, model
 
 
+_PREPARED: tuple[Path, Path] | NotAvailable | None = None
+
+
+def prepared() -> tuple[Path, Path]:
+    """:func:`prepare` once per process: its result, or the same NotAvailable again."""
+    global _PREPARED
+    if _PREPARED is None:
+        try:
+            _PREPARED = prepare()
+        except NotAvailable as exc:
+            _PREPARED = exc
+    if isinstance(_PREPARED, NotAvailable):
+        raise _PREPARED
+    return _PREPARED
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,15 +15,14 @@ import asyncpg
 import pytest
 
 from tests.conftest import make_settings
-from tests.real_model.conftest import DRAIN_TIMEOUT_S, Report, model_env
+from tests.real_model.conftest import DRAIN_TIMEOUT_S, Report, model_env, require_real_model
 from tests.real_model.drive import SETTLED, audit
-from tests.real_model.harness import ENABLED, SKIP_REASON, LlamaServer
+from tests.real_model.harness import LlamaServer
 from tests.tui.conftest import wait_until
 from tui.app import MemchatApp
 from tui.widgets.messages import AssistantMessage
 
-if not ENABLED:
-    pytest.skip(SKIP_REASON, allow_module_level=True)
+require_real_model()
 
 pytestmark = [pytest.mark.real_model, pytest.mark.db]
 

@@ -17,12 +17,11 @@ from typing import Any
 import pytest
 
 from tests.real_model.capture import digits
-from tests.real_model.conftest import Report, model_env
+from tests.real_model.conftest import Report, model_env, require_real_model
 from tests.real_model.drive import SETTLED, Memchat, audit, turn_timings
-from tests.real_model.harness import ENABLED, SKIP_REASON, LlamaServer
+from tests.real_model.harness import LlamaServer
 
-if not ENABLED:
-    pytest.skip(SKIP_REASON, allow_module_level=True)
+require_real_model()
 
 pytestmark = [pytest.mark.real_model, pytest.mark.db]
 
