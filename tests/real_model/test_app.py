@@ -158,3 +158,81 @@ async def test_app_streams_a_reply_and_its_memory_job_settles(
     report.runs[-1]["problems"] = problems or None
     report.write()
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("server", ["fc"], indirect=True)
+async def test_two_panes_at_once_on_the_single_slot_server(
+    server: LlamaServer,
+    database_dsn: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    report: Report,
+) -> None:
+    """Two users send at once to a server that answers one request at a time
+    (--interrupt_requests False): both replies complete, neither is cut off by the
+    other, and both memory jobs settle (held while a reply streams)."""
+    for name, value in model_env(server, "auto").items():
+        monkeypatch.setenv(name, value)
+    settings = make_settings(tmp_path, database={"url": database_dsn})
+    users = ["alice@example.com", "bob@example.com"]
+    texts = ["My name is Alice and I like kites.", "My name is Bob and I play the cello."]
+    app = MemchatApp(
+        settings, users, animate=False, highlight_seconds=0, demo_char_delay=0, tune_gc=False
+    )
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        panes = [app.pane_of(user) for user in users]
+        assert all(panes)
+        started = time.monotonic()
+        for index, (pane, text) in enumerate(zip(panes, texts, strict=True)):
+            assert pane is not None
+            if index:
+                await pilot.press("ctrl+right")
+            assert app.focused is pane.input
+            pane.input.value = text
+            await pilot.press("enter")
+        both_busy = all(p is not None and p.busy for p in panes)
+        await wait_until(
+            lambda: not any(p is not None and p.busy for p in panes), within=DRAIN_TIMEOUT_S
+        )
+        replies_s = round(time.monotonic() - started, 2)
+
+        async def jobs_settled() -> bool:
+            jobs = await _rows(database_dsn, "SELECT status FROM memory_jobs")
+            return len(jobs) >= 2 and all(job["status"] in SETTLED for job in jobs)
+
+        settled = True
+        try:
+            await wait_until(jobs_settled, within=DRAIN_TIMEOUT_S, step=0.2)
+        except AssertionError:
+            settled = False
+        settled_s = round(time.monotonic() - started, 2)
+    messages = await _rows(
+        database_dsn, "SELECT user_id, role, status, error FROM messages ORDER BY message_id"
+    )
+    jobs = await _rows(database_dsn, "SELECT * FROM memory_jobs ORDER BY job_id")
+    memories = await _rows(database_dsn, "SELECT user_id, content FROM memories")
+    problems = []
+    if not both_busy:
+        problems.append("the two turns did not overlap (the first ended before the second began)")
+    for user in users:
+        replies = [m for m in messages if m["user_id"] == user and m["role"] == "assistant"]
+        if len(replies) != 1 or replies[0]["status"] != "complete":
+            problems.append(f"{user}: replies {[dict(r) for r in replies]}")
+    if not settled:
+        problems.append(f"jobs not settled: {[(j['job_id'], j['status']) for j in jobs]}")
+    problems += await audit(database_dsn, tmp_path)
+    report.add(
+        kind="tui2",
+        server=server.name,
+        extraction="auto",
+        turns=[{"text": " / ".join(texts), "reply_s": replies_s, "job_settled_s": settled_s}],
+        job_states=[job["status"] for job in jobs],
+        jobs=[
+            {k: job[k] for k in ("job_id", "user_id", "status", "attempts", "note", "last_error")}
+            for job in jobs
+        ],
+        memories=[f"{m['user_id']}: {m['content']}" for m in memories],
+        problems=problems or None,
+    )
+    assert not problems, "\n".join(problems)
