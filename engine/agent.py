@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -253,12 +254,22 @@ class Agent:
                 shown = render_context_memories(m.content for m in memories[: fitted.kept])
                 system += intro + shown
                 budget -= estimate_tokens(intro + shown)
+        # A turn whose reply failed is left out whole: its reply is noise to
+        # the model, and its message may be the very cause (a prompt over the
+        # server's window) that would fail every later turn of the session. A
+        # cancelled partial reply is what the user saw, so it stays.
+        unanswered = {
+            m.message_id
+            for m, after in itertools.pairwise(history)
+            if m.role == "user" and after.role == "assistant" and after.status == "failed"
+        }
         earlier = [
             m
             for m in history
-            # Failed replies are noise to the model; a cancelled partial reply
-            # is what the user saw, so it stays.
-            if m.content and m.status != "failed" and m.message_id < user_message.message_id
+            if m.content
+            and m.status != "failed"
+            and m.message_id not in unanswered
+            and m.message_id < user_message.message_id
         ]
         kept = fit_newest([m.content for m in earlier], budget).kept
         prompt = [ChatMessage("system", system)]

@@ -29,6 +29,7 @@ from engine.models import (
     ModelRequestRefused,
     ModelToolsUnsupported,
     ToolCall,
+    ToolResponse,
     ToolSpec,
     Usage,
 )
@@ -58,8 +59,8 @@ plans, and life events. Ignore small talk, questions, and anything about the
 assistant. Never duplicate a memory that already says the same thing.
 
 Write each memory as a short third-person statement without the subject,
-for example "Name is Mark Gonzales", "Likes anime and video games",
-"Is going to the movies tonight". Use only the ids shown in the memories
+for example "Name is Ana Lima", "Likes hiking and board games",
+"Is moving to Porto next month". Use only the ids shown in the memories
 list. If nothing durable was said, call no tool."""
 
 _TOPICS_SCHEMA = {
@@ -126,10 +127,16 @@ assistant. Never duplicate a memory that already says the same thing.
 
 Write each memory as a short third-person statement without the subject.
 Answer with the JSON object only, for example:
-{"add": ["Name is Mark Gonzales", "Likes anime"],
- "update": [{"id": "m2", "memory": "Lives in Lisbon"}], "delete": ["m3"]}
+{"add": ["Name is Ana Lima", "Likes hiking and board games"],
+ "update": [{"id": "m2", "memory": "Is moving to Porto next month"}], "delete": ["m3"]}
 Use only the ids shown in the memories list. If nothing durable was said,
 answer {}."""
+
+EXAMPLE_FACTS = frozenset(
+    {"name is ana lima", "likes hiking and board games", "is moving to porto next month"}
+)
+"""The prompts' example memories: small models copy them, and a copy is not
+something the user said."""
 
 PROBE_TOOL = ToolSpec(
     "memchat_probe",
@@ -219,28 +226,34 @@ EXTRACTION_FRAME = render_extraction_request([], "", "")
 
 
 async def probe_extraction_mode(model: ChatModel) -> tuple[ExtractionMode, str]:
-    """Whether ``model``'s endpoint does tool calls: a forced call to a dummy tool.
+    """Whether tool calls will work for extraction on ``model``'s endpoint.
 
-    Refused tools, or a forced call answered with text, mean json. A transient
-    failure (timeout, 5xx) is raised: nothing was learnt.
+    Two small requests with a dummy tool: forced (does the endpoint do tool
+    calls at all?), then not forced, as extraction asks. Some servers honour
+    only a forced call (llama.cpp constrains the output with a grammar in any
+    chat format, yet ignores ``tools`` otherwise), and a model that never
+    picks a tool by itself would remember nothing in tools form. Refused
+    tools, or no call, mean json. A transient failure (timeout, 5xx) is
+    raised: nothing was learnt.
     """
     if model.is_offline:
         return "tools", "the offline model calls tools"
     try:
-        try:
-            response = await model.call_tools(PROBE_PROMPT, (PROBE_TOOL,), force=PROBE_TOOL.name)
-        except ModelToolsUnsupported:
-            raise
-        except ModelRequestRefused:
-            # Some servers take tools but not a named tool_choice.
-            response = await model.call_tools(PROBE_PROMPT, (PROBE_TOOL,))
+        forced = await model.call_tools(PROBE_PROMPT, (PROBE_TOOL,), force=PROBE_TOOL.name)
+        if not _probe_called(forced):
+            return "json", "the endpoint ignored tools (a forced tool call came back as text)"
+        chosen = await model.call_tools(PROBE_PROMPT, (PROBE_TOOL,))
     except ModelToolsUnsupported as exc:
         return "json", f"the endpoint refuses tools ({exc.message})"
     except ModelRequestRefused as exc:
         return "json", f"the endpoint refused a request with tools ({exc.message})"
-    if any(call.name == PROBE_TOOL.name for call in response.tool_calls):
-        return "tools", "the endpoint returned a forced tool call"
-    return "json", "the endpoint ignored tools (a forced tool call came back as text)"
+    if not _probe_called(chosen):
+        return "json", "the endpoint calls tools only when forced, and extraction does not force"
+    return "tools", "the endpoint returned tool calls, forced and unforced"
+
+
+def _probe_called(response: ToolResponse) -> bool:
+    return any(call.name == PROBE_TOOL.name for call in response.tool_calls)
 
 
 class MemoryManager:
@@ -398,6 +411,8 @@ class MemoryManager:
             raise InvalidInput(f"unusable arguments ({call.error})")
         args = call.arguments
         audit: dict[str, Any] = {"job_id": job_id, "source_message_id": source.message_id}
+        if call.name in ("add_memory", "update_memory"):
+            _not_the_example(_text(args, "memory"))
         if call.name == "add_memory":
             memory = await scope.add_memory(
                 _text(args, "memory"),
@@ -424,6 +439,11 @@ class MemoryManager:
             )
         else:
             raise InvalidInput(f"unknown tool {printable(call.name)}")
+
+
+def _not_the_example(text: str) -> None:
+    if " ".join(text.lower().split()).strip(" .") in EXAMPLE_FACTS:
+        raise InvalidInput("copies the prompt's example, not something the user said")
 
 
 def _resolve(aliases: dict[str, uuid.UUID], args: dict[str, Any]) -> uuid.UUID:

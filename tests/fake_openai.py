@@ -451,10 +451,11 @@ class FakeOpenAI:
         with self._state.changed:
             self._state.requests.append(body)
             number = len(self._state.requests)
-            # A forced tool call is a capability probe (memchat's extraction
-            # "auto", doctor): it answers as a tool-calling model would and
-            # leaves injected faults and queued calls for the requests under test.
-            forced = _forced_tool(body) is not None
+            # A capability probe (memchat's extraction "auto", doctor: a forced
+            # tool call, or tools without the memory tools) is answered as a
+            # tool-calling model would, leaving injected faults and queued
+            # calls for the requests under test.
+            forced = _forced_tool(body) is not None or _is_probe(body)
             fault = self._state.faults.popleft() if self._state.faults and not forced else None
             rate = 0.0 if forced else self._state.fault_rate
             if fault is None and rate > 0 and self._random.random() < rate:
@@ -582,6 +583,10 @@ class _Reply:
             return cls(completion_id, model, [], _tool_calls(calls), prompt_tokens)
         if queued_calls is not None:
             return cls(completion_id, model, [], _tool_calls(queued_calls), prompt_tokens)
+        if body.get("tools") and _first_tool_name(body) != "add_memory":
+            # Any other tool (a capability probe): a tool-calling model calls it.
+            calls = [{"name": _first_tool_name(body), "arguments": {"ok": True}}]
+            return cls(completion_id, model, [], _tool_calls(calls), prompt_tokens)
         if body.get("tools"):
             memory = _user_message_block(last_user)[:MAX_MEMORY_CHARS].strip() or "(empty)"
             calls = [{"name": "add_memory", "arguments": {"memory": memory, "topics": ["general"]}}]
@@ -699,6 +704,14 @@ def _forced_tool(body: dict[str, Any]) -> str | None:
     function = choice.get("function") if isinstance(choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
     return name if isinstance(name, str) and body.get("tools") else None
+
+
+def _is_probe(body: dict[str, Any]) -> bool:
+    return bool(body.get("tools")) and _first_tool_name(body) not in (
+        "add_memory",
+        "update_memory",
+        "delete_memory",
+    )
 
 
 def _first_tool_name(body: dict[str, Any]) -> str:

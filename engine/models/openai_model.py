@@ -174,8 +174,10 @@ class OpenAIChatModel:
         usage: Usage | None = None
         finish_reason: str | None = None
         thinking = _ThinkFilter()
+        events = 0
         try:
             async for data in sse_data(response.aiter_raw()):
+                events += 1
                 if data.startswith("[DONE]"):
                     break
                 chunk = json.loads(data)
@@ -202,6 +204,16 @@ class OpenAIChatModel:
         if held:
             parts.append(held)
             yield TextDelta(held)
+        if finish_reason is None and events == 0:
+            # llama.cpp's server (and LM Studio) answer a streamed prompt over
+            # their context window with a 200 and an empty body.
+            raise ModelResponseError(
+                self._message(
+                    "the server ended the reply stream without sending anything (a prompt "
+                    "over the server's context window does this: is model.context_tokens "
+                    "at most the server's window?)"
+                )
+            )
         if finish_reason is None:
             # A body can end quietly; only a finish_reason tells a complete
             # reply from one that was cut off.

@@ -258,9 +258,11 @@ async def test_the_probe_streams_a_reply_and_learns_the_extraction_form(
     assert extraction.ok
     assert extraction.detail == (
         f"tools for m1 @ {fake.base_url.rstrip('/')} "
-        "(auto: the endpoint returned a forced tool call)"
+        "(auto: the endpoint returned tool calls, forced and unforced)"
     )
-    probe = fake.requests[-1]
+    forced, unforced = fake.requests[-2:]
+    assert "tool_choice" not in unforced, "extraction does not force: neither may the probe"
+    probe = forced
     assert probe["tool_choice"] == {"type": "function", "function": {"name": "memchat_probe"}}
     assert probe["max_tokens"] == 64, "a few tokens, not a full reply"
     learnt = EndpointModes().get(f"m1 @ {fake.base_url.rstrip('/')}")
@@ -304,7 +306,7 @@ def test_doctor_command_shows_the_probe_and_no_probe_skips_it(
     names = [line[9:].split(":", 1)[0] for line in result.stdout.splitlines()]
     assert names[-3:] == ["model", "model stream", "memory extraction"]
     chats = fake.request_count
-    assert chats == 2  # one short reply, one forced tool call
+    assert chats == 3  # one short reply, a forced tool call and one not forced
 
     result = memchat("doctor", "--no-probe", env=env)
     assert result.returncode == 0

@@ -119,3 +119,15 @@ def test_an_unwritable_cache_only_costs_a_probe(tmp_path: Path) -> None:
     modes = EndpointModes(blocker / "modes.json")  # its parent is a file
     modes.remember("e", "json", "x")
     assert modes.get("e") is None
+
+
+def test_token_estimates_err_high_for_digits_symbols_and_other_scripts() -> None:
+    from engine.context_budget import clip_to_tokens, estimate_tokens
+
+    assert estimate_tokens("the quick brown fox") == 7 + 4  # 19 letters/spaces / 3, rounded up
+    assert estimate_tokens("1234567890") == 10 + 4  # a token per digit
+    assert estimate_tokens("東京都") == 3 + 4  # a token per CJK character
+    long = "9" * 1000 + "words " * 1000
+    clipped = clip_to_tokens(long, 300)
+    assert estimate_tokens(clipped) <= 300 + 10
+    assert clipped.startswith("999") and clipped.endswith("words ")

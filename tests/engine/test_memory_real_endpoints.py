@@ -444,3 +444,93 @@ def test_the_chat_key_goes_only_to_the_chat_endpoint() -> None:
     assert own.api_key is not None and own.api_key.get_secret_value() == "sk-mem"
     offline = memory_model_settings(ModelSettings(), MemorySettings())
     assert offline.resolved_provider == "offline"
+
+
+async def test_an_endpoint_that_calls_tools_only_when_forced_gets_json(
+    rt_factory: Any, fake: FakeOpenAI
+) -> None:
+    # llama-cpp-python honours a forced tool_choice in any chat format (a
+    # grammar) yet ignores `tools` otherwise (tests/real_model/captured/).
+    rt = await rt_factory()
+    job_id = await _turn(rt, "ann", "I like tea.")
+    forced_call = _completion(
+        None,
+        tool_calls=[
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "memchat_probe", "arguments": '{"ok": true}'},
+            }
+        ],
+    )
+    fake.queue_response(
+        canned_json(forced_call),
+        canned_json(_completion("Sure, I can help with that.")),
+        canned_json(_completion('{"add": ["Likes tea"]}')),
+    )
+    job = await _settle(rt, "ann", job_id)
+    assert (job.status, job.extraction) == ("done", "json")
+    learnt = EndpointModes().get(rt.memory_model.endpoint)
+    assert learnt is not None and learnt.reason == (
+        "the endpoint calls tools only when forced, and extraction does not force"
+    )
+    assert await _memories(rt, "ann") == ["Likes tea"]
+
+
+async def test_a_copy_of_the_prompts_example_is_refused(rt_factory: Any, fake: FakeOpenAI) -> None:
+    rt = await rt_factory(extraction="json")
+    job_id = await _turn(rt, "ann", "I like tea.")
+    fake.queue_response(
+        canned_json(_completion('{"add": ["Name is Ana Lima", "Likes tea"], "delete": []}'))
+    )
+    job = await _settle(rt, "ann", job_id)
+    assert await _memories(rt, "ann") == ["Likes tea"]
+    assert job.note == (
+        "rejected 1: add_memory: copies the prompt's example, not something the user said"
+    )
+
+
+async def test_an_empty_reply_stream_names_the_likely_cause(
+    tmp_path: Path, database_dsn: str, fake: FakeOpenAI
+) -> None:
+    async with open_runtime(_settings(tmp_path, database_dsn, fake), run_workers=False) as rt:
+        async with rt.store.scope("ann") as s:
+            sid = (await s.create_session()).session_id
+        # llama.cpp's answer to a streamed prompt over its window: 200, no body.
+        fake.queue_response(canned_sse([], done=False))
+        end = await rt.agent.run("ann", sid, "Hello")
+        assert isinstance(end, TurnFailed)
+        assert end.error.startswith(
+            "the server ended the reply stream without sending anything (a prompt over the "
+            "server's context window does this: is model.context_tokens at most the "
+            "server's window?)"
+        )
+
+
+async def test_a_failed_turn_is_left_out_of_later_prompts(
+    tmp_path: Path, database_dsn: str, fake: FakeOpenAI
+) -> None:
+    async with open_runtime(_settings(tmp_path, database_dsn, fake), run_workers=False) as rt:
+        async with rt.store.scope("ann") as s:
+            sid = (await s.create_session()).session_id
+        fake.queue_response(canned_sse([], done=False))
+        assert isinstance(await rt.agent.run("ann", sid, "poison " * 50), TurnFailed)
+        end = await rt.agent.run("ann", sid, "Hello again")
+        assert isinstance(end, TurnCompleted)
+        sent = [m["content"] for m in fake.requests[-1]["messages"] if m["role"] != "system"]
+        assert sent == ["Hello again"], "the failed turn's message is not sent again"
+
+
+async def test_digits_count_a_token_each_so_a_long_number_fails_before_sending(
+    tmp_path: Path, database_dsn: str, fake: FakeOpenAI
+) -> None:
+    settings = _settings(tmp_path, database_dsn, fake)
+    settings.model.context_tokens = 4096
+    settings.model.max_tokens = 64
+    async with open_runtime(settings, run_workers=False) as rt:
+        async with rt.store.scope("ann") as s:
+            sid = (await s.create_session()).session_id
+        before = len(fake.requests)
+        end = await rt.agent.run("ann", sid, "1234567890" * 850)  # ~8,500 tokens for small models
+        assert isinstance(end, TurnFailed) and "too long for the model's context" in end.error
+        assert len(fake.requests) == before
