@@ -40,6 +40,9 @@ from engine.models.base import (
 )
 
 MODEL_CHECK_TIMEOUT = 5.0
+PROBE_TIMEOUT = 30.0
+"""Seconds for each probe request: a local model on a busy CPU needs several
+to write a few tokens (4.6 s for a forced call on SmolLM2 at load 8)."""
 """Seconds for the model probe: long enough for a slow local server, short enough to wait for."""
 
 MAX_FAILED_USERS_SHOWN = 3
@@ -92,7 +95,7 @@ async def diagnose(
     model = await model_check(settings, probe_seconds=model_timeout)
     results.append(model)
     if model.ok and probe:
-        results += await probe_checks(settings, probe_seconds=model_timeout)
+        results += await probe_checks(settings, probe_seconds=max(model_timeout, PROBE_TIMEOUT))
     return [_scrubbed(result, _secrets_of(settings)) for result in results]
 
 
@@ -302,7 +305,7 @@ _PROBE_PROMPT = (ChatMessage("user", "Say OK."),)
 
 
 async def probe_checks(
-    settings: Settings, *, probe_seconds: float = MODEL_CHECK_TIMEOUT
+    settings: Settings, *, probe_seconds: float = PROBE_TIMEOUT
 ) -> list[CheckResult]:
     """A few tokens of real requests: does a reply stream, and which extraction form works."""
     memory = memory_model_settings(settings.model, settings.memory)
