@@ -1,6 +1,6 @@
 """Shared fixtures: a real PostgreSQL, a fresh migrated database per test.
 
-The server is the embedded one (pgserver, in a temporary data dir) unless
+The server is the embedded one (in a temporary data dir) unless
 ``MEMCHAT_TEST_DSN`` names another; each test gets its own database, cloned
 from a template that was migrated once, and dropped afterwards.
 """
@@ -85,9 +85,13 @@ def outside_pytest_tmp() -> Iterator[Path]:
 
     Not under pytest's tmp: pytest resets /tmp/pytest-of-<user> to mode 0700
     whenever a pytest run starts, and as root the server runs as another
-    system user who must be able to traverse to its data dir.
+    system user who must be able to traverse to its data dir. memchat no
+    longer opens up parents itself, so as root this directory is made
+    searchable (not readable) by others; the data dir in it stays 0700.
     """
     path = Path(tempfile.mkdtemp(prefix="memchat-test-pg-"))
+    if os.geteuid() == 0:
+        path.chmod(0o711)
     try:
         yield path
     finally:
