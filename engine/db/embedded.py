@@ -67,7 +67,7 @@ MAX_SOCKET_PATH = 107 if sys.platform.startswith("linux") else 103
 SOCKET_NAME = ".s.PGSQL.5432"
 # Characters that the server's list syntax for socket directories or pg_ctl's
 # shell command line would treat specially; such a data dir gets a temp socket dir.
-_UNSAFE_IN_SOCKET_DIR = set(' \t\n,"\'\\$`')
+_UNSAFE_IN_SOCKET_DIR = set(" \t\n,\"'\\$`")
 START_TIMEOUT = 60
 
 
@@ -151,8 +151,7 @@ def start_embedded(data_dir: Path) -> EmbeddedServer:
     superuser = credentials.superuser or SUPERUSER
     password = credentials.password(superuser) or ""
     dsn = (
-        f"postgresql://{quote(superuser)}:{quote(password)}@/postgres"
-        f"?host={quote(str(socket_dir))}"
+        f"postgresql://{quote(superuser)}:{quote(password)}@/postgres?host={quote(str(socket_dir))}"
     )
     server = EmbeddedServer(data_dir, socket_dir, dsn, account, holder)
     atexit.register(server.release)

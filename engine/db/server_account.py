@@ -79,10 +79,7 @@ def server_account(data_dir: Path) -> ServerAccount:
         owner = data_dir.stat().st_uid
     except OSError:
         owner = 0
-    if owner != 0:
-        entry = pwd.getpwuid(owner)
-    else:
-        entry = _system_user()
+    entry = pwd.getpwuid(owner) if owner != 0 else _system_user()
     return ServerAccount(entry.pw_uid, entry.pw_gid, entry.pw_name)
 
 
