@@ -26,6 +26,7 @@ from engine.config import Settings, load_settings
 from engine.db import Database, with_database
 from engine.db.embedded import start_embedded
 from engine.db.migrate import migrate
+from engine.db.roles import quote_ident, role_names
 from engine.runtime import open_runtime
 from engine.scenarios import SeedResult, run_seed
 from engine.store import Store
@@ -104,6 +105,19 @@ def embedded_base() -> Iterator[Path]:
         yield path
 
 
+def _drop_database(server_dsn: str, name: str) -> None:
+    """Drop a test database and the login roles memchat made for it (roles are
+    cluster-wide: on a shared server they would pile up run after run)."""
+    roles = ", ".join(quote_ident(role) for role in role_names(name).all())
+    _run(
+        _execute(
+            server_dsn,
+            f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
+            f"DROP ROLE IF EXISTS {roles}",
+        )
+    )
+
+
 @pytest.fixture(scope="session")
 def template_database(pg_server_dsn: str) -> Iterator[str]:
     name = f"memchat_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
@@ -118,7 +132,7 @@ def template_database(pg_server_dsn: str) -> Iterator[str]:
 
     _run(_migrate())
     yield name
-    _run(_execute(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    _drop_database(pg_server_dsn, name)
 
 
 @pytest.fixture
@@ -127,7 +141,7 @@ def database_dsn(pg_server_dsn: str, template_database: str) -> Iterator[str]:
     name = f"memchat_t_{uuid.uuid4().hex[:12]}"
     _run(_execute(pg_server_dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"'))
     yield with_database(pg_server_dsn, name)
-    _run(_execute(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    _drop_database(pg_server_dsn, name)
 
 
 @pytest.fixture
@@ -136,7 +150,7 @@ def empty_database_dsn(pg_server_dsn: str) -> Iterator[str]:
     name = f"memchat_e_{uuid.uuid4().hex[:12]}"
     _run(_execute(pg_server_dsn, f'CREATE DATABASE "{name}"'))
     yield with_database(pg_server_dsn, name)
-    _run(_execute(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    _drop_database(pg_server_dsn, name)
 
 
 def make_settings(tmp_path: Path, **sections: dict[str, Any]) -> Settings:

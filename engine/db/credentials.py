@@ -10,6 +10,7 @@ passwords would no longer be secret (or no longer be ours).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -79,3 +80,20 @@ def load_credentials(path: Path) -> Credentials:
         except (ValueError, AttributeError):
             raise DatabaseError(f"{path} is not a memchat credentials file") from None
     return Credentials(path, superuser, passwords)
+
+
+def external_credentials_path(user_data_dir: Path, dsn: str) -> Path:
+    """Where the generated passwords for the database at ``dsn`` are kept (one file each)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    try:
+        parts = urlsplit(dsn)
+        host = parts.hostname or ",".join(parse_qs(parts.query).get("host", [])) or "local"
+        port = parts.port or 5432
+    except ValueError:
+        host, port = "unknown", 0
+    database = parts.path.lstrip("/") or "postgres"
+    key = f"{host}:{port}/{database}"
+    readable = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)[:60]
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    return user_data_dir / "credentials" / f"{readable}-{digest}.json"

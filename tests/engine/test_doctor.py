@@ -27,7 +27,17 @@ Run = Callable[..., subprocess.CompletedProcess[str]]
 
 UNREACHABLE_DSN = "postgresql://me:hunter2@127.0.0.1:1/none"
 REFUSING_MODEL_URL = "http://127.0.0.1:9/v1"  # the discard port: nothing listens there
-ALL_CHECKS = ["settings", "database", "migrations", "isolation", "memory jobs", "model"]
+ALL_CHECKS = [
+    "settings",
+    "database",
+    "migrations",
+    "isolation",
+    "memory jobs",
+    "login roles",
+    "socket",
+    "stuck jobs",
+    "model",
+]
 
 
 def by_name(results: list[CheckResult]) -> dict[str, CheckResult]:
