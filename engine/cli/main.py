@@ -12,6 +12,7 @@ from engine import event_loop
 from engine.cli import (
     bench_commands,
     chat_commands,
+    db_commands,
     doctor_commands,
     info_commands,
     memory_commands,
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     info_commands.register(commands, EXIT_CODES)
     doctor_commands.register(commands, EXIT_CODES)
     bench_commands.register(commands, EXIT_CODES)
+    db_commands.register(commands, EXIT_CODES)
     return parser
 
 
