@@ -249,3 +249,36 @@ def test_a_precreated_shared_runtime_dir_does_not_matter(
             server.release()
     finally:
         tempfile.tempdir = None
+
+
+def test_doctor_shows_the_socket_dir_and_fails_an_open_one(
+    embedded_base: Path, tmp_path: Path
+) -> None:
+    from engine.doctor import diagnose
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path, database={"data_dir": str(embedded_base / "pgdata")})
+    checks = {r.name: r for r in asyncio.run(diagnose(settings=settings))}
+    socket_line = checks["socket"]
+    assert socket_line.ok, socket_line
+    assert f"{embedded_base / 'pgdata'} (mode 0700" in socket_line.detail
+    assert "password required" in socket_line.detail
+    logins = checks["login roles"]
+    assert logins.ok and "app memchat_app_memchat" in logins.detail
+
+    # Someone opens a temp socket dir up while a memchat holds the server.
+    # (A data dir memchat makes private again itself, at every start.)
+    long_settings = make_settings(
+        tmp_path, database={"data_dir": str(_long_base(embedded_base) / "pgdata")}
+    )
+    server = start_embedded(long_settings.data_dir())
+    try:
+        assert server.socket_dir != server.data_dir
+        server.socket_dir.chmod(0o755)
+        checks = {r.name: r for r in asyncio.run(diagnose(settings=long_settings))}
+    finally:
+        server.socket_dir.chmod(0o700)
+        server.release()
+    # memchat refuses to join through it at all: the database line says why.
+    assert not checks["database"].ok
+    assert "refusing the embedded PostgreSQL's socket directory" in checks["database"].detail
