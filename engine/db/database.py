@@ -185,27 +185,31 @@ class Database:
             for callback in query_loggers:
                 conn.add_query_logger(callback)
 
-        pools: dict[str, asyncpg.Pool] = {}
-        try:
-            pools["app"] = await cls._pool(
+        # The three logins in parallel: each is a SCRAM exchange and a round trip or two.
+        created = await asyncio.gather(
+            cls._pool(
                 dsns["app"],
                 db_settings,
                 min_size=min(db_settings.pool_min_size, db_settings.pool_max_size),
                 max_size=db_settings.pool_max_size,
                 name="memchat",
                 init=init,
-            )
+            ),
             # The admin and queue paths are used a few times a second at most.
-            pools["admin"] = await cls._pool(
-                dsns["admin"], db_settings, min_size=0, max_size=2, name="memchat-admin"
-            )
-            pools["worker"] = await cls._pool(
-                dsns["worker"], db_settings, min_size=0, max_size=4, name="memchat-queue"
-            )
-        except BaseException:
+            cls._pool(dsns["admin"], db_settings, min_size=0, max_size=2, name="memchat-admin"),
+            cls._pool(dsns["worker"], db_settings, min_size=0, max_size=4, name="memchat-queue"),
+            return_exceptions=True,
+        )
+        failed = [result for result in created if isinstance(result, BaseException)]
+        pools = {
+            kind: result
+            for kind, result in zip(KINDS, created, strict=True)
+            if isinstance(result, asyncpg.Pool)
+        }
+        if failed:
             for pool in pools.values():
                 await pool.close()
-            raise
+            raise failed[0]
         info = DatabaseInfo(
             embedded=embedded is not None,
             location=str(embedded.data_dir) if embedded else shown,

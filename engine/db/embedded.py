@@ -103,6 +103,9 @@ class EmbeddedServer:
         if holder is None:
             return
         atexit.unregister(self.release)
+        if not self.data_dir.is_dir():
+            os.close(holder)  # deleted under us (a test's temp dir): nothing left to stop
+            return
         with _control_lock(self.data_dir):
             try:
                 fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)

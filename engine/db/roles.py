@@ -116,7 +116,7 @@ async def ensure_login_roles(
     one stored there); the others were given by URL and are only checked.
     Without ``credentials`` (a template or a test), roles get no password.
     """
-    database = str(await conn.fetchval("SELECT current_database()"))
+    database, user = await conn.fetchrow("SELECT current_database(), current_user")
     changed = False
     for kind in KINDS:
         name = names.of(kind)
@@ -160,7 +160,6 @@ async def ensure_login_roles(
                 # The literal never reaches a log: only statements that fail are logged.
                 await conn.execute(f"ALTER ROLE {quote_ident(name)} PASSWORD '{password}'")
         except asyncpg.InsufficientPrivilegeError:
-            user = await conn.fetchval("SELECT current_user")
             raise DatabaseError(
                 f"the database user {user} cannot create memchat's login roles (it needs "
                 "CREATEROLE): have an administrator create them and set database.app_url, "

@@ -17,7 +17,7 @@ import pytest
 from engine.config import Settings
 from engine.db import Database, with_database
 from engine.db.dsn import with_login
-from engine.db.migrate import available_migrations
+from engine.db.migrate import _ENSURE_LEGACY_ROLES, available_migrations
 from engine.doctor import diagnose
 from engine.errors import DatabaseError
 from engine.store import Store
@@ -339,3 +339,57 @@ async def test_doctor_reports_stuck_jobs(settings: Settings, database_dsn: str) 
     assert stuck.fix and "memchat worker" in stuck.fix
     roles = checks["login roles"]
     assert roles.ok and "memchat_app_" in roles.detail and "memchat_worker_" in roles.detail
+
+
+async def test_an_owner_without_createrole_is_told_what_to_set_and_with_it_works(
+    tmp_path: Path, empty_database_dsn: str, pg_server_dsn: str
+) -> None:
+    """An external database owned by an ordinary login: no superuser anywhere."""
+    name = urlsplit(empty_database_dsn).path.lstrip("/")
+    owner = f"{name}_owner"
+    superuser = await asyncpg.connect(pg_server_dsn)
+    try:
+        await superuser.execute(f"CREATE ROLE {owner} LOGIN PASSWORD 'pw'")
+        await superuser.execute(f"ALTER DATABASE {name} OWNER TO {owner}")
+        # What README's administrator runs for such an owner, first of all.
+        await superuser.execute(_ENSURE_LEGACY_ROLES)
+        in_db = await asyncpg.connect(empty_database_dsn)
+        try:  # PostgreSQL 14 and older give PUBLIC the public schema; 15+ its owner
+            await in_db.execute(f"ALTER SCHEMA public OWNER TO {owner}")
+        finally:
+            await in_db.close()
+        settings = make_settings(
+            tmp_path, database={"url": with_login(empty_database_dsn, owner, "pw")}
+        )
+        with pytest.raises(DatabaseError) as caught:
+            await Database.open(settings)
+        message = caught.value.message
+        assert "\n" not in message
+        assert f"the database user {owner} cannot create memchat's login roles" in message
+        assert "database.app_url, database.admin_url and database.worker_url" in message
+
+        await superuser.execute(f"ALTER ROLE {owner} CREATEROLE")
+        db = await Database.open(settings)
+        try:
+            async with db.unscoped() as conn:
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await conn.execute(f"SET ROLE {owner}")
+            checks = {r.name: r for r in await diagnose(settings=settings)}
+            assert checks["login roles"].ok, checks["login roles"]
+        finally:
+            await db.close()
+    finally:
+        in_db = await asyncpg.connect(empty_database_dsn)
+        try:
+            await in_db.execute(f"REASSIGN OWNED BY {owner} TO CURRENT_USER")
+        finally:
+            await in_db.close()
+        await superuser.execute(f"ALTER DATABASE {name} OWNER TO CURRENT_USER")
+        await superuser.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        roles = await superuser.fetch(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE 'memchat\\_%' || $1", name
+        )
+        for role in roles:
+            await superuser.execute(f'DROP ROLE "{role["rolname"]}"')
+        await superuser.execute(f"DROP ROLE {owner}")
+        await superuser.close()
