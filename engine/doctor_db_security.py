@@ -10,6 +10,7 @@ checks of the database's security stay together.
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -113,7 +114,13 @@ def socket_check(db: Database) -> tuple[bool, str, str | None]:
             f"directory; never chmod {directory} open"
         )
         return False, detail + ": other users may reach it", fix
-    who = "you" if owner == os.geteuid() else f"uid {owner}"
+    if owner == os.geteuid():
+        who = "you"
+    else:
+        try:
+            who = f"{pwd.getpwuid(owner).pw_name} (the server's user) and root"
+        except KeyError:
+            who = f"uid {owner} and root"
     return True, f"{detail}: only {who} can reach it; password required", None
 
 
