@@ -104,7 +104,8 @@ class Database:
         callback sees all of their statements from then on.
         """
         self._query_loggers.append(callback)
-        await self.pool.expire_connections()
+        for pool in (self.pool, self._admin_pool, self._queue_pool):
+            await pool.expire_connections()
 
     async def connect_dedicated(self) -> asyncpg.Connection:
         """A connection outside the pool (for LISTEN), as the app login.
@@ -196,8 +197,21 @@ class Database:
                 init=init,
             ),
             # The admin and queue paths are used a few times a second at most.
-            cls._pool(dsns["admin"], db_settings, min_size=0, max_size=2, name="memchat-admin"),
-            cls._pool(dsns["worker"], db_settings, min_size=0, max_size=4, name="memchat-queue"),
+            cls._pool(
+                dsns["admin"],
+                db_settings,
+                min_size=0,
+                max_size=2,
+                name="memchat-admin",
+                init=init,
+                # Two connections run the same few statements all the time (e.g. the
+                # open-job count wait_idle polls), so PostgreSQL would soon switch them
+                # to generic plans; for `user_id = ANY($1)` that plan reads every job.
+                settings={"plan_cache_mode": "force_custom_plan"},
+            ),
+            cls._pool(
+                dsns["worker"], db_settings, min_size=0, max_size=4, name="memchat-queue", init=init
+            ),
             return_exceptions=True,
         )
         failed = [result for result in created if isinstance(result, BaseException)]
@@ -228,6 +242,7 @@ class Database:
         max_size: int,
         name: str,
         init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+        settings: dict[str, str] | None = None,
     ) -> asyncpg.Pool:
         shown = redact_dsn(dsn)
         try:
@@ -237,7 +252,7 @@ class Database:
                 max_size=max_size,
                 command_timeout=db_settings.command_timeout,
                 timeout=db_settings.connect_timeout,
-                server_settings={"application_name": name},
+                server_settings={"application_name": name, **(settings or {})},
                 reset=_keep_session,
                 init=init,
             )

@@ -54,6 +54,10 @@ RETURNS TABLE (
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = public, pg_temp
+-- One dispatcher connection calls this all the time, so plpgsql would soon
+-- use a generic plan, which (not knowing p_limit) reads every job; a custom
+-- plan per call keeps to the queue heads.
+SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
     v_lease double precision;
