@@ -326,9 +326,17 @@ def _secrets_of(settings: Settings) -> list[str]:
     secrets = []
     if settings.model.api_key is not None:
         secrets.append(settings.model.api_key.get_secret_value())
-    if settings.database.url is not None:
+    urls = [
+        settings.database.url,
+        settings.database.app_url,
+        settings.database.admin_url,
+        settings.database.worker_url,
+    ]
+    for url in urls:
+        if url is None:
+            continue
         try:
-            parts = urlsplit(settings.database.url.get_secret_value())
+            parts = urlsplit(url.get_secret_value())
             # asyncpg also takes the password as a query parameter, which
             # redact_dsn does not cover.
             query = parse_qs(parts.query)
