@@ -23,7 +23,6 @@ from typing import Any
 import asyncpg
 
 from engine.db import Database
-from engine.db.migrate import APP_ROLE
 from engine.errors import NotFound
 from engine.records import MemoryJob, MemoryOp
 from engine.validation import look_alikes, printable, validate_user_id
@@ -390,7 +389,7 @@ class AdminReader:
         async with self._snapshot() as conn:
             sources = await _check_sources(conn)
             names = await _check_names(conn)
-            rls = await _check_rls(conn)
+            rls = await _check_rls(conn, self.db.roles.app)
         return AuditResult((sources, names, rls))
 
 
@@ -646,7 +645,7 @@ async def _row_level_security(conn: asyncpg.Connection) -> dict[str, tuple[bool,
 _SCOPE_SETTING = "current_setting('memchat.user_id'"
 
 
-async def _check_rls(conn: asyncpg.Connection) -> AuditCheck:
+async def _check_rls(conn: asyncpg.Connection, app_role: str) -> AuditCheck:
     tables = await _row_level_security(conn)
     policies = await conn.fetch(
         """
@@ -658,17 +657,17 @@ async def _check_rls(conn: asyncpg.Connection) -> AuditCheck:
         list(USER_OWNED_TABLES),
     )
     role = await conn.fetchrow(
-        "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = $1", APP_ROLE
+        "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = $1", app_role
     )
 
     findings: list[AuditFinding] = []
     if role is None:
-        findings.append(AuditFinding(APP_ROLE, "role is missing"))
+        findings.append(AuditFinding(app_role, "role is missing"))
     else:
         if role["rolsuper"]:
-            findings.append(AuditFinding(APP_ROLE, "is a superuser (bypasses row-level security)"))
+            findings.append(AuditFinding(app_role, "is a superuser (bypasses row-level security)"))
         if role["rolbypassrls"]:
-            findings.append(AuditFinding(APP_ROLE, "has BYPASSRLS"))
+            findings.append(AuditFinding(app_role, "has BYPASSRLS"))
 
     by_table: dict[str, list[Any]] = defaultdict(list)
     for policy in policies:
@@ -682,16 +681,18 @@ async def _check_rls(conn: asyncpg.Connection) -> AuditCheck:
             findings.append(AuditFinding(table, "row-level security is not enabled"))
         if not forced:
             findings.append(AuditFinding(table, "row-level security is not forced"))
-        findings.extend(_policy_findings(table, by_table.get(table, [])))
+        findings.extend(_policy_findings(table, by_table.get(table, []), app_role))
 
     if findings:
         detail = f"{_plural(len(findings), 'problem')} with tables, policies or roles"
     else:
-        detail = f"{len(USER_OWNED_TABLES)} tables forced and scoped; {APP_ROLE} can't bypass"
+        # Not the role's name: it carries the database's, and this line is shown
+        # (and snapshot-tested) in the inspector.
+        detail = f"{len(USER_OWNED_TABLES)} tables forced and scoped; the app login can't bypass"
     return AuditCheck(CHECK_RLS, not findings, detail, tuple(findings[:MAX_FINDINGS]))
 
 
-def _policy_findings(table: str, policies: list[Any]) -> list[AuditFinding]:
+def _policy_findings(table: str, policies: list[Any], app_role: str) -> list[AuditFinding]:
     scope_name = f"{table}_user_scope"
     scope = next((p for p in policies if p["policyname"] == scope_name), None)
     findings: list[AuditFinding] = []
@@ -711,10 +712,10 @@ def _policy_findings(table: str, policies: list[Any]) -> list[AuditFinding]:
     for policy in policies:
         if policy["policyname"] == scope_name or policy["permissive"] != "PERMISSIVE":
             continue
-        if {"public", APP_ROLE} & set(policy["roles"]):
+        if {"public", app_role} & set(policy["roles"]):
             findings.append(
                 AuditFinding(
-                    table, f"policy {policy['policyname']} lets {APP_ROLE} past the user scope"
+                    table, f"policy {policy['policyname']} lets {app_role} past the user scope"
                 )
             )
     return findings

@@ -42,7 +42,6 @@ from typing import Any
 
 from engine.admin import USER_OWNED_TABLES, AdminReader
 from engine.db import Database
-from engine.db.migrate import APP_ROLE
 
 MAX_EXAMPLES = 10
 """Examples listed per check; the counts are always complete."""
@@ -188,7 +187,7 @@ async def audit_invariants(
         )
         own_rows = await _own_row_counts(conn)
         role = await conn.fetchrow(
-            "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = $1", APP_ROLE
+            "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = $1", db.roles.app
         )
 
     # 1. acknowledged messages are stored.
@@ -261,10 +260,10 @@ async def audit_invariants(
         if not (enabled and forced):
             rls_findings.append(f"{table}: enabled={enabled}, forced={forced}")
     if role is None:
-        rls_findings.append(f"role {APP_ROLE} is missing")
+        rls_findings.append(f"role {db.roles.app} is missing")
     elif role["rolsuper"] or role["rolbypassrls"]:
         rls_findings.append(
-            f"role {APP_ROLE}: rolsuper={role['rolsuper']}, rolbypassrls={role['rolbypassrls']}"
+            f"role {db.roles.app}: rolsuper={role['rolsuper']}, rolbypassrls={role['rolbypassrls']}"
         )
     n_rls = problems.add("row-level security", rls_findings)
 

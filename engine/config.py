@@ -56,6 +56,19 @@ class DatabaseSettings(_Section):
         default=None,
         description="PostgreSQL DSN. Unset: an embedded PostgreSQL in data_dir is used.",
     )
+    app_url: SecretStr | None = Field(
+        default=None,
+        description="Login for the app's pool (a role without superuser, BYPASSRLS, "
+        "CREATEROLE). Unset: memchat creates memchat_app_<database>.",
+    )
+    admin_url: SecretStr | None = Field(
+        default=None,
+        description="Login for the read-only admin path. Unset: memchat_admin_<database>.",
+    )
+    worker_url: SecretStr | None = Field(
+        default=None,
+        description="Login for the job queue. Unset: memchat_worker_<database>.",
+    )
     data_dir: Path | None = Field(
         default=None,
         description="Where the embedded PostgreSQL keeps its files. Unset: the user data dir.",
@@ -186,7 +199,9 @@ class MemorySettings(_Section):
     concurrency: int = Field(default=64, ge=1, le=10_000)
     max_attempts: int = Field(default=3, ge=1, le=100)
     drain_timeout: float = Field(default=5.0, ge=0)
-    lease_seconds: float = Field(default=60.0, gt=0)
+    # At most the database's memchat_queue_limits.max_lease_seconds (3600), which
+    # the claim enforces: a longer lease would be cut to it.
+    lease_seconds: float = Field(default=60.0, gt=0, le=3600)
     retry_delay: float = Field(
         default=1.0, ge=0, description="First retry delay in seconds; doubles each attempt."
     )
@@ -264,6 +279,10 @@ class Settings(BaseSettings):
             _OpenAIEnvSource(settings_cls),
             init_settings,
         )
+
+    def user_data_dir(self) -> Path:
+        """memchat's own files (generated credentials for an external database)."""
+        return Path(platformdirs.user_data_dir(APP_NAME))
 
     def data_dir(self) -> Path:
         if self.database.data_dir is not None:

@@ -22,10 +22,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
+from engine import doctor_db_security as db_security
 from engine.admin import CHECK_RLS, USER_OWNED_TABLES, AdminReader
 from engine.config import ModelSettings, Settings, load_settings, memory_model_settings
 from engine.db import Database
-from engine.db.migrate import APP_ROLE, available_migrations, current_version
+from engine.db.migrate import available_migrations, current_version
 from engine.errors import ConfigError, MemchatError
 from engine.extraction import EndpointModes
 from engine.jobs import job_counts
@@ -128,7 +129,7 @@ async def database_checks(settings: Settings) -> list[CheckResult]:
         return [CheckResult(DATABASE, False, detail, _database_fix(settings))]
     try:
         results = [CheckResult(DATABASE, True, _database_detail(db))]
-        for check in (migrations_check, isolation_check, jobs_check):
+        for check in (migrations_check, isolation_check, jobs_check, *DB_SECURITY_CHECKS):
             try:
                 results.append(await check(db))
             except (MemchatError, asyncpg.PostgresError, OSError) as exc:
@@ -157,11 +158,8 @@ def _database_detail(db: Database) -> str:
 
 async def migrations_check(db: Database) -> CheckResult:
     latest = max(m.version for m in available_migrations())
-    async with db.unscoped() as conn, conn.transaction(readonly=True):
-        # memchat_migrations belongs to the connecting (owner) user and neither
-        # runtime role is granted it; NONE goes back to that user for this
-        # read-only transaction only.
-        await conn.execute("SET LOCAL ROLE NONE")
+    async with db.admin() as conn:
+        # The admin login may read memchat_migrations (and nothing may write it).
         version = await current_version(conn)
     if version == latest:
         return CheckResult(MIGRATIONS, True, f"schema version {version} (current)")
@@ -182,7 +180,7 @@ async def isolation_check(db: Database) -> CheckResult:
     if rls.ok:
         detail = (
             f"row-level security enabled and forced on {len(USER_OWNED_TABLES)} tables; "
-            f"{APP_ROLE} cannot bypass it"
+            f"{db.roles.app} cannot bypass it"
         )
         return CheckResult(ISOLATION, True, detail)
     shown = "; ".join(str(finding) for finding in rls.findings[:5])
@@ -192,7 +190,7 @@ async def isolation_check(db: Database) -> CheckResult:
     fix = (
         "the schema or roles were changed by hand: restore them from "
         "engine/db/migrations/0001_initial.sql (ENABLE/FORCE ROW LEVEL SECURITY, the "
-        f"<table>_user_scope policies) and ALTER ROLE {APP_ROLE} NOSUPERUSER NOBYPASSRLS"
+        f"<table>_user_scope policies) and ALTER ROLE {db.roles.app} NOSUPERUSER NOBYPASSRLS"
     )
     return CheckResult(ISOLATION, False, f"{rls.detail}: {shown}", fix)
 
@@ -227,10 +225,33 @@ async def jobs_check(db: Database) -> CheckResult:
     return CheckResult(MEMORY_JOBS, False, detail, fix)
 
 
+# -- login roles, socket, stuck jobs (engine/doctor_db_security.py) ------------
+
+
+async def login_roles_check(db: Database) -> CheckResult:
+    ok, detail, fix = db_security.login_roles_summary(await db_security.login_roles_check(db))
+    return CheckResult(db_security.LOGIN_ROLES, ok, detail, fix)
+
+
+async def socket_check(db: Database) -> CheckResult:
+    ok, detail, fix = db_security.socket_check(db)
+    return CheckResult(db_security.SOCKET, ok, detail, fix)
+
+
+async def stuck_jobs_check(db: Database) -> CheckResult:
+    ok, detail, fix = await db_security.stuck_jobs_check(db)
+    return CheckResult(db_security.STUCK_JOBS, ok, detail, fix)
+
+
+DB_SECURITY_CHECKS = (login_roles_check, socket_check, stuck_jobs_check)
+
 _CHECK_NAMES = {
     migrations_check.__name__: MIGRATIONS,
     isolation_check.__name__: ISOLATION,
     jobs_check.__name__: MEMORY_JOBS,
+    login_roles_check.__name__: db_security.LOGIN_ROLES,
+    socket_check.__name__: db_security.SOCKET,
+    stuck_jobs_check.__name__: db_security.STUCK_JOBS,
 }
 
 
@@ -407,9 +428,17 @@ def _secrets_of(settings: Settings) -> list[str]:
     secrets = []
     if settings.model.api_key is not None:
         secrets.append(settings.model.api_key.get_secret_value())
-    if settings.database.url is not None:
+    urls = [
+        settings.database.url,
+        settings.database.app_url,
+        settings.database.admin_url,
+        settings.database.worker_url,
+    ]
+    for url in urls:
+        if url is None:
+            continue
         try:
-            parts = urlsplit(settings.database.url.get_secret_value())
+            parts = urlsplit(url.get_secret_value())
             # asyncpg also takes the password as a query parameter, which
             # redact_dsn does not cover.
             query = parse_qs(parts.query)

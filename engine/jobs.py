@@ -83,7 +83,7 @@ class LeaseLost(Exception):
 
 
 async def job_counts(db: Database) -> JobCounts:
-    async with db.unscoped() as conn:
+    async with db.queue() as conn:
         row = await conn.fetchrow("SELECT * FROM memchat_job_counts()")
     return JobCounts(**row)
 
@@ -245,7 +245,7 @@ class MemoryWorkers:
             raise
 
     async def _claim(self, limit: int) -> list[ClaimedJob]:
-        async with self.db.unscoped() as conn:
+        async with self.db.queue() as conn:
             rows = await conn.fetch(
                 "SELECT * FROM memchat_claim_jobs($1, $2, $3)",
                 self.name,
@@ -259,7 +259,7 @@ class MemoryWorkers:
         if now - self._last_requeue < REQUEUE_EVERY_SECONDS:
             return
         self._last_requeue = now
-        async with self.db.unscoped() as conn:
+        async with self.db.queue() as conn:
             requeued = await conn.fetchval("SELECT memchat_requeue_expired_jobs()")
         if requeued:
             log.warning("requeued %d memory job(s) whose worker was lost", requeued)

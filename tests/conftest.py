@@ -1,6 +1,6 @@
 """Shared fixtures: a real PostgreSQL, a fresh migrated database per test.
 
-The server is the embedded one (pgserver, in a temporary data dir) unless
+The server is the embedded one (in a temporary data dir) unless
 ``MEMCHAT_TEST_DSN`` names another; each test gets its own database, cloned
 from a template that was migrated once, and dropped afterwards.
 """
@@ -26,6 +26,7 @@ from engine.config import Settings, load_settings
 from engine.db import Database, with_database
 from engine.db.embedded import start_embedded
 from engine.db.migrate import migrate
+from engine.db.roles import quote_ident, role_names
 from engine.runtime import open_runtime
 from engine.scenarios import SeedResult, run_seed
 from engine.store import Store
@@ -88,9 +89,13 @@ def outside_pytest_tmp() -> Iterator[Path]:
 
     Not under pytest's tmp: pytest resets /tmp/pytest-of-<user> to mode 0700
     whenever a pytest run starts, and as root the server runs as another
-    system user who must be able to traverse to its data dir.
+    system user who must be able to traverse to its data dir. memchat no
+    longer opens up parents itself, so as root this directory is made
+    searchable (not readable) by others; the data dir in it stays 0700.
     """
     path = Path(tempfile.mkdtemp(prefix="memchat-test-pg-"))
+    if os.geteuid() == 0:
+        path.chmod(0o711)
     try:
         yield path
     finally:
@@ -101,6 +106,19 @@ def outside_pytest_tmp() -> Iterator[Path]:
 def embedded_base() -> Iterator[Path]:
     with outside_pytest_tmp() as path:
         yield path
+
+
+def _drop_database(server_dsn: str, name: str) -> None:
+    """Drop a test database and the login roles memchat made for it (roles are
+    cluster-wide: on a shared server they would pile up run after run)."""
+    roles = ", ".join(quote_ident(role) for role in role_names(name).all())
+    _run(
+        _execute(
+            server_dsn,
+            f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
+            f"DROP ROLE IF EXISTS {roles}",
+        )
+    )
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +135,7 @@ def template_database(pg_server_dsn: str) -> Iterator[str]:
 
     _run(_migrate())
     yield name
-    _run(_execute(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    _drop_database(pg_server_dsn, name)
 
 
 @pytest.fixture
@@ -126,7 +144,7 @@ def database_dsn(pg_server_dsn: str, template_database: str) -> Iterator[str]:
     name = f"memchat_t_{uuid.uuid4().hex[:12]}"
     _run(_execute(pg_server_dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"'))
     yield with_database(pg_server_dsn, name)
-    _run(_execute(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    _drop_database(pg_server_dsn, name)
 
 
 @pytest.fixture
@@ -135,7 +153,7 @@ def empty_database_dsn(pg_server_dsn: str) -> Iterator[str]:
     name = f"memchat_e_{uuid.uuid4().hex[:12]}"
     _run(_execute(pg_server_dsn, f'CREATE DATABASE "{name}"'))
     yield with_database(pg_server_dsn, name)
-    _run(_execute(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    _drop_database(pg_server_dsn, name)
 
 
 def make_settings(tmp_path: Path, **sections: dict[str, Any]) -> Settings:

@@ -12,6 +12,7 @@ from engine import event_loop
 from engine.cli import (
     bench_commands,
     chat_commands,
+    db_commands,
     doctor_commands,
     info_commands,
     jobs_commands,
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_commands.register(commands, EXIT_CODES)
     doctor_commands.register(commands, EXIT_CODES)
     bench_commands.register(commands, EXIT_CODES)
+    db_commands.register(commands, EXIT_CODES)
     return parser
 
 

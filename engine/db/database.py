@@ -2,9 +2,12 @@
 
 ``scoped(user_id)`` is a transaction in which PostgreSQL's row-level security
 shows and accepts that user's rows only. ``admin()`` is a read-only transaction
-across users, for the inspector and audits. Pool connections run as the
-non-superuser role ``memchat_app`` (set as a startup parameter, so the pool's
-``RESET ALL`` on release keeps it), which cannot bypass row-level security.
+across users, for the inspector and audits. ``queue()`` is the job dispatcher's
+way to the queue functions. Each of the three is a pool of its own that logs
+in as a role of its own (engine/db/roles.py): the app pool as a role that
+cannot bypass row-level security and has nothing to ``RESET ROLE`` back to,
+the admin pool as a SELECT-only role, the queue pool as a role that may only
+call the queue functions. The owner is used for migrations only.
 """
 
 from __future__ import annotations
@@ -12,18 +15,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 from asyncpg.connection import LoggedQuery
 
-from engine.config import Settings
-from engine.db.dsn import check_dsn, redact_dsn, with_database
+from engine.config import DatabaseSettings, Settings
+from engine.db.credentials import (
+    CREDENTIALS_FILE,
+    external_credentials_path,
+    load_credentials,
+)
+from engine.db.dsn import check_dsn, redact_dsn, with_database, with_login
 from engine.db.embedded import DATABASE_NAME, EmbeddedServer, start_embedded
-from engine.db.migrate import ADMIN_ROLE, APP_ROLE, migrate
+from engine.db.migrate import migrate
+from engine.db.roles import KINDS, RoleNames, role_names
 from engine.errors import DatabaseError
 from engine.validation import validate_user_id
 
@@ -52,6 +61,10 @@ class DatabaseInfo:
     location: str
     """The data dir for the embedded server, the redacted DSN otherwise."""
     server_version: str
+    roles: RoleNames
+    """The login roles of the app, admin and queue pools."""
+    socket_dir: str | None = None
+    """The embedded server's socket directory."""
 
     @property
     def label(self) -> str:
@@ -64,19 +77,25 @@ class DatabaseInfo:
 class Database:
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        pools: dict[str, asyncpg.Pool],
         info: DatabaseInfo,
         embedded: EmbeddedServer | None,
-        dsn: str,
+        dsns: dict[str, str],
         settings: Settings,
         query_loggers: list[QueryLogger] | None = None,
     ) -> None:
-        self.pool = pool
+        self.pool = pools["app"]
+        self._admin_pool = pools["admin"]
+        self._queue_pool = pools["worker"]
         self._query_loggers = query_loggers if query_loggers is not None else []
         self.info = info
         self._embedded = embedded
-        self._dsn = dsn
+        self._dsn = dsns["app"]
         self._settings = settings.database
+
+    @property
+    def roles(self) -> RoleNames:
+        return self.info.roles
 
     async def add_query_logger(self, callback: QueryLogger) -> None:
         """Call ``callback`` with every statement the pool runs from now on (counts, tracing).
@@ -85,10 +104,11 @@ class Database:
         callback sees all of their statements from then on.
         """
         self._query_loggers.append(callback)
-        await self.pool.expire_connections()
+        for pool in (self.pool, self._admin_pool, self._queue_pool):
+            await pool.expire_connections()
 
     async def connect_dedicated(self) -> asyncpg.Connection:
-        """A connection outside the pool (for LISTEN), as the runtime role.
+        """A connection outside the pool (for LISTEN), as the app login.
 
         The caller owns it and must close it. It is not scoped to any user:
         use it for LISTEN only, never to read rows.
@@ -97,19 +117,19 @@ class Database:
             return await asyncpg.connect(
                 self._dsn,
                 timeout=self._settings.connect_timeout,
-                server_settings={"role": APP_ROLE, "application_name": "memchat-listen"},
+                server_settings={"application_name": "memchat-listen"},
             )
         except CONNECTION_ERRORS as exc:
             raise DatabaseError(f"cannot connect to {self.info.location}: {_reason(exc)}") from None
 
     @classmethod
     async def open(cls, settings: Settings) -> Database:
-        """Start the embedded server if needed, migrate, and open the pool."""
+        """Start the embedded server if needed, migrate, and open the pools."""
         db_settings = settings.database
         if db_settings.url is not None:
-            dsn = db_settings.url.get_secret_value()
-            check_dsn(dsn)  # one line for a DSN the driver would misread, not its traceback
-            return await cls._open_at(dsn, settings, None)
+            url = db_settings.url.get_secret_value()
+            check_dsn(url)  # one line for a DSN the driver would misread, not its traceback
+            return await cls._open_at(url, settings, None)
         embedded = await asyncio.to_thread(start_embedded, settings.data_dir())
         try:
             await _ensure_database(embedded, db_settings.connect_timeout)
@@ -125,6 +145,17 @@ class Database:
     ) -> Database:
         db_settings = settings.database
         shown = redact_dsn(dsn)
+        given_urls = {
+            kind: url.get_secret_value()
+            for kind in KINDS
+            if (url := getattr(db_settings, f"{kind}_url")) is not None
+        }
+        given = {kind: _login_name(url, kind) for kind, url in given_urls.items()}
+        if embedded is not None:
+            credentials_path = embedded.data_dir / CREDENTIALS_FILE
+        else:
+            credentials_path = external_credentials_path(settings.user_data_dir(), dsn)
+        credentials = load_credentials(credentials_path)
         try:
             owner = await asyncpg.connect(dsn, timeout=db_settings.connect_timeout)
         except CONNECTION_ERRORS as exc:
@@ -132,50 +163,124 @@ class Database:
         except asyncpg.PostgresError as exc:
             raise DatabaseError(f"cannot connect to {shown}: {exc}") from None
         try:
-            applied = await migrate(owner)
+            if str(await owner.fetchval("SELECT current_user")) in given.values():
+                raise DatabaseError(
+                    "database.url must be the owner (for migrations), not one of "
+                    "database.app_url / admin_url / worker_url"
+                )
+            applied = await migrate(owner, given=given, credentials=credentials)
             if applied:
                 log.info("applied migrations %s", applied)
             version = str(await owner.fetchval("SHOW server_version")).split()[0]
+            database = str(await owner.fetchval("SELECT current_database()"))
         finally:
             await owner.close()
+        names = role_names(database, given)
+        dsns = {
+            kind: given_urls.get(kind)
+            or with_login(dsn, names.of(kind), credentials.password(names.of(kind)) or "")
+            for kind in KINDS
+        }
         query_loggers: list[QueryLogger] = []
 
         async def init(conn: asyncpg.Connection) -> None:
             for callback in query_loggers:
                 conn.add_query_logger(callback)
 
-        try:
-            pool = await asyncpg.create_pool(
-                dsn,
+        # The three logins in parallel: each is a SCRAM exchange and a round trip or two.
+        created = await asyncio.gather(
+            cls._pool(
+                dsns["app"],
+                db_settings,
                 min_size=min(db_settings.pool_min_size, db_settings.pool_max_size),
                 max_size=db_settings.pool_max_size,
-                command_timeout=db_settings.command_timeout,
-                timeout=db_settings.connect_timeout,
-                server_settings={"role": APP_ROLE, "application_name": "memchat"},
-                reset=_keep_session,
+                name="memchat",
                 init=init,
-            )
-        except CONNECTION_ERRORS as exc:
-            raise DatabaseError(f"cannot open a pool to {shown}: {_reason(exc)}") from None
+            ),
+            # The admin and queue paths are used a few times a second at most.
+            cls._pool(
+                dsns["admin"],
+                db_settings,
+                min_size=0,
+                max_size=2,
+                name="memchat-admin",
+                init=init,
+                # Two connections run the same few statements all the time (e.g. the
+                # open-job count wait_idle polls), so PostgreSQL would soon switch them
+                # to generic plans; for `user_id = ANY($1)` that plan reads every job.
+                settings={"plan_cache_mode": "force_custom_plan"},
+            ),
+            cls._pool(
+                dsns["worker"], db_settings, min_size=0, max_size=4, name="memchat-queue", init=init
+            ),
+            return_exceptions=True,
+        )
+        failed = [result for result in created if isinstance(result, BaseException)]
+        pools = {
+            kind: result
+            for kind, result in zip(KINDS, created, strict=True)
+            if isinstance(result, asyncpg.Pool)
+        }
+        if failed:
+            for pool in pools.values():
+                await pool.close()
+            raise failed[0]
         info = DatabaseInfo(
             embedded=embedded is not None,
             location=str(embedded.data_dir) if embedded else shown,
             server_version=version,
+            roles=names,
+            socket_dir=str(embedded.socket_dir) if embedded else None,
         )
-        return cls(pool, info, embedded, dsn, settings, query_loggers)
+        return cls(pools, info, embedded, dsns, settings, query_loggers)
+
+    @staticmethod
+    async def _pool(
+        dsn: str,
+        db_settings: DatabaseSettings,
+        *,
+        min_size: int,
+        max_size: int,
+        name: str,
+        init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+        settings: dict[str, str] | None = None,
+    ) -> asyncpg.Pool:
+        shown = redact_dsn(dsn)
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                command_timeout=db_settings.command_timeout,
+                timeout=db_settings.connect_timeout,
+                server_settings={"application_name": name, **(settings or {})},
+                reset=_keep_session,
+                init=init,
+            )
+            # Log in once now, so a wrong password is one line at start, not later.
+            async with pool.acquire() as conn:
+                await conn.fetchval("SELECT 1")
+        except CONNECTION_ERRORS as exc:
+            raise DatabaseError(f"cannot open a pool to {shown}: {_reason(exc)}") from None
+        except asyncpg.PostgresError as exc:
+            raise DatabaseError(f"cannot log in to {shown}: {exc}") from None
+        return pool
 
     async def close(self) -> None:
-        await self.pool.close()
+        for pool in (self.pool, self._admin_pool, self._queue_pool):
+            await pool.close()
         if self._embedded is not None:
             # Stopping takes a moment and must not block the event loop.
             await asyncio.to_thread(self._embedded.release)
             self._embedded = None
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+    async def _connection(
+        self, pool: asyncpg.Pool | None = None
+    ) -> AsyncIterator[asyncpg.Connection]:
         finished = False
         try:
-            async with self.pool.acquire() as conn:
+            async with (pool or self.pool).acquire() as conn:
                 yield conn
                 finished = True
         except CONNECTION_ERRORS as exc:
@@ -203,19 +308,30 @@ class Database:
 
     @asynccontextmanager
     async def unscoped(self) -> AsyncIterator[asyncpg.Connection]:
-        """A connection in no user's scope: row-level security shows it no rows.
+        """An app connection in no user's scope: row-level security shows it no rows.
 
-        Only for the job-queue functions (claim, requeue, counts), which are
-        SECURITY DEFINER and return ids, never user content.
+        For audits that check exactly that; the job queue has :meth:`queue`.
         """
         async with self._connection() as conn:
             yield conn
 
     @asynccontextmanager
+    async def queue(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of the worker login, which may only call the queue functions.
+
+        Those are SECURITY DEFINER (they look across users), return ids and
+        counts only, and refuse to run inside a user scope.
+        """
+        async with self._connection(self._queue_pool) as conn:
+            yield conn
+
+    @asynccontextmanager
     async def admin(self) -> AsyncIterator[asyncpg.Connection]:
-        """A read-only transaction across all users: the inspector's path, nothing else."""
-        async with self._connection() as conn, conn.transaction(readonly=True):
-            await conn.execute(f"SET LOCAL ROLE {ADMIN_ROLE}")
+        """A read-only transaction across all users, as the SELECT-only admin login."""
+        async with (
+            self._connection(self._admin_pool) as conn,
+            conn.transaction(readonly=True),
+        ):
             yield conn
 
 
@@ -258,10 +374,20 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
     asyncpg's default sends RESET ALL, UNLISTEN and friends on every release,
     one round trip per transaction. Pool connections carry no session state:
-    the role is a startup parameter and the user scope is transaction-local
+    each pool logs in as its own role and the user scope is transaction-local
     (LISTEN uses its own connection). asyncpg still rolls back a transaction
     left open before calling this.
     """
+
+
+def _login_name(url: str, kind: str) -> str:
+    try:
+        user = urlsplit(url).username
+    except ValueError:
+        user = None
+    if not user:
+        raise DatabaseError(f"database.{kind}_url must name its user (postgresql://USER:...)")
+    return unquote(user)
 
 
 def _reason(exc: BaseException) -> str:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from engine.errors import ConfigError
 from engine.redact import redact_dsn
 
-__all__ = ["check_dsn", "redact_dsn", "with_database"]
+__all__ = ["check_dsn", "redact_dsn", "with_database", "with_login"]
 
 _DSN_HELP = (
     "database.url must be a postgresql://user:password@host:port/dbname URL "
@@ -40,3 +40,16 @@ def with_database(dsn: str, database: str) -> str:
     """The same server and credentials, another database."""
     parts = urlsplit(dsn)
     return urlunsplit(parts._replace(path="/" + quote(database)))
+
+
+def with_login(dsn: str, user: str, password: str) -> str:
+    """The same server and database, logging in as ``user`` with ``password``."""
+    parts = urlsplit(dsn)
+    hostport = parts.netloc.rpartition("@")[2]
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{hostport}"
+    query = [
+        (key, value)
+        for key, value in parse_qsl(parts.query, keep_blank_values=True)
+        if key.lower() not in ("user", "password")
+    ]
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="/")))

@@ -16,12 +16,17 @@ from importlib import resources
 
 import asyncpg
 
+from engine.db.credentials import Credentials, load_credentials
+from engine.db.roles import KINDS, ensure_login_roles, grant_runtime_roles, role_names
 from engine.errors import DatabaseError
 
 # Any stable 64-bit number; "memchat" in ASCII.
 MIGRATION_LOCK_KEY = 0x6D656D63686174
-APP_ROLE = "memchat_app"
-ADMIN_ROLE = "memchat_admin"
+# The cluster-wide roles of migrations 0001-0003, which name them. They are
+# still created (NOLOGIN) so those files apply to a fresh database; 0006 and
+# every start after it revoke whatever they held (engine/db/roles.py).
+LEGACY_APP_ROLE = "memchat_app"
+LEGACY_ADMIN_ROLE = "memchat_admin"
 
 _FILE_RE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 
@@ -48,18 +53,18 @@ def available_migrations() -> list[Migration]:
 
 # Roles are cluster-wide, so several databases (and racing processes) may try
 # to create them: duplicate_object / unique_violation mean someone else won.
-_ENSURE_ROLES = f"""
+_ENSURE_LEGACY_ROLES = f"""
 DO $$
 BEGIN
-    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{LEGACY_APP_ROLE}') THEN
         BEGIN
-            CREATE ROLE {APP_ROLE} NOLOGIN NOSUPERUSER NOBYPASSRLS NOINHERIT;
+            CREATE ROLE {LEGACY_APP_ROLE} NOLOGIN NOSUPERUSER NOBYPASSRLS NOINHERIT;
         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
         END;
     END IF;
-    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{ADMIN_ROLE}') THEN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{LEGACY_ADMIN_ROLE}') THEN
         BEGIN
-            CREATE ROLE {ADMIN_ROLE} NOLOGIN NOSUPERUSER NOBYPASSRLS NOINHERIT;
+            CREATE ROLE {LEGACY_ADMIN_ROLE} NOLOGIN NOSUPERUSER NOBYPASSRLS NOINHERIT;
         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
         END;
     END IF;
@@ -67,30 +72,35 @@ END
 $$;
 """
 
-_MEMBERSHIP = f"""
-SELECT pg_has_role(current_user, '{APP_ROLE}', 'MEMBER')
-   AND pg_has_role(current_user, '{ADMIN_ROLE}', 'MEMBER')
-"""
 
-
-async def ensure_roles(conn: asyncpg.Connection) -> None:
-    """Create the runtime roles and make sure the connecting user may SET ROLE to them."""
+async def _ensure_legacy_roles(conn: asyncpg.Connection) -> None:
+    """The NOLOGIN roles migration 0001 names, needed only to apply it to a fresh database."""
+    if await current_version(conn) is not None:
+        return
     try:
-        await conn.execute(_ENSURE_ROLES)
-        if not await conn.fetchval(_MEMBERSHIP):
-            await conn.execute(f"GRANT {APP_ROLE}, {ADMIN_ROLE} TO CURRENT_USER")
-    except asyncpg.InsufficientPrivilegeError as exc:
+        await conn.execute(_ENSURE_LEGACY_ROLES)
+    except asyncpg.InsufficientPrivilegeError:
+        user = await conn.fetchval("SELECT current_user")
         raise DatabaseError(
-            f"the database user cannot create or use the roles {APP_ROLE} and {ADMIN_ROLE} "
-            f"({exc}); connect as a superuser once, or ask an administrator to run: "
-            f"CREATE ROLE {APP_ROLE} NOLOGIN NOBYPASSRLS; CREATE ROLE {ADMIN_ROLE} NOLOGIN; "
-            f"GRANT {APP_ROLE}, {ADMIN_ROLE} TO <your user>;"
+            f"the database user {user} cannot create roles (it needs CREATEROLE) to set up a "
+            f"new memchat database; have an administrator run: CREATE ROLE {LEGACY_APP_ROLE} "
+            f"NOLOGIN; CREATE ROLE {LEGACY_ADMIN_ROLE} NOLOGIN; (see README: Database)"
         ) from None
 
 
-async def migrate(conn: asyncpg.Connection) -> list[int]:
-    """Apply every pending migration; return the versions applied by this call."""
-    await ensure_roles(conn)
+async def migrate(
+    conn: asyncpg.Connection,
+    *,
+    given: dict[str, str] | None = None,
+    credentials: Credentials | None = None,
+) -> list[int]:
+    """Apply every pending migration and set up the login roles; return the versions applied.
+
+    ``given`` maps a kind (app, admin, worker) to the role name of a login the
+    settings provide; the other kinds are created here, with passwords kept in
+    ``credentials`` (re-read under the lock, saved before the commit).
+    """
+    await _ensure_legacy_roles(conn)
     wanted = available_migrations()
     applied_now: list[int] = []
     async with conn.transaction():
@@ -137,6 +147,17 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
                 migration.checksum,
             )
             applied_now.append(migration.version)
+        database = str(await conn.fetchval("SELECT current_database()"))
+        names = role_names(database, given)
+        managed = tuple(kind for kind in KINDS if kind not in (given or {}))
+        if credentials is not None:
+            # Another process may have stored passwords while we waited for the lock.
+            fresh = load_credentials(credentials.path)
+            credentials.superuser = fresh.superuser or credentials.superuser
+            credentials.passwords.update(fresh.passwords)
+        if await ensure_login_roles(conn, names, managed, credentials) and credentials:
+            credentials.save()
+        await grant_runtime_roles(conn, names)
     return applied_now
 
 

@@ -6,8 +6,6 @@ when the thing it guards is broken on purpose, in this test's own database.
 
 from __future__ import annotations
 
-import os
-
 import asyncpg
 import pytest
 
@@ -26,7 +24,6 @@ from engine.admin import (
     find_name_leaks,
 )
 from engine.db import Database
-from engine.db.migrate import APP_ROLE
 from engine.errors import InvalidInput, NotFound
 from engine.models import Usage
 from engine.scenarios import SEED_SCRIPT, SeedResult
@@ -479,24 +476,22 @@ async def test_audit_finds_row_level_security_disabled_and_policies_broken(
         "users: policy users_user_scope no longer scopes every command by user",
         "sessions: policy sessions_user_scope is missing",
         "messages: row-level security is not enabled",
-        f"memories: policy memories_peek lets {APP_ROLE} past the user scope",
+        f"memories: policy memories_peek lets {db.roles.app} past the user scope",
     ]
 
 
-@pytest.mark.skipif(
-    bool(os.environ.get("MEMCHAT_TEST_DSN")),
-    reason="roles are cluster-wide: never alter them on a shared server",
-)
 async def test_audit_finds_runtime_role_bypassing_rls(db: Database, database_dsn: str) -> None:
     if not await _is_superuser(database_dsn):
         pytest.skip("needs a superuser to alter roles")
-    await _execute_as_owner(database_dsn, f"ALTER ROLE {APP_ROLE} BYPASSRLS")
+    # The role is this test database's own, so altering it touches nothing shared.
+    app = db.roles.app
+    await _execute_as_owner(database_dsn, f"ALTER ROLE {app} BYPASSRLS")
     try:
         ok, _, findings = _check(await AdminReader(db).audit(), CHECK_RLS)
     finally:
-        await _execute_as_owner(database_dsn, f"ALTER ROLE {APP_ROLE} NOBYPASSRLS")
+        await _execute_as_owner(database_dsn, f"ALTER ROLE {app} NOBYPASSRLS")
     assert not ok
-    assert findings == [f"{APP_ROLE}: has BYPASSRLS"]
+    assert findings == [f"{app}: has BYPASSRLS"]
 
 
 # -- the name matcher on its own ------------------------------------------------

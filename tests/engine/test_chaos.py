@@ -501,7 +501,7 @@ async def test_worker_killed_mid_job_then_restarted_keeps_invariants(
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10
         while True:
-            async with rt.db.unscoped() as conn:
+            async with rt.db.queue() as conn:
                 if await conn.fetchval("SELECT memchat_requeue_expired_jobs()"):
                     break
             assert loop.time() < deadline, "the dead worker's lease never expired"

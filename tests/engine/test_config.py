@@ -148,6 +148,9 @@ def test_example_file_lists_every_setting_with_its_default(in_tmp: Path) -> None
     # The example shows a placeholder where the default is "unset".
     placeholders = {
         ("database", "url"),
+        ("database", "app_url"),
+        ("database", "admin_url"),
+        ("database", "worker_url"),
         ("database", "data_dir"),
         ("model", "api_key"),
         ("model", "base_url"),

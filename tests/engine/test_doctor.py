@@ -34,6 +34,9 @@ ALL_CHECKS = [
     "migrations",
     "isolation",
     "memory jobs",
+    "login roles",
+    "socket",
+    "stuck jobs",
     "model",
     "memory extraction",
 ]

@@ -38,7 +38,7 @@ _SCRIPT = textwrap.dedent(
     server = start_embedded(Path(sys.argv[1]))
     asyncio.run(main(server, sys.argv[2]))
     if sys.argv[3] == "keep":
-        # Simulate a crash: leave without letting pgserver stop the server.
+        # Simulate a crash: leave without letting memchat stop the server.
         import os
         os._exit(0)
     """

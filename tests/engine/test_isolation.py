@@ -49,10 +49,10 @@ async def test_no_scope_sees_nothing(db: Database, store: Store) -> None:
 async def test_runtime_role_cannot_bypass_rls(db: Database) -> None:
     async with db.scoped("alice") as conn:
         row = await conn.fetchrow(
-            "SELECT current_user AS role, rolsuper, rolbypassrls FROM pg_roles "
-            "WHERE rolname = current_user"
+            "SELECT current_user AS role, session_user AS login, rolsuper, rolbypassrls "
+            "FROM pg_roles WHERE rolname = current_user"
         )
-    assert row["role"] == "memchat_app"
+    assert row["role"] == row["login"] == db.roles.app
     assert not row["rolsuper"]
     assert not row["rolbypassrls"]
     assert all(
