@@ -297,9 +297,9 @@ class MemoryManager:
             return mode
 
     def _learn(self, mode: ExtractionMode, reason: str) -> None:
-        log.warning(
-            "memory extraction for %s: %s mode, because %s", self.model.endpoint, mode, reason
-        )
+        # Shown by `memchat doctor`, `memchat jobs` and the status line: a log
+        # line beside a CLI reply would only be noise.
+        log.info("memory extraction for %s: %s mode, because %s", self.model.endpoint, mode, reason)
         self.modes.remember(self.model.endpoint, mode, reason)
 
     async def plan(
