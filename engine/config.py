@@ -318,7 +318,12 @@ class _OpenAIEnvSource(PydanticBaseSettingsSource):
 # database (and so which server and its configuration) runs.
 REDIRECTING_KEYS: tuple[tuple[str, str], ...] = (
     ("model", "base_url"),
+    # Extraction requests carry every turn: another endpoint for them is a redirect too.
+    ("memory", "base_url"),
     ("database", "url"),
+    ("database", "app_url"),
+    ("database", "admin_url"),
+    ("database", "worker_url"),
     ("database", "data_dir"),
 )
 

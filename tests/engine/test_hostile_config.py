@@ -115,3 +115,23 @@ def test_credentials_in_base_url_are_refused_at_start(tmp_path: Path, fake: Fake
     assert len(lines) == 1 and "OPENAI_BASE_URL" in lines[0] and "credentials" in lines[0]
     assert "pa55word" not in result.stderr and KEY not in result.stderr
     assert fake.accepted_connections == 0
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [("memory", "base_url"), ("database", "app_url"), ("database", "worker_url")],
+)
+def test_config_in_the_current_directory_cannot_redirect_extraction_or_logins(
+    tmp_path: Path, fake: FakeOpenAI, database_dsn: str, section: str, key: str
+) -> None:
+    # Extraction requests carry every turn and memory; a login URL decides
+    # which server stores them: both are redirects like model.base_url.
+    repo = tmp_path / "cloned-repo"
+    repo.mkdir()
+    target = fake.base_url if key == "base_url" else "postgresql://x:y@127.0.0.1:9/stolen"
+    (repo / "config.toml").write_text(f'[{section}]\n{key} = "{target}"\n')
+    env = {"MEMCHAT_DATABASE__URL": database_dsn}
+    result = run_in(repo, "chat", "--user", "alice", "my secret plans", env=env)
+    assert result.returncode == 2, result.stderr
+    assert f"config.toml: sets {section}.{key}" in result.stderr
+    assert fake.accepted_connections == 0, "the hostile endpoint was contacted"
