@@ -89,7 +89,7 @@ class DemoPlayer:
                 await self._resume.wait()
                 pane.input.value += char
                 await asyncio.sleep(self.char_delay)
-            worker = pane.send(pane.input.value)
+            worker = pane.send(pane.input.take())
             if worker is not None:
                 with contextlib.suppress(Exception):
                     await worker.wait()

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-from textual.widgets import Input
 
 from engine.records import Memory
 from tests.fake_openai import FakeOpenAI
@@ -72,7 +71,7 @@ async def test_two_panes_stream_at_once_and_both_complete(
         alice.input.value = "My name is Alice."
         await pilot.press("enter")
         assert alice.busy, (alice.input.value, replies(alice))
-        await pilot.press("ctrl+right")
+        await pilot.press("f9")
         assert app.focused is bob.input
         bob.input.value = "My name is Bob."
         await pilot.press("enter")
@@ -91,9 +90,9 @@ async def test_switching_users_by_key(make_app: AppFactory) -> None:
         await app.ready.wait()
         await pilot.press("alt+3")
         assert app.focused is pane(app, USERS[2]).input
-        await pilot.press("ctrl+right")
+        await pilot.press("f9")
         assert app.focused is pane(app, USERS[0]).input
-        await pilot.press("ctrl+left")
+        await pilot.press("f8")
         assert app.focused is pane(app, USERS[2]).input
         await pilot.press("f2")
         assert app.layout_mode == "focus"
@@ -118,7 +117,7 @@ async def test_add_and_close_a_user(make_app: AppFactory) -> None:
         await pilot.press(*"bad id!")
         await pilot.press("enter")
         assert app.pane_of("bad id!") is None
-        await pilot.press("ctrl+w")
+        await app.action_close_pane()
         assert [p.user_id for p in app.panes] == [USERS[0]]
 
 
@@ -198,11 +197,11 @@ async def test_delete_memory_from_the_sidebar_asks_first(make_app: AppFactory) -
         assert isinstance(memory, Memory)
         await wait_until(lambda: sidebar_texts(alice) == ["Likes chess"])
         alice.sidebar.query_one("ListView").focus()
-        await pilot.press("d")
-        await pilot.press("n")  # no: nothing happens
+        await pilot.press("delete")
+        await pilot.press("escape")  # no: nothing happens
         assert sidebar_texts(alice) == ["Likes chess"]
-        await pilot.press("d")
-        await pilot.press("y")
+        await pilot.press("delete")
+        await pilot.press("shift+tab", "enter")  # the Forget button, deliberately
         await wait_until(lambda: sidebar_texts(alice) == [])
 
 
@@ -290,7 +289,7 @@ async def test_input_keeps_text_when_refused(make_app: AppFactory) -> None:
         await pilot.press("space", "enter")
         alice = pane(app, USERS[0])
         assert not alice.busy and replies(alice) == []
-        assert app.query_one(Input).value == " "
+        assert pane(app, USERS[0]).input.value == " "
 
 
 async def test_quit_drains_and_exits(make_app: AppFactory) -> None:
