@@ -71,8 +71,7 @@ class Terminal:
     def send(self, *keys: str | bytes) -> None:
         """Keys by name (see KEYS), or raw bytes, or text typed as is, in one write."""
         data = b"".join(
-            k if isinstance(k, bytes) else KEYS.get(k, k.encode() if len(k) else b"")
-            for k in keys
+            k if isinstance(k, bytes) else KEYS.get(k, k.encode() if len(k) else b"") for k in keys
         )
         self.process.write(data)
 

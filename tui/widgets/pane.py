@@ -58,10 +58,12 @@ class PaneOptions:
 
 class UserPane(Vertical):
     BINDINGS = [
-        Binding("escape", "cancel", "Cancel reply"),
-        Binding("ctrl+r", "retry", "Retry"),
+        # Hidden from the footer so that F1–F3 fit in 80 columns: the title
+        # says "Esc cancels" while replying, a failed reply says "ctrl+r".
+        Binding("escape", "cancel", "Cancel reply", show=False),
+        Binding("ctrl+r", "retry", "Retry", show=False),
         Binding("ctrl+o", "pick_session", "Sessions"),
-        Binding("ctrl+t", "new_session", "New session"),
+        Binding("ctrl+t", "new_session", "New session", show=False),
         Binding("f6", "rename_session", "Rename", show=False),
         Binding("f7", "delete_session", "Delete session", show=False),
     ]
@@ -301,6 +303,12 @@ class UserPane(Vertical):
                 self.sidebar.job_state = "failed"
             case Resync():
                 await self.reload_memories()
+
+    def on_resize(self) -> None:
+        # A smaller terminal must still show the end of the conversation:
+        # the reader was at the bottom unless older messages are loading.
+        if not self._loading_older:
+            self.messages.scroll_end(animate=False, immediate=False)
 
     # -- keys --------------------------------------------------------------
 
