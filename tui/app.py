@@ -367,6 +367,30 @@ class MemchatApp(App[None]):
 
     # -- screens -----------------------------------------------------------
 
+    def action_screenshot(self, filename: str | None = None, path: str | None = None) -> None:
+        """Save an SVG screenshot: to Downloads when it exists, else here, and say where.
+
+        Textual's own saved into ~/Downloads and failed without a word when
+        that directory did not exist.
+        """
+        from pathlib import Path
+
+        from platformdirs import user_downloads_dir
+
+        target = Path(path) if path else Path(user_downloads_dir())
+        if not target.is_dir():
+            target = Path.cwd()
+        try:
+            saved = self.save_screenshot(filename, str(target))
+        except OSError as exc:
+            self.notify(
+                f"Screenshot not saved: {exc.strerror or exc} ({target})",
+                severity="error",
+                markup=False,
+            )
+            return
+        self.notify(f"Screenshot saved: {saved}", markup=False)
+
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 

@@ -27,7 +27,7 @@ HELP = """\
 | **f6** | rename the session |
 | **f7** | delete the session (asks first) |
 | **tab** | move between input and memory list |
-| **Enter / Delete** | in the memory list: edit / forget the memory (asks; only the button confirms) |
+| **Enter / Delete** | memory list: edit / forget (asks; only the button confirms) |
 | **f2** | switch layout: grid (all users) / focus (one user) |
 | **f3** | isolation inspector (what the database holds per user) |
 | **f4** | play the seed demo; again to pause / resume |

@@ -357,7 +357,8 @@ class UserPane(Vertical):
         return self.run_worker(self._turn(text), group="turn", exclusive=True)
 
     def _send_queued(self) -> None:
-        while self.queued and not self.busy:
+        # Not while loading: the message waits for the session to be there.
+        while self.queued and not self.busy and self.session is not None:
             text = self.queued.pop(0)
             if self.send(text) is not None:
                 break
