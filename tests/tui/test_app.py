@@ -430,3 +430,31 @@ async def test_screenshot_without_a_downloads_directory(
         app.action_screenshot()
         assert list(tmp_path.glob("*.svg"))
         await wait_until(lambda: any("Screenshot saved" in n.message for n in app._notifications))
+
+
+async def test_scrolling_up_keeps_loading_and_keeps_the_place(make_app: AppFactory) -> None:
+    """Bug 5: older messages stalled after one page; the view jumped to its top."""
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        alice = pane(app, USERS[0])
+        assert alice.session is not None
+        async with app.runtime.store.scope(USERS[0]) as s:  # type: ignore[union-attr]
+            await s.conn.execute(
+                "INSERT INTO messages (session_id, user_id, role, content) "
+                "SELECT $1, $2, CASE WHEN i % 2 = 0 THEN 'user' ELSE 'assistant' END, "
+                "'message ' || i FROM generate_series(1, 300) i",
+                alice.session.session_id,
+                USERS[0],
+            )
+        alice.ready.clear()
+        alice.load_session(alice.session.session_id)
+        await alice.ready.wait()
+        marker = alice.query_one(OlderMessages)
+        assert marker.count == 250
+        await pilot.pause()
+        alice.messages.scroll_home(animate=False, immediate=True)
+        await wait_until(lambda: marker.count == 200)
+        await wait_until(lambda: alice.messages.scroll_y > 0)  # still where the reader was
+        alice.messages.scroll_home(animate=False, immediate=True)
+        await wait_until(lambda: marker.count == 150)

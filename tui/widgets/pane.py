@@ -238,9 +238,19 @@ class UserPane(Vertical):
             if not page:
                 return
             self._oldest_id = page[0].message_id
-            marker = self.messages.query_one(OlderMessages)
+            messages = self.messages
+            marker = messages.query_one(OlderMessages)
             marker.set_count(max(marker.count - len(page), 0))
-            await self.messages.mount_all(self.messages.message_widgets(page), after=marker)
+            # The reader stays on the message they were reading: without
+            # this the view sat at the top of the new page, scroll_y stayed 0
+            # and the next page never loaded (ReachedTop needs a change).
+            reading = next((c for c in messages.children if not isinstance(c, OlderMessages)), None)
+            await messages.mount_all(messages.message_widgets(page), after=marker)
+            if reading is not None:
+                # After the layout that gives the new page its height.
+                messages.call_after_refresh(
+                    messages.scroll_to_widget, reading, top=True, animate=False
+                )
         except MemchatError as exc:
             self._report(exc)
         finally:
