@@ -244,7 +244,13 @@ class UserPane(Vertical):
             # The reader stays on the message they were reading: without
             # this the view sat at the top of the new page, scroll_y stayed 0
             # and the next page never loaded (ReachedTop needs a change).
-            reading = next((c for c in messages.children if not isinstance(c, OlderMessages)), None)
+            # Only when reading at the top (what loads a page): a reader at
+            # the bottom stays at the bottom.
+            reading = (
+                next((c for c in messages.children if not isinstance(c, OlderMessages)), None)
+                if messages.scroll_y <= 1
+                else None
+            )
             await messages.mount_all(messages.message_widgets(page), after=marker)
             if reading is not None:
                 # After the layout that gives the new page its height.
