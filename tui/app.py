@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from contextlib import AsyncExitStack
 
 from rich.text import Text
-from textual import work
+from textual import events, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal
@@ -26,9 +26,11 @@ from engine.runtime import Runtime, open_runtime
 from engine.terminal import terminal_safe
 from engine.validation import look_alikes, validate_user_id
 from tui.demo import SCRIPTS, DemoPlayer
+from tui.keys import install_terminal_keys
 from tui.screens.dialogs import PromptDialog
 from tui.screens.help import HelpScreen
 from tui.widgets.pane import PaneOptions, UserPane
+from tui.widgets.prompt import Prompt
 
 MAX_PANES = 9
 
@@ -51,9 +53,24 @@ class StatusBar(Static):
     """Model, database and memory jobs, in one line at the top."""
 
 
+class UserTabs(Static):
+    """Below the minimum width one pane shows: this line lists every user."""
+
+
+# Actions on the panes behind: off while a dialog or the inspector is on top,
+# so they neither act invisibly nor show in that screen's footer.
+PANE_ACTIONS = frozenset(
+    {"toggle_layout", "demo", "stop_demo", "add_user", "focus_user", "focus_user_number"}
+)
+
+
 class MemchatApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "memchat"
+    # Screen classes for app.tcss: below 100 columns one pane at a time;
+    # the memory panel shrinks below 30 rows and goes below 18.
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-tiny"), (18, "-short"), (30, "-tall")]
     BINDINGS = [
         Binding("ctrl+q", "quit", "Quit", priority=True),
         Binding("f1", "help", "Help"),
@@ -63,12 +80,14 @@ class MemchatApp(App[None]):
         Binding("f4", "demo", "Demo"),
         Binding("shift+f4", "stop_demo", "Stop demo", show=False),
         Binding("ctrl+n", "add_user", "Add user"),
-        # Priority: the input would take ctrl+w as "delete word".
-        Binding("ctrl+w", "close_pane", "Close pane", show=False, priority=True),
-        Binding("ctrl+right", "focus_user(1)", "Next user", priority=True, show=False),
-        Binding("ctrl+left", "focus_user(-1)", "Previous user", priority=True, show=False),
+        # Switching users: F8/F9 arrive as themselves in every common
+        # terminal (ESC[19~ / ESC[20~), alt+1…9 as ESC digit (tui/keys.py
+        # keeps those out of the text). ctrl+left/right and ctrl+w stay
+        # the prompt's: word left/right and delete word, as in readline.
+        Binding("f9", "focus_user(1)", "Next user", priority=True),
+        Binding("f8", "focus_user(-1)", "Prev user", priority=True, show=False),
         *(
-            Binding(f"alt+{n}", f"focus_user_number({n})", f"User {n}", show=False)
+            Binding(f"alt+{n}", f"focus_user_number({n})", f"User {n}", show=False, priority=True)
             for n in range(1, 10)
         ),
     ]
@@ -88,6 +107,7 @@ class MemchatApp(App[None]):
         demo_char_delay: float = 0.04,
         tune_gc: bool = True,
     ) -> None:
+        install_terminal_keys()
         super().__init__()
         self.tune_gc = tune_gc
         self.settings = settings
@@ -104,6 +124,46 @@ class MemchatApp(App[None]):
         self.ready = asyncio.Event()
         self._quitting = False
 
+    # -- keys --------------------------------------------------------------
+
+    async def on_event(self, event: events.Event) -> None:
+        # Textual runs non-priority bindings only once the key has bubbled
+        # back up from the focused widget, by which time the keys after it in
+        # a burst (tmux send-keys, a paste of keystrokes, a fast typist) were
+        # already handled: ctrl+left then "X" inserted X before moving, Tab
+        # then "today" typed into the prompt. Keys that are bindings (never
+        # text) run their binding here, in arrival order.
+        if (
+            isinstance(event, events.Key)
+            and not event.is_forwarded
+            and event.is_printable
+            and (pane := self._focused_pane()) is not None
+            and self.focused is not pane.input
+        ):
+            # Typing with the memory list (or a message) focused: the text
+            # belongs in the prompt, and the keys after it too. Letters
+            # never act on a list ("today" was forget-and-confirm).
+            self.screen.set_focus(pane.input)
+            pane.input._forward_event(event)
+            return
+        if (
+            isinstance(event, events.Key)
+            and not event.is_forwarded
+            and self._binding_first(event)
+            and (
+                await self._check_bindings(event.key, priority=True)
+                or await self._check_bindings(event.key)
+            )
+        ):
+            return
+        await super().on_event(event)
+
+    def _binding_first(self, event: events.Key) -> bool:
+        if event.is_printable or self.focused is None:
+            return False
+        # The prompt's own keys: Enter sends, ctrl+j breaks, ↑/↓ recall.
+        return not (isinstance(self.focused, Prompt) and event.key in Prompt.OWN_KEYS)
+
     # -- building ----------------------------------------------------------
 
     def compose(self) -> ComposeResult:
@@ -114,6 +174,7 @@ class MemchatApp(App[None]):
             ),
             classes="status",
         )
+        yield UserTabs(classes="user-tabs")
         yield Horizontal(classes="panes -grid")
         yield Footer()
 
@@ -161,7 +222,7 @@ class MemchatApp(App[None]):
         if (existing := self.pane_of(user_id)) is not None:
             return existing
         if len(self.panes) >= MAX_PANES:
-            self.notify(f"At most {MAX_PANES} panes; close one first (ctrl+w).")
+            self.notify(f"At most {MAX_PANES} panes; close one first (ctrl+p: Close pane).")
             return None
         pane = UserPane(self.runtime, user_id, self.pane_options)
         await self.query_one(".panes").mount(pane)
@@ -254,9 +315,28 @@ class MemchatApp(App[None]):
         container = self.query_one(".panes")
         container.set_class(self.layout_mode == "grid", "-grid")
         container.set_class(self.layout_mode == "focus", "-focus")
-        current = self._focused_pane() or (self.panes[0] if self.panes else None)
+        current = self._focused_pane() or next(
+            (p for p in self.panes if p.has_class("-current")), None
+        )
+        current = current or (self.panes[0] if self.panes else None)
         for pane in self.panes:
             pane.set_class(pane is current, "-current")
+        self._render_user_tabs()
+
+    def _render_user_tabs(self) -> None:
+        text = Text(no_wrap=True, overflow="ellipsis")
+        for number, pane in enumerate(self.panes, start=1):
+            label = f" {number} {terminal_safe(pane.user_id)}{' ●' if pane.busy else ''} "
+            text.append(label, style="bold reverse" if pane.has_class("-current") else "")
+        text.append("  F8/F9 switch", style="dim")
+        for tabs in self.query(UserTabs).results(UserTabs):
+            tabs.update(text)
+
+    def on_user_pane_busy_changed(self) -> None:
+        self._render_user_tabs()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return not (action in PANE_ACTIONS and len(self.screen_stack) > 1)
 
     def _focused_pane(self) -> UserPane | None:
         node = self.focused
@@ -322,6 +402,30 @@ class MemchatApp(App[None]):
 
     # -- screens -----------------------------------------------------------
 
+    def action_screenshot(self, filename: str | None = None, path: str | None = None) -> None:
+        """Save an SVG screenshot: to Downloads when it exists, else here, and say where.
+
+        Textual's own saved into ~/Downloads and failed without a word when
+        that directory did not exist.
+        """
+        from pathlib import Path
+
+        from platformdirs import user_downloads_dir
+
+        target = Path(path) if path else Path(user_downloads_dir())
+        if not target.is_dir():
+            target = Path.cwd()
+        try:
+            saved = self.save_screenshot(filename, str(target))
+        except OSError as exc:
+            self.notify(
+                f"Screenshot not saved: {exc.strerror or exc} ({target})",
+                severity="error",
+                markup=False,
+            )
+            return
+        self.notify(f"Screenshot saved: {saved}", markup=False)
+
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 
@@ -355,9 +459,7 @@ class MemchatApp(App[None]):
         yield SystemCommand(
             "Add user", "Open a pane for another user (ctrl+n)", self.action_add_user
         )
-        yield SystemCommand(
-            "Close pane", "Close the focused user's pane (ctrl+w)", self.action_close_pane
-        )
+        yield SystemCommand("Close pane", "Close the focused user's pane", self.action_close_pane)
         yield SystemCommand(
             "Demo: play seed scenario",
             "Type the seed script into the panes (F4)",
@@ -367,7 +469,9 @@ class MemchatApp(App[None]):
         yield SystemCommand("Demo: stop", "(shift+F4)", self.demo.stop)
         for number, pane in enumerate(self.panes, start=1):
             yield SystemCommand(
-                f"Focus user {pane.user_id}", f"alt+{number}", lambda p=pane: self._focus_pane(p)
+                f"Focus user {pane.user_id}",
+                f"alt+{number} · F8/F9",
+                lambda p=pane: self._focus_pane(p),
             )
         if (pane := self._focused_pane()) is not None:
             who = pane.user_id

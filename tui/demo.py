@@ -85,11 +85,16 @@ class DemoPlayer:
             await self._resume.wait()
             if pane.session is None or pane.session.title != session_title:
                 await pane.switch_to_titled(session_title)
-            for char in text:
-                await self._resume.wait()
-                pane.input.value += char
-                await asyncio.sleep(self.char_delay)
-            worker = pane.send(pane.input.value)
+            try:
+                for char in text:
+                    await self._resume.wait()
+                    pane.input.value += char
+                    await asyncio.sleep(self.char_delay)
+            except asyncio.CancelledError:
+                # Stopped mid-line: the half-typed line was the demo's, not the user's.
+                pane.input.take()
+                raise
+            worker = pane.send(pane.input.take())
             if worker is not None:
                 with contextlib.suppress(Exception):
                     await worker.wait()

@@ -66,7 +66,8 @@ def _read_text(text: str) -> str:
     if text != "-":
         return text
     data = sys.stdin.buffer.read()
-    return data.decode("utf-8", errors="replace")
+    # `echo hi | memchat chat -` stores "hi", not "hi\n": the line end is the shell's.
+    return data.decode("utf-8", errors="replace").removesuffix("\n").removesuffix("\r")
 
 
 async def _pick_session(store: Store, user_id: str, session: str | None, new: bool) -> Session:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -109,6 +110,13 @@ def main(
     except KeyboardInterrupt:
         warn("interrupted")
         return 130
+    except BrokenPipeError:
+        # `memchat users | head -3`: the reader left; that is not an error to
+        # report. Point stdout at devnull so the interpreter's final flush
+        # does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except Exception:
         # A bug, not a user mistake: the traceback goes through the safe
         # formatter rather than Python's raw one (which prints exception text

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-from textual.widgets import Input
 
 from engine.records import Memory
 from tests.fake_openai import FakeOpenAI
@@ -72,7 +71,7 @@ async def test_two_panes_stream_at_once_and_both_complete(
         alice.input.value = "My name is Alice."
         await pilot.press("enter")
         assert alice.busy, (alice.input.value, replies(alice))
-        await pilot.press("ctrl+right")
+        await pilot.press("f9")
         assert app.focused is bob.input
         bob.input.value = "My name is Bob."
         await pilot.press("enter")
@@ -91,9 +90,9 @@ async def test_switching_users_by_key(make_app: AppFactory) -> None:
         await app.ready.wait()
         await pilot.press("alt+3")
         assert app.focused is pane(app, USERS[2]).input
-        await pilot.press("ctrl+right")
+        await pilot.press("f9")
         assert app.focused is pane(app, USERS[0]).input
-        await pilot.press("ctrl+left")
+        await pilot.press("f8")
         assert app.focused is pane(app, USERS[2]).input
         await pilot.press("f2")
         assert app.layout_mode == "focus"
@@ -118,7 +117,7 @@ async def test_add_and_close_a_user(make_app: AppFactory) -> None:
         await pilot.press(*"bad id!")
         await pilot.press("enter")
         assert app.pane_of("bad id!") is None
-        await pilot.press("ctrl+w")
+        await app.action_close_pane()
         assert [p.user_id for p in app.panes] == [USERS[0]]
 
 
@@ -198,11 +197,11 @@ async def test_delete_memory_from_the_sidebar_asks_first(make_app: AppFactory) -
         assert isinstance(memory, Memory)
         await wait_until(lambda: sidebar_texts(alice) == ["Likes chess"])
         alice.sidebar.query_one("ListView").focus()
-        await pilot.press("d")
-        await pilot.press("n")  # no: nothing happens
+        await pilot.press("delete")
+        await pilot.press("escape")  # no: nothing happens
         assert sidebar_texts(alice) == ["Likes chess"]
-        await pilot.press("d")
-        await pilot.press("y")
+        await pilot.press("delete")
+        await pilot.press("shift+tab", "enter")  # the Forget button, deliberately
         await wait_until(lambda: sidebar_texts(alice) == [])
 
 
@@ -290,7 +289,7 @@ async def test_input_keeps_text_when_refused(make_app: AppFactory) -> None:
         await pilot.press("space", "enter")
         alice = pane(app, USERS[0])
         assert not alice.busy and replies(alice) == []
-        assert app.query_one(Input).value == " "
+        assert pane(app, USERS[0]).input.value == " "
 
 
 async def test_quit_drains_and_exits(make_app: AppFactory) -> None:
@@ -321,3 +320,141 @@ async def test_demo_can_be_paused_resumed_and_stopped(make_app: AppFactory) -> N
         await pilot.press("shift+f4")
         await app.demo.finished.wait()
         assert not app.demo.running
+
+
+async def test_title_follows_the_first_message_and_f7_names_it(make_app: AppFactory) -> None:
+    """Bug 9: the title stayed "New session"; F7 asked about "this session"."""
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        alice = pane(app, USERS[0])
+        await pilot.press(*"Plans for the weekend", "enter")
+        await finish_turns(app)
+        await wait_until(lambda: alice.session is not None and alice.session.title is not None)
+        assert "Plans for the weekend" in str(alice.query_one(".pane-title").render())
+        await pilot.press("f7")
+        await wait_until(lambda: app.screen.__class__.__name__ == "ConfirmDialog")
+        assert "Plans for the weekend" in app.screen.question  # type: ignore[attr-defined]
+        await pilot.press("y")  # a letter never confirms
+        assert app.screen.__class__.__name__ == "ConfirmDialog"
+        await pilot.press("escape")
+
+
+async def test_pane_keys_do_nothing_behind_a_dialog(make_app: AppFactory) -> None:
+    """Bug 7: F2 under a dialog switched the layout behind it; focus was lost after."""
+    app = make_app(USERS[:2])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        await pilot.press("f1")
+        await pilot.press("f2", "f9")
+        assert app.layout_mode == "grid"
+        await pilot.press("escape")
+        assert app.focused is pane(app, USERS[0]).input
+        await pilot.press("f3")
+        await pilot.press("f2")
+        assert app.layout_mode == "grid"
+
+
+async def test_a_session_deleted_elsewhere_does_not_strand_the_pane(
+    make_app: AppFactory,
+) -> None:
+    """Bug 8: every send failed with "no session …", and ctrl+r repeated it."""
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        alice = pane(app, USERS[0])
+        assert alice.session is not None
+        gone = alice.session.session_id
+        async with app.runtime.store.scope(USERS[0]) as s:  # type: ignore[union-attr]
+            await s.delete_session(gone)
+        await pilot.press(*"still here", "enter")
+        await wait_until(lambda: alice.session is not None and alice.session.session_id != gone)
+        await wait_until(lambda: any(m.source for m in replies(alice)) and not alice.busy)
+        async with app.runtime.store.scope(USERS[0]) as s:  # type: ignore[union-attr]
+            stored = await s.last_messages(alice.session.session_id, 5)  # type: ignore[union-attr]
+        assert [m.content for m in stored if m.role == "user"] == ["still here"]
+
+
+async def test_job_status_row_hidden_until_a_job_and_outcome_labels_show(
+    make_app: AppFactory, tui_settings
+) -> None:
+    """Bug 11 (blank row under "Memories") and bug 12 (no "cancelled" label)."""
+    tui_settings.model.offline_token_delay_ms = 200
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        alice = pane(app, USERS[0])
+        assert not alice.sidebar.query_one(".job-status").display
+        await pilot.press(*"Tell me a long story please", "enter")
+        await wait_until(lambda: bool(replies(alice)) and bool(replies(alice)[-1].source))
+        await pilot.press("escape")
+        await finish_turns(app)
+        reply = replies(alice)[-1]
+        assert reply.border_subtitle == "cancelled"
+        assert reply.styles.border_bottom[0] != "", "the label needs a bottom border to show"
+
+
+async def test_f7_while_streaming_says_why(make_app: AppFactory, tui_settings) -> None:
+    """Bug 15: F7 during a reply did nothing, without a word."""
+    tui_settings.model.offline_token_delay_ms = 200
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        await pilot.press(*"Tell me a long story please", "enter")
+        await pilot.press("f7")
+        await wait_until(lambda: any("deleting" in str(n.message) for n in app._notifications))
+        await pilot.press("escape")
+        await finish_turns(app)
+
+
+async def test_stopping_the_demo_leaves_no_half_typed_line(make_app: AppFactory) -> None:
+    """Bug 15: shift+F4 left the demo's half-typed line in the prompt."""
+    app = make_app(None, play="seed", demo_char_delay=0.05)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        await wait_until(lambda: any(p.input.value for p in app.panes))
+        await pilot.press("shift+f4")
+        await app.demo.finished.wait()
+        assert [p.input.value for p in app.panes] == ["", "", ""]
+
+
+async def test_screenshot_without_a_downloads_directory(
+    make_app: AppFactory, tmp_path, monkeypatch
+) -> None:
+    """Bug 17: the screenshot failed without a reason when ~/Downloads was missing."""
+    monkeypatch.setenv("XDG_DOWNLOAD_DIR", str(tmp_path / "missing"))
+    monkeypatch.chdir(tmp_path)
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(100, 30)):
+        await app.ready.wait()
+        app.action_screenshot()
+        assert list(tmp_path.glob("*.svg"))
+        await wait_until(lambda: any("Screenshot saved" in n.message for n in app._notifications))
+
+
+async def test_scrolling_up_keeps_loading_and_keeps_the_place(make_app: AppFactory) -> None:
+    """Bug 5: older messages stalled after one page; the view jumped to its top."""
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        alice = pane(app, USERS[0])
+        assert alice.session is not None
+        async with app.runtime.store.scope(USERS[0]) as s:  # type: ignore[union-attr]
+            await s.conn.execute(
+                "INSERT INTO messages (session_id, user_id, role, content) "
+                "SELECT $1, $2, CASE WHEN i % 2 = 0 THEN 'user' ELSE 'assistant' END, "
+                "'message ' || i FROM generate_series(1, 300) i",
+                alice.session.session_id,
+                USERS[0],
+            )
+        alice.ready.clear()
+        alice.load_session(alice.session.session_id)
+        await alice.ready.wait()
+        marker = alice.query_one(OlderMessages)
+        assert marker.count == 250
+        await pilot.pause()
+        alice.messages.scroll_home(animate=False, immediate=True)
+        await wait_until(lambda: marker.count == 200)
+        await wait_until(lambda: alice.messages.scroll_y > 0)  # still where the reader was
+        alice.messages.scroll_home(animate=False, immediate=True)
+        await wait_until(lambda: marker.count == 150)

@@ -146,3 +146,27 @@ def test_failed_turn(snap_compare: Any, make_app: AppFactory, tui_settings: Sett
         )
     finally:
         fake.stop()
+
+
+@pytest.mark.parametrize("size", [(160, 48), (80, 24)])
+def test_prompt_with_three_lines(
+    snap_compare: Any, make_app: AppFactory, size: tuple[int, int]
+) -> None:
+    """The prompt grows with its text and names the user typing."""
+
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await settle(pilot)
+        await pilot.press(*"first line", "ctrl+j", *"second line", "ctrl+j", *"third line")
+        await pilot.pause()
+
+    assert snap_compare(make_app(DEFAULT_USERS), terminal_size=size, run_before=run_before)
+
+
+def test_small_terminal_shows_one_user_and_the_list(
+    snap_compare: Any, make_app: AppFactory
+) -> None:
+    """Below the minimum size: one pane, the users listed, no memory panel."""
+    app = make_app(DEFAULT_USERS)
+    assert snap_compare(
+        app, terminal_size=(60, 15), run_before=send_then_settle(DEFAULT_USERS[0], "hello")
+    )

@@ -15,22 +15,26 @@ from engine.terminal import terminal_safe
 
 
 class ConfirmDialog(ModalScreen[bool]):
-    BINDINGS = [
-        Binding("escape,n", "dismiss(False)", "No"),
-        Binding("y", "dismiss(True)", "Yes"),
-    ]
+    """Yes only by pressing the button: no letter confirms, so a word typed
+    into the wrong place ("today": d, then y) can never delete anything."""
 
-    def __init__(self, question: str, *, yes: str = "Yes") -> None:
+    BINDINGS = [Binding("escape", "dismiss(False)", "Cancel")]
+
+    def __init__(self, question: str, *, yes: str = "Yes", who: str = "") -> None:
         super().__init__(classes="dialog-screen")
         self.question = question
         self.yes = yes
+        self.who = who
 
     def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog"):
+        with Vertical(classes="dialog") as dialog:
+            if self.who:
+                dialog.border_title = terminal_safe(self.who)
             yield Label(Text(terminal_safe(self.question)), classes="dialog-question")
             with Horizontal(classes="dialog-buttons"):
-                yield Button(f"{self.yes} (y)", variant="error", id="yes")
-                yield Button("Cancel (n)", id="no")
+                yield Button(self.yes, variant="error", id="yes")
+                yield Button("Cancel (Esc)", id="no")
+            yield Label("Tab to the button, then Enter", classes="dialog-hint")
 
     def on_mount(self) -> None:
         self.query_one("#no", Button).focus()
@@ -44,14 +48,19 @@ class PromptDialog(ModalScreen[str | None]):
 
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
 
-    def __init__(self, question: str, *, value: str = "", placeholder: str = "") -> None:
+    def __init__(
+        self, question: str, *, value: str = "", placeholder: str = "", who: str = ""
+    ) -> None:
         super().__init__(classes="dialog-screen")
         self.question = question
         self.value = value
         self.placeholder = placeholder
+        self.who = who
 
     def compose(self) -> ComposeResult:
-        with Vertical(classes="dialog"):
+        with Vertical(classes="dialog") as dialog:
+            if self.who:
+                dialog.border_title = terminal_safe(self.who)
             yield Label(Text(self.question), classes="dialog-question")
             yield Input(self.value, placeholder=self.placeholder, classes="dialog-input")
             yield Label("Enter to accept · Esc to cancel", classes="dialog-hint")

@@ -13,19 +13,21 @@ HELP = """\
 
 | key | what it does |
 |---|---|
-| **Enter** | send the message in the focused pane |
+| **Enter** | send the message in the focused pane (queued while a reply streams) |
+| **ctrl+j** | new line (also shift+enter / alt+enter where the terminal reports them) |
+| **↑** | in an empty prompt: recall earlier messages of this user |
+| **ctrl+w / ctrl+left / ctrl+right** | delete word / move by word |
 | **Esc** | cancel the reply being streamed |
 | **ctrl+r** | retry the last failed reply |
-| **ctrl+left / ctrl+right** | focus the previous / next user |
+| **F8 / F9** | focus the previous / next user |
 | **alt+1 … alt+9** | focus user 1 … 9 |
-| **ctrl+n** | add a user (a new pane) |
-| **ctrl+w** | close the focused pane |
+| **ctrl+n** | add a user (a new pane); close one from the palette |
 | **ctrl+o** | pick a session of this user |
 | **ctrl+t** | start a new session |
 | **f6** | rename the session |
 | **f7** | delete the session (asks first) |
 | **tab** | move between input and memory list |
-| **e / d** | in the memory list: edit / forget the memory (asks first) |
+| **Enter / Delete** | memory list: edit / forget (asks; only the button confirms) |
 | **f2** | switch layout: grid (all users) / focus (one user) |
 | **f3** | isolation inspector (what the database holds per user) |
 | **f4** | play the seed demo; again to pause / resume |

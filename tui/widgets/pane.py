@@ -14,18 +14,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from rich.text import Text
-from textual import work
+from textual import events, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.css.query import NoMatches
 from textual.message import Message as TextualMessage
 from textual.reactive import reactive
-from textual.widgets import Input, Markdown, Static
+from textual.widgets import Markdown, Static
 from textual.worker import Worker, WorkerState
 
 from engine.agent import TurnCancelled, TurnCompleted, TurnDelta, TurnFailed, TurnStarted
-from engine.errors import MemchatError
+from engine.errors import MemchatError, NotFound
 from engine.events import JobChanged, MemoryChanged, Resync
 from engine.records import Memory, Session
 from engine.runtime import Runtime
@@ -39,6 +39,7 @@ from tui.widgets.messages import (
     TurnError,
     UserMessage,
 )
+from tui.widgets.prompt import Prompt
 from tui.widgets.sidebar import MemorySidebar
 from tui.widgets.stream_batch import BatchedStream, TypingClock
 
@@ -57,10 +58,12 @@ class PaneOptions:
 
 class UserPane(Vertical):
     BINDINGS = [
-        Binding("escape", "cancel", "Cancel reply"),
-        Binding("ctrl+r", "retry", "Retry"),
+        # Hidden from the footer so that F1–F3 fit in 80 columns: the title
+        # says "Esc cancels" while replying, a failed reply says "ctrl+r".
+        Binding("escape", "cancel", "Cancel reply", show=False),
+        Binding("ctrl+r", "retry", "Retry", show=False),
         Binding("ctrl+o", "pick_session", "Sessions"),
-        Binding("ctrl+t", "new_session", "New session"),
+        Binding("ctrl+t", "new_session", "New session", show=False),
         Binding("f6", "rename_session", "Rename", show=False),
         Binding("f7", "delete_session", "Delete session", show=False),
     ]
@@ -82,6 +85,8 @@ class UserPane(Vertical):
         self.user_id = user_id
         self.options = options
         self.last_failed_text: str | None = None
+        # Messages sent while a reply streams go out, in order, after it.
+        self.queued: list[str] = []
         self._oldest_id: int | None = None
         self._loading_older = False
         self._reads_started = 0
@@ -93,17 +98,20 @@ class UserPane(Vertical):
         with Horizontal(classes="pane-body"):
             with Vertical(classes="chat"):
                 yield MessageList(OlderMessages(0), classes="messages")
-                yield Input(
-                    placeholder=f"Message as {self.user_id}… (Enter sends)",
-                    classes="chat-input",
-                    max_length=self.runtime.settings.limits.max_message_chars,
+                prompt = Prompt(
+                    self.user_id,
+                    placeholder=f"Say hi as {self.user_id} · Enter sends · ctrl+j new line",
                 )
+                # The prompt names who is typing: in a multi-user app a
+                # message must never go out as the wrong user unnoticed.
+                prompt.border_title = f"{self.user_id} ›"
+                yield prompt
             yield MemorySidebar(
                 highlight_seconds=self.options.highlight_seconds, animate=self.options.animate
             )
 
     def on_mount(self) -> None:
-        self.query_one(Input).cursor_blink = self.options.animate
+        self.input.cursor_blink = self.options.animate
         self._render_title()
         self.load_session()
         self.follow_events()
@@ -111,8 +119,8 @@ class UserPane(Vertical):
     # -- helpers -----------------------------------------------------------
 
     @property
-    def input(self) -> Input:
-        return self.query_one(Input)
+    def input(self) -> Prompt:
+        return self.query_one(Prompt)
 
     @property
     def messages(self) -> MessageList:
@@ -123,13 +131,20 @@ class UserPane(Vertical):
         return self.query_one(MemorySidebar)
 
     def focus_input(self) -> None:
-        self.input.focus()
+        # Now, not after the queued events (Widget.focus defers): in a burst
+        # (alt+3 then text, as tmux send-keys writes it) the keys after the
+        # switch belong to the new user.
+        self.screen.set_focus(self.input)
 
     def watch_session(self) -> None:
         self._render_title()
 
+    class BusyChanged(TextualMessage):
+        """A reply started or ended streaming (the user list marks it)."""
+
     def watch_busy(self) -> None:
         self._render_title()
+        self.post_message(self.BusyChanged())
 
     def _render_title(self) -> None:
         if not self.is_mounted:
@@ -139,6 +154,8 @@ class UserPane(Vertical):
         title.append(f" · {terminal_safe(session or 'New session')}", style="")
         if self.busy:
             title.append("  ● replying (Esc cancels)", style="italic")
+        if self.queued:
+            title.append(f"  {len(self.queued)} queued", style="italic")
         # query, not query_one: during shutdown the children may already be gone.
         for widget in self.query(".pane-title").results(Static):
             widget.update(title)
@@ -208,6 +225,7 @@ class UserPane(Vertical):
         elif jobs and jobs[0].status == "running":
             self.sidebar.job_state = "running"
         self.ready.set()
+        self._send_queued()
 
     async def load_older(self) -> None:
         """Mount the page of messages before the oldest one shown."""
@@ -220,9 +238,25 @@ class UserPane(Vertical):
             if not page:
                 return
             self._oldest_id = page[0].message_id
-            marker = self.messages.query_one(OlderMessages)
+            messages = self.messages
+            marker = messages.query_one(OlderMessages)
             marker.set_count(max(marker.count - len(page), 0))
-            await self.messages.mount_all(self.messages.message_widgets(page), after=marker)
+            # The reader stays on the message they were reading: without
+            # this the view sat at the top of the new page, scroll_y stayed 0
+            # and the next page never loaded (ReachedTop needs a change).
+            # Only when reading at the top (what loads a page): a reader at
+            # the bottom stays at the bottom.
+            reading = (
+                next((c for c in messages.children if not isinstance(c, OlderMessages)), None)
+                if messages.scroll_y <= 1
+                else None
+            )
+            await messages.mount_all(messages.message_widgets(page), after=marker)
+            if reading is not None:
+                # After the layout that gives the new page its height.
+                messages.call_after_refresh(
+                    messages.scroll_to_widget, reading, top=True, animate=False
+                )
         except MemchatError as exc:
             self._report(exc)
         finally:
@@ -287,14 +321,40 @@ class UserPane(Vertical):
             self.sidebar.job_error = error or ""
         self.sidebar.job_state = state
 
+    def on_resize(self) -> None:
+        # A smaller terminal must still show the end of the conversation:
+        # the reader was at the bottom unless older messages are loading.
+        if not self._loading_older:
+            self.messages.scroll_end(animate=False, immediate=False)
+
+    # -- keys --------------------------------------------------------------
+
+    def on_key(self, event: events.Key) -> None:
+        # Printable keys that reach the pane (the memory list, a message)
+        # belong in the prompt: typing never acts on a list.
+        if event.is_printable and event.character and self.app.focused is not self.input:
+            event.stop()
+            event.prevent_default()
+            self.screen.set_focus(self.input)
+            self.input.insert(event.character)
+
     # -- turns -------------------------------------------------------------
 
-    def on_input_changed(self, event: Input.Changed) -> None:
+    def on_text_area_changed(self, event: Prompt.Changed) -> None:
         self.options.typing.mark()
 
-    def on_input_submitted(self, event: Input.Submitted) -> None:
+    def on_prompt_submitted(self, event: Prompt.Submitted) -> None:
         event.stop()
-        self.send(event.value)
+        if self.busy or self.session is None:
+            # A burst of keys (or a fast typist) sends the next message
+            # before the reply ends: it waits its turn instead of being lost.
+            if event.text.strip():
+                self.queued.append(event.text)
+                self.input.remember(event.text)
+                self._render_title()
+            return
+        if self.send(event.text) is None:
+            event.prompt.restore(event.text)
 
     def send(self, text: str) -> Worker[None] | None:
         """Start a turn; returns its worker (None when refused)."""
@@ -307,11 +367,19 @@ class UserPane(Vertical):
         try:
             text = self.runtime.agent.check_text(text)
         except MemchatError as exc:
-            self._report(exc)  # the input keeps what was typed
+            self._report(exc)
             return None
-        self.input.value = ""
+        self.input.remember(text)
         self.busy = True
         return self.run_worker(self._turn(text), group="turn", exclusive=True)
+
+    def _send_queued(self) -> None:
+        # Not while loading: the message waits for the session to be there.
+        while self.queued and not self.busy and self.session is not None:
+            text = self.queued.pop(0)
+            if self.send(text) is not None:
+                break
+        self._render_title()
 
     async def _turn(self, text: str) -> None:
         assert self.session is not None
@@ -344,6 +412,20 @@ class UserPane(Vertical):
         except asyncio.CancelledError:
             status = "cancelled"
             raise
+        except NotFound as exc:
+            # The session was deleted elsewhere (another memchat, the CLI):
+            # open a fresh one and send the message there instead of failing
+            # the same way on every retry.
+            self.app.notify(
+                f"{terminal_safe(exc.message)}: it was deleted elsewhere; "
+                "your message is sent again in your latest session.",
+                title=self.user_id,
+                severity="warning",
+                markup=False,
+            )
+            self.queued.insert(0, text)
+            self.session = None
+            self.load_session()
         except MemchatError as exc:
             self.last_failed_text = text
             await messages.mount(TurnError(exc.message))
@@ -355,6 +437,21 @@ class UserPane(Vertical):
             reply.mark_outcome(status)
             self.busy = False
             self.post_message(self.TurnFinished(self, status))
+        await self._refresh_session()
+        self._send_queued()
+
+    async def _refresh_session(self) -> None:
+        """Re-read the session: its first message gave it a title."""
+        if self.session is None or self.session.title is not None:
+            return
+        session_id = self.session.session_id
+        try:
+            async with self.runtime.store.scope(self.user_id) as s:
+                session = await s.get_session(session_id)
+        except MemchatError:
+            return  # gone or unreachable: the next turn says so
+        if self.session is not None and self.session.session_id == session_id:
+            self.session = session
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.worker.group == "turn" and event.state in (
@@ -426,7 +523,9 @@ class UserPane(Vertical):
         if self.session is None:
             return
         title = await self.app.push_screen_wait(
-            PromptDialog("Rename this session to:", value=self.session.title or "")
+            PromptDialog(
+                "Rename this session to:", value=self.session.title or "", who=self.user_id
+            )
         )
         if title is None:
             return
@@ -438,11 +537,16 @@ class UserPane(Vertical):
 
     @work(group="sessions")
     async def action_delete_session(self) -> None:
-        if self.session is None or self.busy:
+        if self.busy:
+            self.app.notify("Wait for the reply (or Esc) before deleting the session.")
             return
-        name = self.session.title or "this session"
+        if self.session is None:
+            return
+        if self.session.title is None:
+            await self._refresh_session()  # its first message may have named it
+        name = self.session.title or "this empty session"
         if not await self.app.push_screen_wait(
-            ConfirmDialog(f"Delete “{name}” and all its messages?", yes="Delete")
+            ConfirmDialog(f"Delete “{name}” and all its messages?", yes="Delete", who=self.user_id)
         ):
             return
         session_id = self.session.session_id
@@ -454,7 +558,7 @@ class UserPane(Vertical):
     @work(group="memories")
     async def on_memory_sidebar_edit_requested(self, event: MemorySidebar.EditRequested) -> None:
         text = await self.app.push_screen_wait(
-            PromptDialog("Edit this memory:", value=event.memory.content)
+            PromptDialog("Edit this memory:", value=event.memory.content, who=self.user_id)
         )
         if text is None or text == event.memory.content:
             return
@@ -465,7 +569,7 @@ class UserPane(Vertical):
         self, event: MemorySidebar.DeleteRequested
     ) -> None:
         if not await self.app.push_screen_wait(
-            ConfirmDialog(f"Forget “{event.memory.content}”?", yes="Forget")
+            ConfirmDialog(f"Forget “{event.memory.content}”?", yes="Forget", who=self.user_id)
         ):
             return
         await self._in_scope(lambda s: s.delete_memory(event.memory.memory_id))

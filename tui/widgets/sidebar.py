@@ -31,9 +31,11 @@ class MemoryItem(ListItem):
 class MemorySidebar(Vertical):
     """Shows memories handed to it; the pane loads them and tells it about jobs."""
 
+    # No letters: typing a word with the list focused ("today") pressed d
+    # (forget) and then y (confirm). Printable keys go to the prompt (the
+    # pane forwards them); only Enter and Delete act on the list.
     BINDINGS = [
-        Binding("e", "edit", "Edit memory"),
-        Binding("d,delete", "delete", "Forget memory"),
+        Binding("delete", "delete", "Forget memory"),
     ]
 
     job_state: reactive[str] = reactive("idle")
@@ -62,13 +64,17 @@ class MemorySidebar(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Static("Memories", classes="sidebar-title")
-        yield Static("", classes="job-status")
+        status = Static("", classes="job-status")
+        status.display = False  # until there is a job to tell about
+        yield status
         yield ListView(classes="memory-list")
         yield Static("No memories yet.", classes="no-memories")
 
     def on_mount(self) -> None:
         if self.animate:
             self.set_interval(0.1, self._spin)
+        # Now that the status line exists: before, an idle job status left a
+        # blank row under the title until the first job event.
         self._render_job_status()
 
     def show(self, memories: list[Memory]) -> None:
@@ -106,6 +112,11 @@ class MemorySidebar(Vertical):
         item = view.highlighted_child
         return item.memory if isinstance(item, MemoryItem) else None
 
+    def on_list_view_selected(self, event: ListView.Selected) -> None:
+        # Enter on a memory edits it (the list's own Enter binding selects).
+        event.stop()
+        self.action_edit()
+
     def action_edit(self) -> None:
         if (memory := self.selected) is not None:
             self.post_message(self.EditRequested(memory))
@@ -126,9 +137,9 @@ class MemorySidebar(Vertical):
             self._render_job_status()
 
     def _render_job_status(self) -> None:
-        if not self.is_mounted:
+        status = next(iter(self.query(".job-status").results(Static)), None)
+        if status is None:
             return
-        status = self.query_one(".job-status", Static)
         if self.job_state == "running":
             spinner = SPINNER[self._frame] if self.animate else "…"
             status.update(Text(f"{spinner} learning from the last turn", style="italic"))
