@@ -8,7 +8,7 @@ tests build it (no animation):
     Four panes on fresh sessions. Three stream a reply of ``reply_tokens``
     tokens at ``tokens_per_s`` through the whole pipeline (agent, OpenAI
     client, SSE) from the fake OpenAI-compatible server
-    (``tests.fake_openai``), run as a separate process so that its work does
+    (``bench.fake_openai``), run as a separate process so that its work does
     not share this process's GIL, as a real model endpoint would not.
     Meanwhile single keys are typed into the fourth pane's input, one every
     ``KEY_INTERVAL_S`` (a fast typist) on a fixed beat, for most of the time

@@ -22,7 +22,7 @@ Usage::
 
 or as a process (benchmarks)::
 
-    python -m tests.fake_openai --port 0 --latency-ms 200 --token-delay-ms 2
+    python -m bench.fake_openai --port 0 --latency-ms 200 --token-delay-ms 2
     # prints "READY http://127.0.0.1:PORT/v1", serves until SIGTERM/SIGINT
 """
 
@@ -868,7 +868,7 @@ async def _send_json(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tests.fake_openai", description="Fake OpenAI-compatible server."
+        prog="python -m bench.fake_openai", description="Fake OpenAI-compatible server."
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
