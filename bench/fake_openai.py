@@ -583,8 +583,8 @@ class _Reply:
             return cls(completion_id, model, [], _tool_calls(calls), prompt_tokens)
         if queued_calls is not None:
             return cls(completion_id, model, [], _tool_calls(queued_calls), prompt_tokens)
-        if body.get("tools") and _first_tool_name(body) != "add_memory":
-            # Any other tool (a capability probe): a tool-calling model calls it.
+        if _is_probe(body):
+            # Any tool but the memory ones (a capability probe): a tool-calling model calls it.
             calls = [{"name": _first_tool_name(body), "arguments": {"ok": True}}]
             return cls(completion_id, model, [], _tool_calls(calls), prompt_tokens)
         if body.get("tools"):
