@@ -36,6 +36,8 @@ exit codes:
 """
 
 Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
+BrokenSettingsHandler = Callable[[argparse.Namespace, ConfigError], Coroutine[Any, Any, int]]
+"""What a command that still runs on broken settings (doctor, bench) sets as on_broken_settings."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,7 +94,7 @@ def main(
             settings = load_settings(args.config)
         except ConfigError as exc:
             # `memchat doctor` reports a broken file as one of its findings.
-            on_broken = getattr(args, "on_broken_settings", None)
+            on_broken: BrokenSettingsHandler | None = getattr(args, "on_broken_settings", None)
             if on_broken is None:
                 raise
             return event_loop.run(on_broken(args, exc))

@@ -112,7 +112,11 @@ def _topics(raw: str) -> list[str]:
 
 async def memories_command(args: argparse.Namespace, settings: Settings) -> int:
     async with open_runtime(settings, run_workers=False) as rt, rt.store.scope(args.user) as s:
-        items = await (s.memory_events() if args.history else s.list_memories())
+        if args.history:
+            events = await s.memory_events()
+        else:
+            memories = await s.list_memories()
+    items = events if args.history else memories
     if args.json:
         print_json(items)
         return 0
@@ -123,13 +127,13 @@ async def memories_command(args: argparse.Namespace, settings: Settings) -> int:
         table(
             [
                 [when(e.at), e.op, e.actor, str(e.memory_id), e.before or "", e.after or ""]
-                for e in items
+                for e in events
             ],
             ["AT", "OP", "BY", "MEMORY", "BEFORE", "AFTER"],
         )
     else:
         table(
-            [[str(m.memory_id), when(m.updated_at), m.content] for m in items],
+            [[str(m.memory_id), when(m.updated_at), m.content] for m in memories],
             ["MEMORY", "UPDATED", "TEXT"],
         )
     return 0
