@@ -576,7 +576,9 @@ class _Reply:
         model = str(body.get("model") or "fake-model")
         completion_id = f"chatcmpl-fake-{number}"
         if fault is not None and fault.kind == "bad_tool_args":
-            calls = [{"name": _first_tool_name(body), "arguments": '{"memory": "unterminated'}]
+            calls: list[dict[str, Any]] = [
+                {"name": _first_tool_name(body), "arguments": '{"memory": "unterminated'}
+            ]
             return cls(completion_id, model, [], _tool_calls(calls), prompt_tokens)
         if (forced := _forced_tool(body)) is not None:
             calls = [{"name": forced, "arguments": {"ok": True}}]
@@ -893,7 +895,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.fault_rate:
         kinds = [kind.strip() for kind in args.fault_kinds.split(",") if kind.strip()]
-        server.fault_rate(args.fault_rate, kinds)  # type: ignore[arg-type]
+        server.fault_rate(args.fault_rate, kinds)
     # Block the signals before the server thread starts so that only the main
     # thread receives them, in sigwait below.
     stop_signals = {signal.SIGTERM, signal.SIGINT}
