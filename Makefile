@@ -20,6 +20,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check engine tui tests bench
+	$(BIN)/ruff format --check engine tui tests bench
+	$(BIN)/lint-imports --no-logo
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The engine's database tests against another PostgreSQL (the app and the
@@ -46,6 +49,8 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check engine tui tests bench
 	$(BIN)/ruff format --check engine tui tests bench
+	$(BIN)/lint-imports --no-logo
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format engine tui tests bench

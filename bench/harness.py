@@ -227,7 +227,7 @@ class _ChildProcess:
 
 
 class FakeModelProcess(_ChildProcess):
-    """``python -m tests.fake_openai`` in its own process, as a real endpoint would be."""
+    """``python -m bench.fake_openai`` in its own process, as a real endpoint would be."""
 
     def __init__(self, timing: ModelTiming) -> None:
         super().__init__()
@@ -240,7 +240,7 @@ class FakeModelProcess(_ChildProcess):
             [
                 sys.executable,
                 "-m",
-                "tests.fake_openai",
+                "bench.fake_openai",
                 "--port",
                 "0",
                 "--latency-ms",

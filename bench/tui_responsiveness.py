@@ -8,7 +8,7 @@ tests build it (no animation):
     Four panes on fresh sessions. Three stream a reply of ``reply_tokens``
     tokens at ``tokens_per_s`` through the whole pipeline (agent, OpenAI
     client, SSE) from the fake OpenAI-compatible server
-    (``tests.fake_openai``), run as a separate process so that its work does
+    (``bench.fake_openai``), run as a separate process so that its work does
     not share this process's GIL, as a real model endpoint would not.
     Meanwhile single keys are typed into the fourth pane's input, one every
     ``KEY_INTERVAL_S`` (a fast typist) on a fixed beat, for most of the time
@@ -360,7 +360,11 @@ async def type_keys(
         # space cannot match the blank after the old text.
         tail = expected[-12:]
         busy_min = min(busy_min, sum(p.busy for p in streaming))
-        shown = clock.when(lambda u, tail=tail: tail in (painted_row(u, row, x0, x1) or ""))
+
+        def tail_shown(update: CompositorUpdate, tail: str = tail) -> bool:
+            return tail in (painted_row(update, row, x0, x1) or "")
+
+        shown = clock.when(tail_shown)
         sent = time.perf_counter()
         driver.process_message(key_event(char))
         pending.append((sent, shown))
@@ -450,7 +454,7 @@ async def _open_in(
     def last_message_painted(update: CompositorUpdate) -> bool:
         children = messages.children
         last = children[-1] if children else None
-        if getattr(last, "message_id", None) != last_id:
+        if last is None or getattr(last, "message_id", None) != last_id:
             return False
         placement = app.screen._compositor.visible_widgets.get(last)
         if placement is None:

@@ -45,6 +45,9 @@ ENV_PREFIX = "MEMCHAT_"
 ENV_NESTED_DELIMITER = "__"
 CONFIG_ENV_VAR = "MEMCHAT_CONFIG"
 APP_NAME = "memchat"
+# The init kwarg that carries load_settings()'s overrides to the sources; not a
+# valid settings key (a file's unknown top-level keys are refused before).
+OVERRIDES_KWARG = "memchat overrides"
 
 
 class _Section(BaseModel):
@@ -271,13 +274,19 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The TOML data arrives through init kwargs (see load_settings) so that
-        # we can report parse errors with the file name ourselves.
+        # Everything per call arrives through this call's init kwargs (see
+        # load_settings): the TOML data, read by us so that parse errors name the
+        # file, and under OVERRIDES_KWARG the explicit overrides, split off here
+        # into a layer of their own above the environment. No state outside the
+        # call, so loads may run concurrently or nest.
+        assert isinstance(init_settings, InitSettingsSource)
+        file_data = dict(init_settings.init_kwargs)
+        overrides = file_data.pop(OVERRIDES_KWARG, None) or {}
         return (
-            _OverridesSource(settings_cls),
+            InitSettingsSource(settings_cls, dict(overrides)),
             env_settings,
             _OpenAIEnvSource(settings_cls),
-            init_settings,
+            InitSettingsSource(settings_cls, file_data),
         )
 
     def user_data_dir(self) -> Path:
@@ -288,15 +297,6 @@ class Settings(BaseSettings):
         if self.database.data_dir is not None:
             return self.database.data_dir.expanduser()
         return Path(platformdirs.user_data_dir(APP_NAME)) / "pgdata"
-
-
-class _OverridesSource(InitSettingsSource):
-    """Explicit overrides (CLI flags), above the environment."""
-
-    overrides: Mapping[str, Any] = {}
-
-    def __init__(self, settings_cls: type[BaseSettings]) -> None:
-        super().__init__(settings_cls, dict(_OverridesSource.overrides))
 
 
 class _OpenAIEnvSource(PydanticBaseSettingsSource):
@@ -443,13 +443,11 @@ def load_settings(
     for key in file_data:
         if key not in Settings.model_fields or key in ("config_file", "config_how"):
             raise ConfigError(f"{path}: {_shown_key(key)}: unknown setting")
-    _OverridesSource.overrides = dict(overrides or {})
+    init: dict[str, Any] = {**file_data, OVERRIDES_KWARG: dict(overrides or {})}
     try:
-        settings = Settings(**file_data)
+        settings = Settings(**init)
     except ValidationError as exc:
         raise ConfigError(_describe_validation_error(exc, path)) from None
-    finally:
-        _OverridesSource.overrides = {}
     settings.config_file = path
     settings.config_how = source.how if source is not None else None
     # From here on, this process scrubs these values from all it shows and logs.

@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeGuard
 
 import asyncpg
 
@@ -341,11 +341,10 @@ class EventHub:
         for sub in self._everyone:
             sub._deliver(event)
 
-    def _on_notification(
-        self, _conn: asyncpg.Connection, _pid: int, channel: str, payload: str
-    ) -> None:
+    def _on_notification(self, _conn: object, _pid: int, channel: str, payload: object) -> None:
+        # asyncpg hands the payload over as str; its listener type says object.
         parse = self._parsers.get(channel)
-        if parse is None:
+        if parse is None or not isinstance(payload, str):
             return
         try:
             data = json.loads(payload)
@@ -474,7 +473,7 @@ def _job_changed(data: dict[str, Any]) -> JobChanged | None:
     return JobChanged(user_id, job_id, state)
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     # JSON true/false arrive as bool, which is an int subclass.
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from bench.fake_openai import FakeOpenAI
 from engine.config import Settings, load_settings
 from engine.db import Database, with_database
 from engine.db.embedded import start_embedded
@@ -30,7 +31,6 @@ from engine.db.roles import quote_ident, role_names
 from engine.runtime import open_runtime
 from engine.scenarios import SeedResult, run_seed
 from engine.store import Store
-from tests.fake_openai import FakeOpenAI
 
 TEST_DSN_VAR = "MEMCHAT_TEST_DSN"
 

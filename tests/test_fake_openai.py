@@ -15,7 +15,7 @@ import httpx2
 import openai
 import pytest
 
-from tests.fake_openai import (
+from bench.fake_openai import (
     CannedResponse,
     FakeOpenAI,
     canned_json,
@@ -385,7 +385,7 @@ async def test_many_concurrent_streams_with_the_openai_client(server: FakeOpenAI
 
 def test_cli_mode_prints_ready_and_serves() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_openai", "--port", "0", "--reply-tokens", "3"],
+        [sys.executable, "-m", "bench.fake_openai", "--port", "0", "--reply-tokens", "3"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

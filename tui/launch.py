@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from engine.cli.main import main
-from engine.config import Settings
+from engine.config import Settings, load_settings
 from engine.errors import InvalidInput
 from engine.validation import validate_user_id
 
@@ -45,7 +45,9 @@ def run_tui(args: argparse.Namespace, settings: Settings) -> int:
         settings.model.resolved_provider == "offline"
         and "offline_token_delay_ms" not in settings.model.model_fields_set
     ):
-        settings.model.offline_token_delay_ms = TUI_OFFLINE_TOKEN_DELAY_MS
+        # Loaded again with the pause as an override: settings are never changed after load.
+        delay = {"model": {"offline_token_delay_ms": TUI_OFFLINE_TOKEN_DELAY_MS}}
+        settings = load_settings(args.config, overrides=delay)
     from tui.app import MemchatApp
 
     MemchatApp(settings, users, play=args.play).run()

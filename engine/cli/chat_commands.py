@@ -9,10 +9,11 @@ from typing import Any
 
 from engine.agent import TurnCancelled, TurnCompleted, TurnDelta, TurnFailed, TurnStarted
 from engine.cli.output import print_json, say, table, tokens_cell, warn, when
+from engine.cli.resources import open_chat_runtime, open_store_only
 from engine.config import Settings
 from engine.errors import InvalidInput
 from engine.records import Message, Session
-from engine.runtime import Runtime, open_runtime
+from engine.runtime import Runtime
 from engine.store import Store
 
 
@@ -85,9 +86,8 @@ async def chat_command(args: argparse.Namespace, settings: Settings) -> int:
     if not args.verbose:
         # This command reports its job's outcome in one line of its own.
         logging.getLogger("engine.jobs").setLevel(logging.ERROR)
-    # No dispatcher: this process learns from its own turn only, never from
-    # another user's queued jobs (which may be meant for another model).
-    async with open_runtime(settings, run_workers=False) as rt:
+    # No dispatcher: this process learns from its own turn only.
+    async with open_chat_runtime(settings) as rt:
         text = rt.agent.check_text(text)
         session = await _pick_session(rt.store, args.user, args.session, args.new_session)
         result = await _stream_turn(rt, args, session, text)
@@ -165,7 +165,7 @@ def _usage(message: Message) -> dict[str, int] | None:
 
 
 async def sessions_command(args: argparse.Namespace, settings: Settings) -> int:
-    async with open_runtime(settings, run_workers=False) as rt, rt.store.scope(args.user) as s:
+    async with open_store_only(settings) as res, res.store.scope(args.user) as s:
         sessions = await s.list_sessions()
         per_session = await s.message_counts()
         counts = {x.session_id: per_session.get(x.session_id, 0) for x in sessions}
@@ -199,7 +199,7 @@ async def sessions_command(args: argparse.Namespace, settings: Settings) -> int:
 async def history_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.limit < 1:
         raise InvalidInput("--limit must be at least 1")
-    async with open_runtime(settings, run_workers=False) as rt, rt.store.scope(args.user) as s:
+    async with open_store_only(settings) as res, res.store.scope(args.user) as s:
         session = await s.get_session(args.session)
         messages = await s.last_messages(session.session_id, args.limit)
     if args.json:

@@ -7,8 +7,9 @@ from typing import Any
 
 from engine.admin import AdminReader, UserSummary
 from engine.cli.output import print_json, say, table, tokens_cell, when
+from engine.cli.resources import open_store_only
 from engine.config import Settings
-from engine.db import Database, redact_dsn
+from engine.db import redact_dsn
 from engine.redact import redact_url
 
 
@@ -34,11 +35,8 @@ def register(commands: argparse._SubParsersAction[Any], exit_codes: str) -> None
 
 
 async def users_command(args: argparse.Namespace, settings: Settings) -> int:
-    db = await Database.open(settings)
-    try:
-        users = await AdminReader(db).list_users()
-    finally:
-        await db.close()
+    async with open_store_only(settings) as res:
+        users = await AdminReader(res.db).list_users()
     if args.json:
         print_json(users)
         return 0

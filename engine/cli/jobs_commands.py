@@ -12,8 +12,8 @@ from typing import Any
 
 from engine.admin import AdminReader
 from engine.cli.output import one_line, print_json, say, table, tokens_cell, when
+from engine.cli.resources import open_store_only
 from engine.config import Settings
-from engine.db import Database
 from engine.errors import InvalidInput
 from engine.records import MemoryJob
 
@@ -49,11 +49,9 @@ def register(commands: argparse._SubParsersAction[Any], exit_codes: str) -> None
 async def jobs_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.limit < 1:
         raise InvalidInput("--limit must be at least 1")
-    db = await Database.open(settings)
-    try:
-        jobs = await AdminReader(db).list_jobs(args.user, failed_only=args.failed, limit=args.limit)
-    finally:
-        await db.close()
+    async with open_store_only(settings) as res:
+        reader = AdminReader(res.db)
+        jobs = await reader.list_jobs(args.user, failed_only=args.failed, limit=args.limit)
     if args.json:
         print_json(jobs)
         return 0

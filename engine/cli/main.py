@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from engine import event_loop
@@ -18,6 +18,8 @@ from engine.cli import (
     info_commands,
     jobs_commands,
     memory_commands,
+    scenario_commands,
+    worker_commands,
 )
 from engine.cli.output import warn
 from engine.config import Settings, load_settings
@@ -37,6 +39,11 @@ exit codes:
 """
 
 Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
+BrokenSettingsHandler = Callable[[argparse.Namespace, ConfigError], Coroutine[Any, Any, int]]
+"""What a command that still runs on broken settings (doctor, bench) sets as on_broken_settings."""
+SettingsOverrides = Callable[[argparse.Namespace], Mapping[str, Any]]
+"""What a command whose options are settings (scenario load --latency-ms) sets as
+settings_overrides: the settings are loaded with them, never changed after."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     chat_commands.register(commands, EXIT_CODES)
     memory_commands.register(commands, EXIT_CODES)
+    scenario_commands.register(commands, EXIT_CODES)
+    worker_commands.register(commands, EXIT_CODES)
     info_commands.register(commands, EXIT_CODES)
     jobs_commands.register(commands, EXIT_CODES)
     doctor_commands.register(commands, EXIT_CODES)
@@ -90,10 +99,10 @@ def main(
         return 0
     try:
         try:
-            settings = load_settings(args.config)
+            settings = load_settings(args.config, overrides=_overrides(args))
         except ConfigError as exc:
             # `memchat doctor` reports a broken file as one of its findings.
-            on_broken = getattr(args, "on_broken_settings", None)
+            on_broken: BrokenSettingsHandler | None = getattr(args, "on_broken_settings", None)
             if on_broken is None:
                 raise
             return event_loop.run(on_broken(args, exc))
@@ -123,6 +132,11 @@ def main(
         # from libraries and servers as it is).
         log.exception("unexpected error")
         return 1
+
+
+def _overrides(args: argparse.Namespace) -> Mapping[str, Any] | None:
+    overrides: SettingsOverrides | None = getattr(args, "settings_overrides", None)
+    return overrides(args) if overrides is not None else None
 
 
 def run() -> None:

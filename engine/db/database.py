@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
@@ -242,7 +243,7 @@ class Database:
         min_size: int,
         max_size: int,
         name: str,
-        init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+        init: Callable[[asyncpg.Connection], Coroutine[Any, Any, None]] | None = None,
         settings: dict[str, str] | None = None,
     ) -> asyncpg.Pool:
         shown = redact_dsn(dsn)
@@ -281,7 +282,9 @@ class Database:
         finished = False
         try:
             async with (pool or self.pool).acquire() as conn:
-                yield conn
+                # The pool's proxy forwards every Connection method to the
+                # connection it holds; callers see it as the Connection it is.
+                yield cast(asyncpg.Connection, conn)
                 finished = True
         except CONNECTION_ERRORS as exc:
             if finished:

@@ -165,4 +165,5 @@ async def current_version(conn: asyncpg.Connection) -> int | None:
     exists = await conn.fetchval("SELECT to_regclass('memchat_migrations') IS NOT NULL")
     if not exists:
         return None
-    return await conn.fetchval("SELECT max(version) FROM memchat_migrations")
+    version: int | None = await conn.fetchval("SELECT max(version) FROM memchat_migrations")
+    return version

@@ -116,7 +116,9 @@ async def ensure_login_roles(
     one stored there); the others were given by URL and are only checked.
     Without ``credentials`` (a template or a test), roles get no password.
     """
-    database, user = await conn.fetchrow("SELECT current_database(), current_user")
+    row = await conn.fetchrow("SELECT current_database(), current_user")
+    assert row is not None  # a SELECT without FROM returns one row
+    database, user = row
     changed = False
     for kind in KINDS:
         name = names.of(kind)

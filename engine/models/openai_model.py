@@ -60,7 +60,7 @@ MAX_SERVER_DETAIL_CHARS = 160
 CHAT_COMPLETIONS = "/chat/completions"
 # The client's own switch (what ``with_streaming_response`` sets) for "hand me
 # the response unread": the reply is read as it arrives, not buffered.
-STREAMED: dict[str, Any] = {"headers": {"X-Stainless-Raw-Response": "stream"}}
+STREAMED: openai.RequestOptions = {"headers": {"X-Stainless-Raw-Response": "stream"}}
 # Tool arguments are flat objects; anything nested deeper is a model gone
 # astray (or a hostile reply), not data worth walking.
 MAX_ARGUMENT_DEPTH: Final = 10

@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from bench.fake_openai import FakeOpenAI
 from engine.agent import Agent, TurnCompleted, TurnDelta, TurnFailed
 from engine.config import ModelSettings, Settings
 from engine.models import OpenAIChatModel
 from engine.store import Store
-from tests.fake_openai import FakeOpenAI
 
 pytestmark = pytest.mark.db
 

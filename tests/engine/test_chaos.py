@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 from asyncpg.exceptions import InternalClientError
 
+from bench.fake_openai import FAULT_KINDS, FakeOpenAI
 from engine.agent import (
     Agent,
     TurnCancelled,
@@ -42,7 +43,6 @@ from engine.runtime import Runtime, enqueue_memory_job, open_runtime
 from engine.scenarios import run_load
 from engine.store import UserScope
 from tests.conftest import make_settings
-from tests.fake_openai import FAULT_KINDS, FakeOpenAI
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
 

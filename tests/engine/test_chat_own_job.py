@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.fake_openai import FakeOpenAI, canned_json, canned_sse, canned_text
 from engine.agent import TurnCompleted
 from engine.runtime import open_runtime
 from tests.conftest import Run, make_settings
-from tests.fake_openai import FakeOpenAI, canned_json, canned_sse, canned_text
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
 

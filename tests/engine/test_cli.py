@@ -11,8 +11,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from bench.fake_openai import FakeOpenAI
 from engine.scenarios import SEED_SCRIPT, LoadResult, problem_line
-from tests.fake_openai import FakeOpenAI
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
 

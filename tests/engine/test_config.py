@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,17 @@ def test_explicit_overrides_beat_environment(in_tmp: Path, env: dict[str, str]) 
     env["MEMCHAT_UI__USERS"] = '["a", "b"]'
     assert load_settings().ui.users == ["a", "b"]
     assert load_settings(overrides={"ui": {"users": ["c"]}}).ui.users == ["c"]
+
+
+def test_overrides_belong_to_their_call(in_tmp: Path) -> None:
+    # Loads in several threads at once each get their own overrides, and none
+    # is left behind for the next load without any.
+    def load(n: int) -> int:
+        return load_settings(overrides={"history": {"max_messages": n}}).history.max_messages
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert list(pool.map(load, range(1, 200))) == list(range(1, 200))
+    assert load_settings().history.max_messages == 20
 
 
 def test_lookup_order(in_tmp: Path, env: dict[str, str]) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from bench.fake_openai import FakeOpenAI, canned_json, canned_sse
 from engine.cli.doctor_commands import doctor_broken_settings, format_line
 from engine.config import Settings
 from engine.db import Database
@@ -20,7 +21,6 @@ from engine.errors import ConfigError
 from engine.extraction import EndpointModes
 from engine.store import Store
 from tests.conftest import make_settings
-from tests.fake_openai import FakeOpenAI, canned_json, canned_sse
 
 pytestmark = [pytest.mark.db]
 

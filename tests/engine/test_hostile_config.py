@@ -1,7 +1,7 @@
 """Finding 6 of issue 12: a settings file in a hostile directory cannot redirect memchat.
 
 Real processes in a real directory holding a hostile ``config.toml``, and a
-real HTTP server (tests/fake_openai.py) standing in for the attacker's
+real HTTP server (bench/fake_openai.py) standing in for the attacker's
 endpoint: it must receive no connection at all, so neither the key from the
 environment nor any chat reaches it.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_openai import FakeOpenAI
+from bench.fake_openai import FakeOpenAI
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.fake_openai import FakeOpenAI
 from engine.agent import TurnCompleted
 from engine.config import Settings
 from engine.events import JobChanged
@@ -21,7 +22,6 @@ from engine.models import OfflineChatModel, OpenAIChatModel
 from engine.runtime import Runtime, open_runtime
 from engine.scenarios import run_load, run_seed
 from tests.conftest import make_settings
-from tests.fake_openai import FakeOpenAI
 
 pytestmark = pytest.mark.db
 

@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
+from bench.fake_openai import FakeOpenAI, canned_json, canned_sse
 from engine.agent import TurnCompleted, TurnFailed
 from engine.config import Settings
 from engine.extraction import EndpointModes
 from engine.records import MemoryJob
 from engine.runtime import Runtime, open_runtime
 from tests.conftest import make_settings
-from tests.fake_openai import FakeOpenAI, canned_json, canned_sse
 
 pytestmark = pytest.mark.db
 

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
+from bench.fake_openai import FakeOpenAI
 from engine.config import ModelSettings
 from engine.models import (
     ChatMessage,
@@ -33,7 +34,6 @@ from engine.models.openai_model import (
     _strip_reasoning,
     _ThinkFilter,
 )
-from tests.fake_openai import FakeOpenAI
 
 # Recognisable, so that a leak into any error message is easy to assert on.
 FAKE_KEY = "sk-memchat-test-SECRET-0123456789"

@@ -21,6 +21,13 @@ from typing import Any, Literal
 import pytest
 from pydantic import SecretStr
 
+from bench.fake_openai import (
+    CannedResponse,
+    FakeOpenAI,
+    canned_json,
+    canned_sse,
+    canned_text,
+)
 from engine.config import ModelSettings
 from engine.models import (
     ChatMessage,
@@ -38,13 +45,6 @@ from engine.models import (
     Usage,
 )
 from engine.models.openai_model import OpenAIChatModel
-from tests.fake_openai import (
-    CannedResponse,
-    FakeOpenAI,
-    canned_json,
-    canned_sse,
-    canned_text,
-)
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "model-conformance.md"
 FAKE_KEY = "sk-memchat-test-SECRET-0123456789"
@@ -298,7 +298,7 @@ TOOLS_ROWS = [
     ),
     ToolsRow(
         "arguments-not-json-keeps-other-calls",
-        "tests/fake_openai.py bad_tool_args (a model's unterminated JSON)",
+        "bench/fake_openai.py bad_tool_args (a model's unterminated JSON)",
         canned_json(
             chat_completion(
                 {

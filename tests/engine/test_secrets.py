@@ -20,8 +20,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from bench.fake_openai import FakeOpenAI
 from tests.conftest import make_settings
-from tests.fake_openai import FakeOpenAI
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
 

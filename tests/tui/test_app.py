@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
+from bench.fake_openai import FakeOpenAI
 from engine.records import Memory
-from tests.fake_openai import FakeOpenAI
 from tests.tui.conftest import AppFactory, wait_until
 from tui.app import MemchatApp, StatusBar
 from tui.screens.dialogs import PromptDialog, SessionPicker

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from textual.pilot import Pilot
 
+from bench.fake_openai import FakeOpenAI
 from engine.config import Settings
-from tests.fake_openai import FakeOpenAI
 from tests.tui.conftest import AppFactory, wait_until
 from tui.app import MemchatApp
 

@@ -22,7 +22,7 @@ Usage::
 
 or as a process (benchmarks)::
 
-    python -m tests.fake_openai --port 0 --latency-ms 200 --token-delay-ms 2
+    python -m bench.fake_openai --port 0 --latency-ms 200 --token-delay-ms 2
     # prints "READY http://127.0.0.1:PORT/v1", serves until SIGTERM/SIGINT
 """
 
@@ -576,7 +576,9 @@ class _Reply:
         model = str(body.get("model") or "fake-model")
         completion_id = f"chatcmpl-fake-{number}"
         if fault is not None and fault.kind == "bad_tool_args":
-            calls = [{"name": _first_tool_name(body), "arguments": '{"memory": "unterminated'}]
+            calls: list[dict[str, Any]] = [
+                {"name": _first_tool_name(body), "arguments": '{"memory": "unterminated'}
+            ]
             return cls(completion_id, model, [], _tool_calls(calls), prompt_tokens)
         if (forced := _forced_tool(body)) is not None:
             calls = [{"name": forced, "arguments": {"ok": True}}]
@@ -584,7 +586,7 @@ class _Reply:
         if queued_calls is not None:
             return cls(completion_id, model, [], _tool_calls(queued_calls), prompt_tokens)
         if _is_probe(body):
-            # Any other tool (a capability probe): a tool-calling model calls it.
+            # Any tool but the memory ones (a capability probe): a tool-calling model calls it.
             calls = [{"name": _first_tool_name(body), "arguments": {"ok": True}}]
             return cls(completion_id, model, [], _tool_calls(calls), prompt_tokens)
         if body.get("tools"):
@@ -868,7 +870,7 @@ async def _send_json(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tests.fake_openai", description="Fake OpenAI-compatible server."
+        prog="python -m bench.fake_openai", description="Fake OpenAI-compatible server."
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
@@ -893,7 +895,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.fault_rate:
         kinds = [kind.strip() for kind in args.fault_kinds.split(",") if kind.strip()]
-        server.fault_rate(args.fault_rate, kinds)  # type: ignore[arg-type]
+        server.fault_rate(args.fault_rate, kinds)
     # Block the signals before the server thread starts so that only the main
     # thread receives them, in sigwait below.
     stop_signals = {signal.SIGTERM, signal.SIGINT}
