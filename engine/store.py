@@ -543,6 +543,7 @@ class UserScope:
             JOB_CHANNEL,
         )
         return MemoryJob(**row) if row is not None else None
+
     async def job_state(self) -> tuple[Literal["idle", "running", "failed"], str | None]:
         """What the sidebar shows: running while a job runs, else failed if the newest failed."""
         row = await self.conn.fetchrow(

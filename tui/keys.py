@@ -28,4 +28,7 @@ class _KeyName:
 def install_terminal_keys() -> None:
     """Make ESC+digit the key alt+digit (idempotent; this process only)."""
     for sequence, name in ALT_DIGIT_SEQUENCES.items():
-        _ansi_sequences.ANSI_SEQUENCES_KEYS[sequence] = (_KeyName(name),)  # type: ignore[assignment]
+        # Textual types the table as a read-only Mapping; at run time it is the
+        # dict its parser reads, so an entry added here is a key it knows.
+        keys = _ansi_sequences.ANSI_SEQUENCES_KEYS
+        keys[sequence] = (_KeyName(name),)  # type: ignore[index]

@@ -27,7 +27,7 @@ _PROMPT_BINDINGS = [b for b in _PROMPT_BINDINGS if b.key not in {"f6", "f7"}]
 class Prompt(TextArea, inherit_bindings=False):
     """Where a user types; the border names who is typing."""
 
-    BINDINGS = _PROMPT_BINDINGS
+    BINDINGS = _PROMPT_BINDINGS  # type: ignore[assignment]  # a list of Binding is one of its forms
     OWN_KEYS = frozenset({"enter", "up", "down", *NEWLINE_KEYS})
     """Handled in the prompt's key handler, before any binding."""
 
