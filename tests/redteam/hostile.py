@@ -82,9 +82,7 @@ class HostileServer:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(
-            asyncio.start_server(self._handle, "127.0.0.1", 0)
-        )
+        server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         self._loop.run_forever()
@@ -130,7 +128,9 @@ class HostileServer:
         auth = headers.get("authorization", "")
         if isinstance(action, tuple) and action[0] == "tools":
             writer.write(
-                _resp("200 OK", _completion({"content": None, "tool_calls": action[1]}, "tool_calls"))
+                _resp(
+                    "200 OK", _completion({"content": None, "tool_calls": action[1]}, "tool_calls")
+                )
             )
         elif isinstance(action, tuple) and action[0] == "json":
             writer.write(_resp("200 OK", action[1]))
