@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_openai import FakeOpenAI
+from bench.fake_openai import FakeOpenAI
 from tests.redteam.hostile import HostileServer
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
