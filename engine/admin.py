@@ -24,7 +24,7 @@ import asyncpg
 
 from engine.db import Database
 from engine.errors import NotFound
-from engine.records import MemoryJob, MemoryOp
+from engine.records import JobCounts, JobProblem, MemoryJob, MemoryOp
 from engine.validation import look_alikes, printable, validate_user_id
 
 USER_OWNED_TABLES = ("users", "sessions", "messages", "memories", "memory_events", "memory_jobs")
@@ -111,36 +111,6 @@ class MemoryOverview:
     updated_at: datetime
     history: tuple[MemoryChange, ...]
     """Oldest first."""
-
-
-@dataclass(frozen=True, slots=True)
-class JobProblem:
-    """A failed job (with its error) or a job that left a note."""
-
-    status: str
-    attempts: int
-    error: str | None
-    note: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class JobCounts:
-    pending: int = 0
-    running: int = 0
-    done: int = 0
-    failed: int = 0
-    last_error: str | None = None
-    """The error of the user's newest failed job."""
-    noted: int = 0
-    """Jobs that left a note (refused changes, an unusable answer)."""
-    problems: tuple[JobProblem, ...] = ()
-    """Newest first, at most JOB_PROBLEMS_SHOWN: failed jobs and jobs with a note."""
-    problem_total: int = 0
-    """All of this user's failed jobs and jobs with a note (``problems`` shows the newest)."""
-
-    @property
-    def total(self) -> int:
-        return self.pending + self.running + self.done + self.failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +254,15 @@ class AdminReader:
                 limit,
             )
         return [MemoryJob(**row) for row in rows]
+
+    async def open_job_count(self, user_ids: Iterable[str]) -> int:
+        """Open (pending or running) jobs of these users, in one read across them."""
+        async with self.db.admin() as conn:
+            return await conn.fetchval(
+                "SELECT count(*) FROM memory_jobs WHERE user_id = ANY($1::text[]) "
+                "AND status IN ('pending', 'running')",
+                list(user_ids),
+            )
 
     async def row_level_security(self) -> dict[str, tuple[bool, bool]]:
         """Per user-owned table: (enabled, forced)."""

@@ -35,7 +35,8 @@ import asyncpg
 
 from engine.db import Database
 from engine.errors import DatabaseError
-from engine.store import JOB_CHANNEL, MEMORY_CHANNEL
+from engine.queue import JOB_CHANNEL
+from engine.store import MEMORY_CHANNEL
 from engine.validation import validate_user_id
 
 log = logging.getLogger(__name__)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from engine.agent import TurnCompleted, TurnEnd, TurnFailed
 from engine.errors import InvalidInput
+from engine.queue import JobQueue
 from engine.records import MemoryJob
 from engine.runtime import Runtime
 from engine.store import Store
@@ -170,7 +171,7 @@ async def run_seed(runtime: Runtime, *, wait_within: float = 120.0) -> SeedResul
     await reset_seed_users(runtime.store, users)
     started = time.perf_counter()
     failures = await asyncio.gather(*(_seed_user(runtime, u, SEED_SCRIPT[u]) for u in users))
-    await runtime.workers.wait_idle(users, within=wait_within)
+    await runtime.dispatcher.wait_idle(users, within=wait_within)
     wall = time.perf_counter() - started
     runs = sum(len(turns) for turns in SEED_SCRIPT.values())
     result = SeedResult({}, runs, wall, [f for user in failures for f in user])
@@ -178,7 +179,7 @@ async def run_seed(runtime: Runtime, *, wait_within: float = 120.0) -> SeedResul
         async with runtime.store.scope(user_id) as s:
             # Oldest first reads like the conversation did.
             result.memories[user_id] = [m.content for m in reversed(await s.list_memories())]
-            jobs = sorted(await s.list_jobs(), key=lambda job: job.job_id)
+            jobs = sorted(await JobQueue.list_jobs(s), key=lambda job: job.job_id)
         result.unsettled_jobs += [JobReport.of(j) for j in jobs if j.status != "done"]
         result.job_notes += [JobReport.of(j) for j in jobs if j.status == "done" and j.note]
     return result
@@ -333,7 +334,7 @@ async def run_load(
             for n in range(users)
         )
     )
-    result.jobs_idle = await runtime.workers.wait_idle(ids, within=wait_within)
+    result.jobs_idle = await runtime.dispatcher.wait_idle(ids, within=wait_within)
     result.wall_s = time.perf_counter() - started
     if audit:
         for name, value in (await audit_load(runtime, ids)).items():

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from engine.agent import TurnCompleted
+from engine.queue import JobQueue
 from engine.runtime import open_runtime
 from tests.conftest import Run, make_settings
 from tests.fake_openai import FakeOpenAI, canned_json, canned_sse, canned_text
@@ -38,7 +39,7 @@ async def _queue_a_job(tmp_path: Path, dsn: str, user: str, text: str) -> int:
         end = await rt.agent.run(user, sid, text)
         assert isinstance(end, TurnCompleted)
         async with rt.store.scope(user) as s:
-            job = await s.job_for_reply(end.reply.message_id)
+            job = await JobQueue.job_for_reply(s, end.reply.message_id)
     assert job is not None
     return job.job_id
 
