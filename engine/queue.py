@@ -66,11 +66,12 @@ CLAIM_HEAD_JOB = f"""
                started_at = clock_timestamp(),
                lease_until = clock_timestamp() + make_interval(secs => $3)
          WHERE job_id = (
-                   SELECT job_id FROM memory_jobs
-                    WHERE user_id = $1 AND status IN ('pending', 'running')
-                    ORDER BY job_id LIMIT 1
+                   SELECT j.job_id FROM memory_jobs j
+                    WHERE j.user_id = $1 AND j.status = 'pending'
+                      AND j.run_after <= clock_timestamp()
+                      AND memchat_queue_head(j.user_id, j.job_id)
+                    ORDER BY j.job_id LIMIT 1
                       FOR UPDATE SKIP LOCKED)
-           AND status = 'pending' AND run_after <= clock_timestamp()
         RETURNING {_JOB_COLUMNS}
     )
     SELECT claimed.* FROM claimed, LATERAL pg_notify($4, json_build_object(

@@ -18,7 +18,7 @@ from engine.config import Settings
 from engine.events import JobChanged
 from engine.jobs import job_counts
 from engine.models import OfflineChatModel, OpenAIChatModel
-from engine.queue import JobQueue
+from engine.queue import JOB_CHANNEL, JobQueue
 from engine.runtime import Runtime, open_runtime
 from engine.scenarios import run_load, run_seed
 from tests.conftest import make_settings
@@ -325,3 +325,8 @@ async def test_shutdown_with_jobs_pending_loses_none(
         assert (await job_counts(rt.db)).done == 3
         for user in ("alice", "bob", "carol"):
             assert await _memories(rt, user) == [f"Name is {user.title()}"]
+
+
+async def test_the_job_channel_has_one_name_in_python_and_sql(runtime: Runtime) -> None:
+    async with runtime.store.scope("alice") as s:
+        assert await s.conn.fetchval("SELECT memchat_job_channel()") == JOB_CHANNEL
