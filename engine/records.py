@@ -5,12 +5,15 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Literal, get_args
 
 MessageRole = Literal["user", "assistant"]
 MessageStatus = Literal["complete", "failed", "cancelled"]
 MemoryOp = Literal["add", "update", "delete"]
 JobStatus = Literal["pending", "running", "done", "failed"]
+
+MEMORY_OPS: tuple[MemoryOp, ...] = get_args(MemoryOp)
+JOB_STATUSES: tuple[JobStatus, ...] = get_args(JobStatus)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +120,7 @@ class JobCounts:
     noted: int = 0
     """Jobs that left a note (refused changes, an unusable answer)."""
     problems: tuple[JobProblem, ...] = ()
-    """Newest first, at most JOB_PROBLEMS_SHOWN: failed jobs and jobs with a note."""
+    """Newest first, at most engine.admin.JOB_PROBLEMS_SHOWN: failed jobs and jobs with a note."""
     problem_total: int = 0
     """All of this user's failed jobs and jobs with a note (``problems`` shows the newest)."""
 

@@ -25,6 +25,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from engine.admin import AdminReader
 from engine.agent import TurnCompleted, TurnEnd, TurnFailed
 from engine.errors import InvalidInput
 from engine.queue import JobQueue
@@ -375,46 +376,22 @@ async def _load_user(
 
 async def audit_load(runtime: Runtime, user_ids: list[str]) -> dict[str, int]:
     """Leaks, lost jobs, duplicates and failures for these users (admin path, read-only)."""
-    async with runtime.db.admin() as conn:
-        memories = await conn.fetch(
-            "SELECT user_id, content FROM memories WHERE user_id = ANY($1::text[])", user_ids
-        )
-        duplicates = await conn.fetchval(
-            "SELECT count(*) - count(DISTINCT (user_id, content_key)) FROM memories "
-            "WHERE user_id = ANY($1::text[])",
-            user_ids,
-        )
-        jobs = await conn.fetch(
-            "SELECT status, count(*) AS n FROM memory_jobs WHERE user_id = ANY($1::text[]) "
-            "GROUP BY status",
-            user_ids,
-        )
-        replies_without_job = await conn.fetchval(
-            """
-            SELECT count(*) FROM messages m
-             WHERE m.user_id = ANY($1::text[]) AND m.role = 'assistant'
-               AND m.status = 'complete'
-               AND NOT EXISTS (SELECT 1 FROM memory_jobs j
-                                WHERE j.user_id = m.user_id
-                                  AND j.assistant_message_id = m.message_id)
-            """,
-            user_ids,
-        )
+    figures = await AdminReader(runtime.db).load_figures(user_ids)
     own_token = {uid: uid.split("@")[0].removeprefix("load_") for uid in user_ids}
     leaks = 0
     per_user: dict[str, int] = defaultdict(int)
-    for row in memories:
-        per_user[row["user_id"]] += 1
-        mentioned = set(_TOKEN.findall(row["content"]))
-        if mentioned - {own_token.get(row["user_id"], "")}:
+    for user_id, content in figures.memories:
+        per_user[user_id] += 1
+        mentioned = set(_TOKEN.findall(content))
+        if mentioned - {own_token.get(user_id, "")}:
             leaks += 1
-    by_status = {row["status"]: row["n"] for row in jobs}
+    by_status = figures.jobs_by_status
     not_done = sum(n for status, n in by_status.items() if status != "done")
     return {
-        "memories": len(memories),
+        "memories": len(figures.memories),
         "leaks": leaks,
-        "lost": not_done + replies_without_job,
-        "duplicates": duplicates,
+        "lost": not_done + figures.replies_without_job,
+        "duplicates": figures.duplicates,
         "failed_jobs": by_status.get("failed", 0),
         "open_jobs": by_status.get("pending", 0) + by_status.get("running", 0),
     }
@@ -422,12 +399,4 @@ async def audit_load(runtime: Runtime, user_ids: list[str]) -> dict[str, int]:
 
 async def failed_job_errors(runtime: Runtime, user_ids: list[str]) -> dict[str, int]:
     """The most frequent errors of these users' failed jobs, with their counts."""
-    async with runtime.db.admin() as conn:
-        rows = await conn.fetch(
-            "SELECT coalesce(last_error, '') AS error, count(*) AS n FROM memory_jobs "
-            "WHERE user_id = ANY($1::text[]) AND status = 'failed' "
-            "GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT $2",
-            user_ids,
-            ERRORS_SHOWN,
-        )
-    return {row["error"]: row["n"] for row in rows}
+    return await AdminReader(runtime.db).failed_job_errors(user_ids, ERRORS_SHOWN)
