@@ -312,7 +312,7 @@ async def _keystrokes_in(
         # the app is closing fails (it looks up its removed sidebar), so the
         # jobs settle, and their NOTIFYs arrive, while the app is still up.
         assert app.runtime is not None
-        await app.runtime.workers.wait_idle(streaming, within=60)
+        await app.runtime.dispatcher.wait_idle(streaming, within=60)
         await settle(pilot)
         await asyncio.sleep(0.3)
     finally:

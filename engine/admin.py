@@ -14,7 +14,7 @@ import dataclasses
 import re
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,8 +23,10 @@ from typing import Any
 import asyncpg
 
 from engine.db import Database
+from engine.db.migrate import current_version
 from engine.errors import NotFound
-from engine.records import MemoryJob, MemoryOp
+from engine.records import JobCounts, JobProblem, MemoryJob, MemoryOp
+from engine.text import plural
 from engine.validation import look_alikes, printable, validate_user_id
 
 USER_OWNED_TABLES = ("users", "sessions", "messages", "memories", "memory_events", "memory_jobs")
@@ -43,6 +45,23 @@ _JOB_COLUMNS = (
     "run_after, lease_until, worker, last_error, created_at, started_at, finished_at, note, "
     "extraction, prompt_tokens, completion_tokens"
 )
+
+_LOGIN = """
+-- A pool's own login and its rights (AdminReader.live_logins).
+SELECT session_user AS login, current_user AS role, r.rolsuper, r.rolbypassrls,
+       r.rolcreaterole, r.rolcreatedb, r.rolreplication,
+       ARRAY(SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid
+              WHERE m.member = r.oid ORDER BY 1)::text[] AS member_of,
+       EXISTS (SELECT 1 FROM pg_class c
+                WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
+                  AND has_table_privilege(r.oid, c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE'))
+           AS can_write,
+       EXISTS (SELECT 1 FROM pg_class c
+                WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
+                  AND has_table_privilege(r.oid, c.oid, 'SELECT'))
+           AS can_read
+  FROM pg_roles r WHERE r.rolname = session_user
+"""
 
 _REPORTED = "(prompt_tokens IS NOT NULL OR completion_tokens IS NOT NULL)"
 """Rows whose endpoint reported usage: the others count as unknown, not as zero."""
@@ -114,36 +133,6 @@ class MemoryOverview:
 
 
 @dataclass(frozen=True, slots=True)
-class JobProblem:
-    """A failed job (with its error) or a job that left a note."""
-
-    status: str
-    attempts: int
-    error: str | None
-    note: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class JobCounts:
-    pending: int = 0
-    running: int = 0
-    done: int = 0
-    failed: int = 0
-    last_error: str | None = None
-    """The error of the user's newest failed job."""
-    noted: int = 0
-    """Jobs that left a note (refused changes, an unusable answer)."""
-    problems: tuple[JobProblem, ...] = ()
-    """Newest first, at most JOB_PROBLEMS_SHOWN: failed jobs and jobs with a note."""
-    problem_total: int = 0
-    """All of this user's failed jobs and jobs with a note (``problems`` shows the newest)."""
-
-    @property
-    def total(self) -> int:
-        return self.pending + self.running + self.done + self.failed
-
-
-@dataclass(frozen=True, slots=True)
 class UserOverview:
     user_id: str
     display_name: str
@@ -207,6 +196,25 @@ class AuditResult:
 CHECK_SOURCES = "memory sources"
 CHECK_NAMES = "names"
 CHECK_RLS = "row-level security"
+CHECK_FAILED_JOBS = "failed jobs"
+CHECK_STUCK_JOBS = "stuck jobs"
+
+INSPECTOR_CHECKS = (CHECK_SOURCES, CHECK_NAMES, CHECK_RLS)
+"""What the inspector's isolation audit runs (``AdminReader.audit``)."""
+
+PENDING_OVERDUE_MINUTES = 10
+"""A pending job due this long ago and still not claimed: nobody is working the queue."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadFigures:
+    """What a load scenario left behind for its users (``AdminReader.load_figures``)."""
+
+    memories: list[tuple[str, str]]
+    """(user_id, content) of every memory."""
+    duplicates: int
+    jobs_by_status: dict[str, int]
+    replies_without_job: int
 
 
 class AdminReader:
@@ -284,6 +292,37 @@ class AdminReader:
                 limit,
             )
         return [MemoryJob(**row) for row in rows]
+
+    async def live_logins(self) -> dict[str, asyncpg.Record]:
+        """Who each pool (app, admin, worker) logs in as, with the rights that matter.
+
+        Not a read across users: each pool is asked about itself, for the
+        doctor's login-roles check.
+        """
+        logins = {}
+        for kind, connection in (
+            ("app", self.db.unscoped),
+            ("admin", self.db.admin),
+            ("worker", self.db.queue),
+        ):
+            async with connection() as conn:
+                logins[kind] = await conn.fetchrow(_LOGIN)
+        return logins
+
+    async def schema_version(self) -> int | None:
+        """The schema's migration version; None before the first migration."""
+        async with self.db.admin() as conn:
+            # The admin login may read memchat_migrations (and nothing may write it).
+            return await current_version(conn)
+
+    async def open_job_count(self, user_ids: Iterable[str]) -> int:
+        """Open (pending or running) jobs of these users, in one read across them."""
+        async with self.db.admin() as conn:
+            return await conn.fetchval(
+                "SELECT count(*) FROM memory_jobs WHERE user_id = ANY($1::text[]) "
+                "AND status IN ('pending', 'running')",
+                list(user_ids),
+            )
 
     async def row_level_security(self) -> dict[str, tuple[bool, bool]]:
         """Per user-owned table: (enabled, forced)."""
@@ -382,15 +421,128 @@ class AdminReader:
             rows = await conn.fetch("SELECT user_id FROM users")
         return look_alikes(user_id, (row["user_id"] for row in rows))
 
-    # -- the isolation audit ------------------------------------------------
+    # -- the check catalogue ----------------------------------------------
+
+    async def run_checks(self, *names: str) -> AuditResult:
+        """Run these checks of the catalogue (``CHECKS``), in order, in one snapshot."""
+        async with self._snapshot() as conn:
+            return AuditResult(tuple([await CHECKS[name](conn, self.db) for name in names]))
 
     async def audit(self) -> AuditResult:
         """Check, across all users, that nothing of one user is attached to another."""
+        return await self.run_checks(*INSPECTOR_CHECKS)
+
+    # -- figures for a load scenario and for the invariant audit -------------
+
+    async def load_figures(self, user_ids: list[str]) -> LoadFigures:
+        """Memories, duplicates, jobs by status and replies without a job, of these users."""
+        async with self.db.admin() as conn:
+            memories = await conn.fetch(
+                "SELECT user_id, content FROM memories WHERE user_id = ANY($1::text[])", user_ids
+            )
+            duplicates = await conn.fetchval(
+                "SELECT count(*) - count(DISTINCT (user_id, content_key)) FROM memories "
+                "WHERE user_id = ANY($1::text[])",
+                user_ids,
+            )
+            jobs = await conn.fetch(
+                "SELECT status, count(*) AS n FROM memory_jobs WHERE user_id = ANY($1::text[]) "
+                "GROUP BY status",
+                user_ids,
+            )
+            replies_without_job = await conn.fetchval(
+                f"SELECT count(*) FROM ({_REPLIES_WITHOUT_JOB}) r WHERE user_id = ANY($1::text[])",
+                user_ids,
+            )
+        return LoadFigures(
+            [(row["user_id"], row["content"]) for row in memories],
+            duplicates,
+            {row["status"]: row["n"] for row in jobs},
+            replies_without_job,
+        )
+
+    async def failed_job_errors(self, user_ids: list[str], limit: int) -> dict[str, int]:
+        """The most frequent errors of these users' failed jobs, with their counts."""
+        async with self.db.admin() as conn:
+            rows = await conn.fetch(
+                "SELECT coalesce(last_error, '') AS error, count(*) AS n FROM memory_jobs "
+                "WHERE user_id = ANY($1::text[]) AND status = 'failed' "
+                "GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT $2",
+                user_ids,
+                limit,
+            )
+        return {row["error"]: row["n"] for row in rows}
+
+    async def invariant_rows(self, acknowledged: list[int]) -> dict[str, Any]:
+        """Every row the invariant audit (engine/audit.py) reads, in one snapshot."""
         async with self._snapshot() as conn:
-            sources = await _check_sources(conn)
-            names = await _check_names(conn)
-            rls = await _check_rls(conn, self.db.roles.app)
-        return AuditResult((sources, names, rls))
+            return {
+                "counts": await conn.fetchrow(
+                    """
+                    SELECT (SELECT count(*) FROM users) AS users,
+                           (SELECT count(*) FROM messages) AS messages,
+                           (SELECT count(*) FROM memory_jobs) AS jobs,
+                           (SELECT count(*) FROM memories) AS memories
+                    """
+                ),
+                "acknowledged": await conn.fetch(
+                    "SELECT message_id, user_id FROM messages WHERE message_id = ANY($1::bigint[])",
+                    acknowledged,
+                )
+                if acknowledged
+                else [],
+                "messages": await conn.fetch(
+                    "SELECT session_id, message_id, user_id, role, status, error FROM messages "
+                    "ORDER BY session_id, message_id"
+                ),
+                "open_jobs": await conn.fetch(
+                    "SELECT user_id, job_id, status, attempts, last_error FROM memory_jobs "
+                    "WHERE status IN ('pending', 'running') ORDER BY job_id"
+                ),
+                "failed_silently": await conn.fetch(
+                    "SELECT user_id, job_id FROM memory_jobs WHERE status = 'failed' "
+                    "AND coalesce(btrim(last_error), '') = '' ORDER BY job_id"
+                ),
+                "without_job": await conn.fetch(
+                    f"SELECT user_id, message_id FROM ({_REPLIES_WITHOUT_JOB}) r "
+                    "ORDER BY message_id"
+                ),
+                "twice_per_reply": await conn.fetch(
+                    """
+                    SELECT user_id, assistant_message_id,
+                           array_agg(job_id ORDER BY job_id) AS jobs
+                      FROM memory_jobs WHERE assistant_message_id IS NOT NULL
+                     GROUP BY user_id, assistant_message_id HAVING count(*) > 1
+                     ORDER BY assistant_message_id
+                    """
+                ),
+                "twice_per_job": await conn.fetch(
+                    """
+                    SELECT user_id, job_id, after, count(*) AS n FROM memory_events
+                     WHERE op = 'add' AND job_id IS NOT NULL
+                     GROUP BY user_id, job_id, after HAVING count(*) > 1
+                     ORDER BY job_id
+                    """
+                ),
+                "duplicates": await conn.fetch(
+                    "SELECT user_id, content_key, count(*) AS n FROM memories "
+                    "GROUP BY user_id, content_key HAVING count(*) > 1 "
+                    "ORDER BY user_id, content_key"
+                ),
+                "own_rows": await _own_row_counts(conn),
+            }
+
+    async def unscoped_row_counts(self) -> dict[str, int]:
+        """Rows of each user-owned table a connection in no user's scope can read (0 is right).
+
+        Through the app login outside any scope, read-only: row-level security
+        must show it nothing.
+        """
+        async with self.db.unscoped() as conn, conn.transaction(readonly=True):
+            return {
+                table: await conn.fetchval(f"SELECT count(*) FROM {table}")
+                for table in USER_OWNED_TABLES
+            }
 
 
 def _job_counts(jobs: Iterable[Any], problems: Iterable[Any]) -> dict[str, JobCounts]:
@@ -531,10 +683,10 @@ async def _check_sources(conn: asyncpg.Connection) -> AuditCheck:
     ]
     if findings:
         count = len(findings)
-        detail = f"{_plural(count, 'row')} {_verb(count, 'point')} at another user's rows"
+        detail = f"{plural(count, 'row')} {_verb(count, 'point')} at another user's rows"
     else:
         detail = (
-            f"{_plural(counts['memories'], 'memory')}, {_plural(counts['events'], 'event')}: "
+            f"{plural(counts['memories'], 'memory')}, {plural(counts['events'], 'event')}: "
             "no source of another user"
         )
     return AuditCheck(CHECK_SOURCES, not findings, detail, tuple(findings[:MAX_FINDINGS]))
@@ -617,10 +769,10 @@ async def _check_names(conn: asyncpg.Connection) -> AuditCheck:
     findings = find_name_leaks(memories)
     names = {name.casefold() for _, content, _ in memories if (name := _name_of(content))}
     if findings:
-        detail = f"{_plural(len(findings), 'memory')} {_verb(len(findings), 'name')} another user"
+        detail = f"{plural(len(findings), 'memory')} {_verb(len(findings), 'name')} another user"
     else:
         detail = (
-            f"{_plural(len(names), 'name')} vs {_plural(len(memories), 'memory')}: "
+            f"{plural(len(names), 'name')} vs {plural(len(memories), 'memory')}: "
             "none names another user"
         )
     return AuditCheck(CHECK_NAMES, not findings, detail, tuple(findings[:MAX_FINDINGS]))
@@ -684,7 +836,7 @@ async def _check_rls(conn: asyncpg.Connection, app_role: str) -> AuditCheck:
         findings.extend(_policy_findings(table, by_table.get(table, []), app_role))
 
     if findings:
-        detail = f"{_plural(len(findings), 'problem')} with tables, policies or roles"
+        detail = f"{plural(len(findings), 'problem')} with tables, policies or roles"
     else:
         # Not the role's name: it carries the database's, and this line is shown
         # (and snapshot-tested) in the inspector.
@@ -721,11 +873,87 @@ def _policy_findings(table: str, policies: list[Any], app_role: str) -> list[Aud
     return findings
 
 
-def _plural(count: int, noun: str) -> str:
-    if count == 1:
-        return f"1 {noun}"
-    plural = noun[:-1] + "ies" if noun.endswith("y") and not noun.endswith("ey") else noun + "s"
-    return f"{count} {plural}"
+# -- check 4: failed jobs, newest user first ----------------------------------
+
+
+async def _check_failed_jobs(conn: asyncpg.Connection, db: Database) -> AuditCheck:
+    """One finding per user with failed jobs (newest first): the newest error, raw."""
+    rows = await conn.fetch(
+        """
+        SELECT user_id, count(*) AS failed,
+               (array_agg(last_error ORDER BY job_id DESC))[1] AS last_error
+          FROM memory_jobs
+         WHERE status = 'failed'
+         GROUP BY user_id
+         ORDER BY max(job_id) DESC
+        """
+    )
+    findings = [AuditFinding(row["user_id"], row["last_error"] or "?") for row in rows]
+    failed = sum(row["failed"] for row in rows)
+    detail = f"{plural(failed, 'failed job')} of {plural(len(rows), 'user')}"
+    return AuditCheck(CHECK_FAILED_JOBS, not rows, detail, tuple(findings[:MAX_FINDINGS]))
+
+
+# -- check 5: no job is stuck ----------------------------------------------------
+
+
+async def _check_stuck_jobs(conn: asyncpg.Connection, db: Database) -> AuditCheck:
+    row = await conn.fetchrow(
+        """
+        SELECT count(*) FILTER (WHERE status = 'running'
+                                  AND lease_until < clock_timestamp()) AS expired,
+               count(*) FILTER (WHERE status = 'pending' AND run_after
+                                  < clock_timestamp() - make_interval(mins => $1)) AS overdue,
+               max(lease_until) FILTER (WHERE status = 'running') AS longest_lease,
+               (SELECT max_lease_seconds FROM memchat_queue_limits) AS max_lease
+          FROM memory_jobs WHERE status IN ('pending', 'running')
+        """,
+        PENDING_OVERDUE_MINUTES,
+    )
+    expired, overdue = row["expired"], row["overdue"]
+    if not expired and not overdue:
+        return AuditCheck(CHECK_STUCK_JOBS, True, f"none (leases capped at {row['max_lease']:g} s)")
+    parts = []
+    if expired:
+        parts.append(f"{expired} running past their lease")
+    if overdue:
+        parts.append(f"{overdue} pending for over {PENDING_OVERDUE_MINUTES} min")
+    return AuditCheck(CHECK_STUCK_JOBS, False, "; ".join(parts))
+
+
+CheckFn = Callable[[asyncpg.Connection, Database], Awaitable[AuditCheck]]
+
+CHECKS: dict[str, CheckFn] = {
+    CHECK_SOURCES: lambda conn, db: _check_sources(conn),
+    CHECK_NAMES: lambda conn, db: _check_names(conn),
+    CHECK_RLS: lambda conn, db: _check_rls(conn, db.roles.app),
+    CHECK_FAILED_JOBS: _check_failed_jobs,
+    CHECK_STUCK_JOBS: _check_stuck_jobs,
+}
+"""The catalogue: every cross-user check, by name. Each reads, in the caller's
+snapshot, and returns an AuditCheck; the inspector, doctor and audits pick theirs."""
+
+_REPLIES_WITHOUT_JOB = """
+    SELECT m.user_id, m.message_id FROM messages m
+     WHERE m.role = 'assistant' AND m.status = 'complete'
+       AND NOT EXISTS (SELECT 1 FROM memory_jobs j
+                        WHERE j.user_id = m.user_id
+                          AND j.assistant_message_id = m.message_id)
+"""
+"""Completed replies no memory job was queued for (each should have one)."""
+
+
+async def _own_row_counts(conn: asyncpg.Connection) -> dict[str, dict[str, int]]:
+    """user_id -> table -> how many rows of that user the table holds."""
+    # Table names come from USER_OWNED_TABLES (a constant), never from input.
+    union = " UNION ALL ".join(
+        f"SELECT '{t}' AS t, user_id, count(*) AS n FROM {t} GROUP BY user_id"
+        for t in USER_OWNED_TABLES
+    )
+    result: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(USER_OWNED_TABLES, 0))
+    for row in await conn.fetch(union):
+        result[row["user_id"]][row["t"]] = row["n"]
+    return dict(result)
 
 
 def _verb(count: int, verb: str) -> str:

@@ -1,9 +1,10 @@
 """One reusable audit of the engine's invariants, for tests, chaos runs and operators.
 
-``audit_invariants(db)`` reads the whole database through ``Database.admin()``
-(a read-only transaction as ``memchat_admin``) and, for the isolation check,
-through a few users' own scopes (``Database.scoped``, SELECT only). It changes
-nothing. Run it once the engine is idle (no turn streaming, no memory job
+``audit_invariants(db)`` reads the whole database through engine/admin.py
+(``AdminReader.invariant_rows``: one read-only snapshot as the admin login;
+the row-level security check from admin's catalogue) and, for the isolation
+check, through a few users' own scopes (``Database.scoped``, SELECT only). It
+changes nothing. Run it once the engine is idle (no turn streaming, no memory job
 open): a turn still in flight is, by the definitions below, a turn without an
 outcome, and an open job is reported as open.
 
@@ -28,8 +29,9 @@ The checks, each with a count of problems and a few examples in ``problems``:
    each user-owned table seen in that user's scope holds that user's rows
    only, and all of them; a connection in no scope sees no rows at all;
 5. no duplicate memories per user (by ``content_key``);
-6. row-level security is enabled and forced on every user-owned table, and
-   ``memchat_app`` is neither a superuser nor BYPASSRLS.
+6. row-level security is enabled and forced on every user-owned table, each
+   scoped by its policy, and the app login is neither a superuser nor
+   BYPASSRLS (admin's ``CHECK_RLS``, the one the inspector and doctor run).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.admin import USER_OWNED_TABLES, AdminReader
+from engine.admin import CHECK_RLS, USER_OWNED_TABLES, AdminReader
 from engine.db import Database
 
 MAX_EXAMPLES = 10
@@ -48,7 +50,6 @@ MAX_EXAMPLES = 10
 
 DEFAULT_SCOPE_SAMPLE = 20
 
-# Table names come from USER_OWNED_TABLES (a constant), never from input.
 _OUTCOMES = ("complete", "failed", "cancelled")
 
 
@@ -131,64 +132,19 @@ async def audit_invariants(
     """Check the invariants above; see the module docstring. Read-only."""
     acknowledged = acknowledged or {}
     problems = _Problems()
-    async with db.admin() as conn:
-        # One snapshot for every cross-user query.
-        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        counts = await conn.fetchrow(
-            """
-            SELECT (SELECT count(*) FROM users) AS users,
-                   (SELECT count(*) FROM messages) AS messages,
-                   (SELECT count(*) FROM memory_jobs) AS jobs,
-                   (SELECT count(*) FROM memories) AS memories
-            """
-        )
-        unstored = await _check_acknowledged(conn, acknowledged)
-        messages = await conn.fetch(
-            "SELECT session_id, message_id, user_id, role, status, error FROM messages "
-            "ORDER BY session_id, message_id"
-        )
-        open_jobs = await conn.fetch(
-            "SELECT user_id, job_id, status, attempts, last_error FROM memory_jobs "
-            "WHERE status IN ('pending', 'running') ORDER BY job_id"
-        )
-        failed_silently = await conn.fetch(
-            "SELECT user_id, job_id FROM memory_jobs "
-            "WHERE status = 'failed' AND coalesce(btrim(last_error), '') = '' ORDER BY job_id"
-        )
-        without_job = await conn.fetch(
-            """
-            SELECT m.user_id, m.message_id FROM messages m
-             WHERE m.role = 'assistant' AND m.status = 'complete'
-               AND NOT EXISTS (SELECT 1 FROM memory_jobs j
-                                WHERE j.user_id = m.user_id
-                                  AND j.assistant_message_id = m.message_id)
-             ORDER BY m.message_id
-            """
-        )
-        twice_per_reply = await conn.fetch(
-            """
-            SELECT user_id, assistant_message_id, array_agg(job_id ORDER BY job_id) AS jobs
-              FROM memory_jobs WHERE assistant_message_id IS NOT NULL
-             GROUP BY user_id, assistant_message_id HAVING count(*) > 1
-             ORDER BY assistant_message_id
-            """
-        )
-        twice_per_job = await conn.fetch(
-            """
-            SELECT user_id, job_id, after, count(*) AS n FROM memory_events
-             WHERE op = 'add' AND job_id IS NOT NULL
-             GROUP BY user_id, job_id, after HAVING count(*) > 1
-             ORDER BY job_id
-            """
-        )
-        duplicates = await conn.fetch(
-            "SELECT user_id, content_key, count(*) AS n FROM memories "
-            "GROUP BY user_id, content_key HAVING count(*) > 1 ORDER BY user_id, content_key"
-        )
-        own_rows = await _own_row_counts(conn)
-        role = await conn.fetchrow(
-            "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = $1", db.roles.app
-        )
+    reader = AdminReader(db)
+    # One snapshot for every cross-user read (engine/admin.py).
+    rows = await reader.invariant_rows([int(m) for ids in acknowledged.values() for m in ids])
+    counts = rows["counts"]
+    unstored = _check_acknowledged(rows["acknowledged"], acknowledged)
+    messages = rows["messages"]
+    open_jobs = rows["open_jobs"]
+    failed_silently = rows["failed_silently"]
+    without_job = rows["without_job"]
+    twice_per_reply = rows["twice_per_reply"]
+    twice_per_job = rows["twice_per_job"]
+    duplicates = rows["duplicates"]
+    own_rows = rows["own_rows"]
 
     # 1. acknowledged messages are stored.
     n_unstored = problems.add("acknowledged message not stored", unstored)
@@ -242,7 +198,11 @@ async def audit_invariants(
         else sorted(random.Random(seed).sample(user_ids, scope_sample))
     )
     leaks = [line for u in sampled for line in await _scope_findings(db, u, own_rows[u])]
-    leaks += await _unscoped_findings(db)
+    leaks += [
+        f"a connection in no user's scope sees {n} {table} rows"
+        for table, n in (await reader.unscoped_row_counts()).items()
+        if n
+    ]
     n_leaks = problems.add("isolation", leaks)
 
     # 5. duplicate memories.
@@ -252,20 +212,9 @@ async def audit_invariants(
     )
     n_dupes = sum(r["n"] - 1 for r in duplicates)
 
-    # 6. row-level security.
-    rls = await AdminReader(db).row_level_security()
-    rls_findings = []
-    for table in USER_OWNED_TABLES:
-        enabled, forced = rls.get(table, (False, False))
-        if not (enabled and forced):
-            rls_findings.append(f"{table}: enabled={enabled}, forced={forced}")
-    if role is None:
-        rls_findings.append(f"role {db.roles.app} is missing")
-    elif role["rolsuper"] or role["rolbypassrls"]:
-        rls_findings.append(
-            f"role {db.roles.app}: rolsuper={role['rolsuper']}, rolbypassrls={role['rolbypassrls']}"
-        )
-    n_rls = problems.add("row-level security", rls_findings)
+    # 6. row-level security: the catalogue's check (tables, policies, the app login).
+    (rls,) = (await reader.run_checks(CHECK_RLS)).checks
+    n_rls = problems.add("row-level security", [str(f) for f in rls.findings])
 
     return InvariantReport(
         users=counts["users"],
@@ -290,14 +239,8 @@ async def audit_invariants(
     )
 
 
-async def _check_acknowledged(conn: Any, acknowledged: Mapping[str, Collection[int]]) -> list[str]:
+def _check_acknowledged(rows: list[Any], acknowledged: Mapping[str, Collection[int]]) -> list[str]:
     wanted = [(user, int(mid)) for user, ids in acknowledged.items() for mid in ids]
-    if not wanted:
-        return []
-    rows = await conn.fetch(
-        "SELECT message_id, user_id FROM messages WHERE message_id = ANY($1::bigint[])",
-        [mid for _, mid in wanted],
-    )
     owner = {r["message_id"]: r["user_id"] for r in rows}
     missing = []
     for user, mid in sorted(wanted, key=lambda w: w[1]):
@@ -339,18 +282,6 @@ def _match_turns(
     return orphans, extras, bad
 
 
-async def _own_row_counts(conn: Any) -> dict[str, dict[str, int]]:
-    """user_id -> table -> how many rows of that user the table holds."""
-    union = " UNION ALL ".join(
-        f"SELECT '{t}' AS t, user_id, count(*) AS n FROM {t} GROUP BY user_id"
-        for t in USER_OWNED_TABLES
-    )
-    result: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(USER_OWNED_TABLES, 0))
-    for row in await conn.fetch(union):
-        result[row["user_id"]][row["t"]] = row["n"]
-    return dict(result)
-
-
 async def _scope_findings(db: Database, user_id: str, own: Mapping[str, int]) -> list[str]:
     findings = []
     async with db.scoped(user_id) as conn:
@@ -365,14 +296,4 @@ async def _scope_findings(db: Database, user_id: str, own: Mapping[str, int]) ->
                     f"{user_id}'s scope sees {seen.get(user_id, 0)} of its "
                     f"{own.get(table, 0)} {table} rows"
                 )
-    return findings
-
-
-async def _unscoped_findings(db: Database) -> list[str]:
-    findings = []
-    async with db.unscoped() as conn, conn.transaction(readonly=True):
-        for table in USER_OWNED_TABLES:
-            n = await conn.fetchval(f"SELECT count(*) FROM {table}")
-            if n:
-                findings.append(f"a connection in no user's scope sees {n} {table} rows")
     return findings

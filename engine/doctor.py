@@ -23,13 +23,12 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 
 from engine import doctor_db_security as db_security
-from engine.admin import CHECK_RLS, USER_OWNED_TABLES, AdminReader
+from engine.admin import CHECK_FAILED_JOBS, CHECK_RLS, USER_OWNED_TABLES, AdminReader
 from engine.config import ModelSettings, Settings, load_settings, memory_model_settings
 from engine.db import Database
-from engine.db.migrate import available_migrations, current_version
+from engine.db.migrate import available_migrations
 from engine.errors import ConfigError, MemchatError
 from engine.extraction import EndpointModes
-from engine.jobs import job_counts
 from engine.memory import probe_extraction_mode
 from engine.models import create_model
 from engine.models.base import (
@@ -39,6 +38,8 @@ from engine.models.base import (
     StreamEnd,
     TextDelta,
 )
+from engine.queue import JobQueue
+from engine.text import one_line
 
 MODEL_CHECK_TIMEOUT = 5.0
 PROBE_TIMEOUT = 30.0
@@ -125,7 +126,7 @@ async def database_checks(settings: Settings) -> list[CheckResult]:
     except MemchatError as exc:
         return [CheckResult(DATABASE, False, exc.message, _database_fix(settings))]
     except Exception as exc:  # a doctor reports what it cannot handle instead of crashing
-        detail = f"cannot open the database: {type(exc).__name__}: {_one_line(str(exc))}"
+        detail = f"cannot open the database: {type(exc).__name__}: {one_line(str(exc))}"
         return [CheckResult(DATABASE, False, detail, _database_fix(settings))]
     try:
         results = [CheckResult(DATABASE, True, _database_detail(db))]
@@ -135,7 +136,7 @@ async def database_checks(settings: Settings) -> list[CheckResult]:
             except (MemchatError, asyncpg.PostgresError, OSError) as exc:
                 # One failing check (lost connection, missing grant) must not hide the others.
                 name = _CHECK_NAMES[check.__name__]
-                text = exc.message if isinstance(exc, MemchatError) else _one_line(str(exc))
+                text = exc.message if isinstance(exc, MemchatError) else one_line(str(exc))
                 results.append(CheckResult(name, False, f"check failed: {text}", _RETRY_FIX))
         return results
     finally:
@@ -158,9 +159,7 @@ def _database_detail(db: Database) -> str:
 
 async def migrations_check(db: Database) -> CheckResult:
     latest = max(m.version for m in available_migrations())
-    async with db.admin() as conn:
-        # The admin login may read memchat_migrations (and nothing may write it).
-        version = await current_version(conn)
+    version = await AdminReader(db).schema_version()
     if version == latest:
         return CheckResult(MIGRATIONS, True, f"schema version {version} (current)")
     if version is None:
@@ -175,8 +174,7 @@ async def migrations_check(db: Database) -> CheckResult:
 
 
 async def isolation_check(db: Database) -> CheckResult:
-    audit = await AdminReader(db).audit()
-    rls = next(check for check in audit.checks if check.name == CHECK_RLS)
+    (rls,) = (await AdminReader(db).run_checks(CHECK_RLS)).checks
     if rls.ok:
         detail = (
             f"row-level security enabled and forced on {len(USER_OWNED_TABLES)} tables; "
@@ -196,26 +194,16 @@ async def isolation_check(db: Database) -> CheckResult:
 
 
 async def jobs_check(db: Database) -> CheckResult:
-    counts = await job_counts(db)
+    counts = await JobQueue(db).counts()
     detail = f"{counts.pending} pending, {counts.running} running, {counts.failed} failed"
     if counts.failed == 0:
         return CheckResult(MEMORY_JOBS, True, detail)
-    async with db.admin() as conn:
-        rows = await conn.fetch(
-            """
-            SELECT user_id, count(*) AS failed,
-                   (array_agg(last_error ORDER BY job_id DESC))[1] AS last_error
-              FROM memory_jobs
-             WHERE status = 'failed'
-             GROUP BY user_id
-             ORDER BY max(job_id) DESC
-            """
-        )
-    if rows:
-        newest = rows[0]
-        detail += f" (newest: {newest['user_id']}: {_one_line(newest['last_error'] or '?')})"
-        users = [row["user_id"] for row in rows[:MAX_FAILED_USERS_SHOWN]]
-        who = ", ".join(users) + (", ..." if len(rows) > len(users) else "")
+    (failed,) = (await AdminReader(db).run_checks(CHECK_FAILED_JOBS)).checks
+    if failed.findings:
+        newest = failed.findings[0]
+        detail += f" (newest: {newest.subject}: {one_line(newest.message)})"
+        users = [finding.subject for finding in failed.findings[:MAX_FAILED_USERS_SHOWN]]
+        who = ", ".join(users) + (", ..." if len(failed.findings) > len(users) else "")
         fix = (
             f"failed jobs keep their error: see `memchat jobs --failed --user {users[0]}` "
             f"(users with failed jobs: {who}) or the inspector (F3)"
@@ -418,7 +406,7 @@ def _connection_reason(exc: BaseException) -> str:
             return "host not found"
         if isinstance(error, ssl.SSLError):
             return "TLS handshake failed"
-    return _one_line(str(chain[-1])) or type(chain[-1]).__name__
+    return one_line(str(chain[-1])) or type(chain[-1]).__name__
 
 
 # -- secrets --------------------------------------------------------------------
@@ -458,8 +446,3 @@ def _scrubbed(result: CheckResult, secrets: list[str]) -> CheckResult:
     if (detail, fix) == (result.detail, result.fix):
         return result
     return CheckResult(result.name, result.ok, detail, fix)
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import asyncpg
 
+from engine.admin import CHECK_STUCK_JOBS, AdminReader
 from engine.db import Database
 from engine.db.embedded import check_socket_dir
 from engine.errors import DatabaseError
@@ -23,25 +24,6 @@ from engine.errors import DatabaseError
 LOGIN_ROLES = "login roles"
 SOCKET = "socket"
 STUCK_JOBS = "stuck jobs"
-
-PENDING_OVERDUE_MINUTES = 10
-"""A pending job due this long ago and still not claimed: nobody is working the queue."""
-
-_LOGIN = """
-SELECT session_user AS login, current_user AS role, r.rolsuper, r.rolbypassrls,
-       r.rolcreaterole, r.rolcreatedb, r.rolreplication,
-       ARRAY(SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid
-              WHERE m.member = r.oid ORDER BY 1)::text[] AS member_of,
-       EXISTS (SELECT 1 FROM pg_class c
-                WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
-                  AND has_table_privilege(r.oid, c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE'))
-           AS can_write,
-       EXISTS (SELECT 1 FROM pg_class c
-                WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
-                  AND has_table_privilege(r.oid, c.oid, 'SELECT'))
-           AS can_read
-  FROM pg_roles r WHERE r.rolname = session_user
-"""
 
 
 def _login_problems(kind: str, row: asyncpg.Record) -> list[str]:
@@ -63,9 +45,7 @@ def _login_problems(kind: str, row: asyncpg.Record) -> list[str]:
 async def login_roles_check(db: Database) -> list[tuple[str, bool, str]]:
     """(kind, ok, text) for the app, admin and worker pools' live logins."""
     results = []
-    for kind, connection in (("app", db.unscoped), ("admin", db.admin), ("worker", db.queue)):
-        async with connection() as conn:
-            row = await conn.fetchrow(_LOGIN)
+    for kind, row in (await AdminReader(db).live_logins()).items():
         problems = _login_problems(kind, row)
         if problems:
             results.append(
@@ -125,29 +105,11 @@ def socket_check(db: Database) -> tuple[bool, str, str | None]:
 
 
 async def stuck_jobs_check(db: Database) -> tuple[bool, str, str | None]:
-    async with db.admin() as conn:
-        row = await conn.fetchrow(
-            """
-            SELECT count(*) FILTER (WHERE status = 'running'
-                                      AND lease_until < clock_timestamp()) AS expired,
-                   count(*) FILTER (WHERE status = 'pending' AND run_after
-                                      < clock_timestamp() - make_interval(mins => $1)) AS overdue,
-                   max(lease_until) FILTER (WHERE status = 'running') AS longest_lease,
-                   (SELECT max_lease_seconds FROM memchat_queue_limits) AS max_lease
-              FROM memory_jobs WHERE status IN ('pending', 'running')
-            """,
-            PENDING_OVERDUE_MINUTES,
-        )
-    expired, overdue = row["expired"], row["overdue"]
-    if not expired and not overdue:
-        return True, f"none (leases capped at {row['max_lease']:g} s)", None
-    parts = []
-    if expired:
-        parts.append(f"{expired} running past their lease")
-    if overdue:
-        parts.append(f"{overdue} pending for over {PENDING_OVERDUE_MINUTES} min")
+    (stuck,) = (await AdminReader(db).run_checks(CHECK_STUCK_JOBS)).checks
+    if stuck.ok:
+        return True, stuck.detail, None
     fix = (
         "start `memchat worker` (or any memchat): it requeues expired leases and works the "
         "queue; see the inspector (F3) for whose jobs they are"
     )
-    return False, "; ".join(parts), fix
+    return False, stuck.detail, fix

@@ -35,7 +35,10 @@ import asyncpg
 
 from engine.db import Database
 from engine.errors import DatabaseError
-from engine.store import JOB_CHANNEL, MEMORY_CHANNEL
+from engine.queue import JOB_CHANNEL
+from engine.records import JOB_STATUSES, MEMORY_OPS, JobStatus, MemoryOp
+from engine.store import MEMORY_CHANNEL
+from engine.text import reason_of
 from engine.validation import validate_user_id
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,7 @@ __all__ = [
 class MemoryChanged:
     user_id: str
     memory_id: uuid.UUID | None
-    op: str
+    op: MemoryOp
     """"add", "update" or "delete"."""
     event_id: int | None
     """The ``memory_events`` row that records the change, when the sender gave one."""
@@ -64,7 +67,7 @@ class MemoryChanged:
 class JobChanged:
     user_id: str
     job_id: int
-    state: str
+    state: JobStatus
     """"pending", "running", "done" or "failed"."""
 
 
@@ -235,7 +238,7 @@ class EventHub:
         except DatabaseError:
             raise
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-            raise DatabaseError(f"cannot listen for changes: {_reason(exc)}") from None
+            raise DatabaseError(f"cannot listen for changes: {reason_of(exc)}") from None
         if self._closed or self._task is not None:
             # close() (or another start()) ran while this one was connecting.
             conn.terminate()
@@ -389,7 +392,7 @@ class EventHub:
                 try:
                     conn, lost = await self._open()
                 except Exception as exc:
-                    log.debug("LISTEN reconnect attempt %d failed: %s", attempts, _reason(exc))
+                    log.debug("LISTEN reconnect attempt %d failed: %s", attempts, reason_of(exc))
                     continue
                 break
             self._conn = conn
@@ -418,7 +421,7 @@ class EventHub:
             except TimeoutError:
                 return f"no answer to a health check within {self._health_timeout:g}s"
             except Exception as exc:
-                return f"health check failed: {_reason(exc)}"
+                return f"health check failed: {reason_of(exc)}"
 
     def _supervisor_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -440,7 +443,7 @@ def backoff(first: float, limit: float) -> Iterator[float]:
 def _memory_changed(data: dict[str, Any]) -> MemoryChanged | None:
     user_id = data.get("user_id")
     op = data.get("op")
-    if not isinstance(user_id, str) or not user_id or not isinstance(op, str) or not op:
+    if not isinstance(user_id, str) or not user_id or op not in MEMORY_OPS:
         return None
     raw_id = data.get("memory_id")
     if raw_id is None:
@@ -466,8 +469,7 @@ def _job_changed(data: dict[str, Any]) -> JobChanged | None:
         not isinstance(user_id, str)
         or not user_id
         or not _is_int(job_id)
-        or not isinstance(state, str)
-        or not state
+        or state not in JOB_STATUSES
     ):
         return None
     return JobChanged(user_id, job_id, state)
@@ -476,8 +478,3 @@ def _job_changed(data: dict[str, Any]) -> JobChanged | None:
 def _is_int(value: object) -> TypeGuard[int]:
     # JSON true/false arrive as bool, which is an int subclass.
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text or type(exc).__name__

@@ -1,4 +1,4 @@
-"""Background memory workers over the durable ``memory_jobs`` queue.
+"""The memory dispatcher: background workers over the durable job queue (engine/queue.py).
 
 One dispatcher per process claims claimable jobs in batches
 (``memchat_claim_jobs``: each the head of some user's queue, so one job per
@@ -26,16 +26,17 @@ import socket
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 
+from engine.admin import AdminReader
 from engine.config import MemorySettings
 from engine.db import Database
 from engine.errors import MemchatError
 from engine.memory import ApplyResult, MemoryManager
 from engine.models import ModelError
 from engine.priority import ReplyPriority
-from engine.records import JobStatus, MemoryJob
-from engine.store import JobOutcome, Store
+from engine.queue import ClaimedJob, JobOutcome, JobQueue
+from engine.records import JobCounts, JobStatus, MemoryJob
+from engine.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -45,50 +46,16 @@ RECOUNT_SECONDS = 0.02
 OWN_JOB_POLL_SECONDS = 0.1
 
 
-@dataclass(frozen=True, slots=True)
-class ClaimedJob:
-    job_id: int
-    user_id: str
-    session_id: uuid.UUID | None
-    user_message_id: int | None
-    assistant_message_id: int | None
-    attempts: int
-
-    @classmethod
-    def of(cls, job: MemoryJob) -> ClaimedJob:
-        return cls(
-            job.job_id,
-            job.user_id,
-            job.session_id,
-            job.user_message_id,
-            job.assistant_message_id,
-            job.attempts,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class JobCounts:
-    pending: int
-    running: int
-    failed: int
-    done: int
-
-    @property
-    def open(self) -> int:
-        return self.pending + self.running
-
-
 class LeaseLost(Exception):
     """Another worker took this job over; what we did must be rolled back."""
 
 
 async def job_counts(db: Database) -> JobCounts:
-    async with db.queue() as conn:
-        row = await conn.fetchrow("SELECT * FROM memchat_job_counts()")
-    return JobCounts(**row)
+    """Jobs by status across all users."""
+    return await JobQueue(db).counts()
 
 
-class MemoryWorkers:
+class MemoryDispatcher:
     def __init__(
         self,
         db: Database,
@@ -100,6 +67,7 @@ class MemoryWorkers:
         priority: ReplyPriority | None = None,
     ) -> None:
         self.db = db
+        self.queue = JobQueue(db)
         self.priority = priority
         self.store = store
         self.manager = manager
@@ -173,14 +141,9 @@ class MemoryWorkers:
             return (await job_counts(self.db)).open
         if len(users) == 1:
             async with self.store.scope(users[0]) as s:
-                return await s.open_job_count()
+                return await self.queue.open_job_count(s)
         # Many users: one read-only count across them, not one scope each.
-        async with self.db.admin() as conn:
-            return await conn.fetchval(
-                "SELECT count(*) FROM memory_jobs WHERE user_id = ANY($1::text[]) "
-                "AND status IN ('pending', 'running')",
-                users,
-            )
+        return await AdminReader(self.db).open_job_count(users)
 
     # -- the dispatcher --------------------------------------------------
 
@@ -245,22 +208,14 @@ class MemoryWorkers:
             raise
 
     async def _claim(self, limit: int) -> list[ClaimedJob]:
-        async with self.db.queue() as conn:
-            rows = await conn.fetch(
-                "SELECT * FROM memchat_claim_jobs($1, $2, $3)",
-                self.name,
-                self.settings.lease_seconds,
-                limit,
-            )
-        return [ClaimedJob(**row) for row in rows]
+        return await self.queue.claim(self.name, self.settings.lease_seconds, limit)
 
     async def _maybe_requeue_expired(self) -> None:
         now = time.monotonic()
         if now - self._last_requeue < REQUEUE_EVERY_SECONDS:
             return
         self._last_requeue = now
-        async with self.db.queue() as conn:
-            requeued = await conn.fetchval("SELECT memchat_requeue_expired_jobs()")
+        requeued = await self.queue.requeue_expired()
         if requeued:
             log.warning("requeued %d memory job(s) whose worker was lost", requeued)
 
@@ -275,8 +230,8 @@ class MemoryWorkers:
         deadline = time.monotonic() + within
         while True:
             async with self.store.scope(user_id) as s:
-                claimed = await s.claim_head_job(self.name, self.settings.lease_seconds)
-                current = await s.get_job(job_id)
+                claimed = await self.queue.claim_head_job(s, self.name, self.settings.lease_seconds)
+                current = await self.queue.get_job(s, job_id)
             if claimed is not None:
                 await self._process(ClaimedJob.of(claimed))
                 continue
@@ -345,7 +300,7 @@ class MemoryWorkers:
             result = await self.manager.apply(s, plan, source=user_message, job_id=job.job_id)
             notes = [n for n in (plan.note, result.note(self.settings)) if n]
             outcome = JobOutcome("; ".join(notes) or None, plan.extraction, plan.usage)
-            if not await s.settle_job(job.job_id, self.name, "done", outcome=outcome):
+            if not await self.queue.settle(s, job.job_id, self.name, "done", outcome=outcome):
                 raise LeaseLost
         return result
 
@@ -370,8 +325,14 @@ class MemoryWorkers:
     ) -> None:
         try:
             async with self.store.scope(job.user_id) as s:
-                await s.settle_job(
-                    job.job_id, self.name, status, error=error, retry_in=retry_in, outcome=outcome
+                await self.queue.settle(
+                    s,
+                    job.job_id,
+                    self.name,
+                    status,
+                    error=error,
+                    retry_in=retry_in,
+                    outcome=outcome,
                 )
         except MemchatError as exc:
             # The lease will expire and the job be retried: nothing is lost.
@@ -380,7 +341,7 @@ class MemoryWorkers:
     async def _give_back(self, job: ClaimedJob) -> None:
         try:
             async with self.store.scope(job.user_id) as s:
-                await s.release_job(job.job_id, self.name)
+                await self.queue.release(s, job.job_id, self.name)
         except (MemchatError, asyncio.CancelledError):
             log.warning("could not give back memory job %s; its lease will expire", job.job_id)
 
@@ -390,6 +351,8 @@ class MemoryWorkers:
             await asyncio.sleep(interval)
             try:
                 async with self.store.scope(job.user_id) as s:
-                    await s.extend_lease(job.job_id, self.name, self.settings.lease_seconds)
+                    await self.queue.extend_lease(
+                        s, job.job_id, self.name, self.settings.lease_seconds
+                    )
             except MemchatError as exc:
                 log.warning("could not extend the lease of job %s: %s", job.job_id, exc.message)

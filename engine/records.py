@@ -5,12 +5,15 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Literal, get_args
 
 MessageRole = Literal["user", "assistant"]
 MessageStatus = Literal["complete", "failed", "cancelled"]
 MemoryOp = Literal["add", "update", "delete"]
 JobStatus = Literal["pending", "running", "done", "failed"]
+
+MEMORY_OPS: tuple[MemoryOp, ...] = get_args(MemoryOp)
+JOB_STATUSES: tuple[JobStatus, ...] = get_args(JobStatus)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,3 +95,40 @@ class MemoryJob:
     """How its answer was asked for: "tools" or "json"."""
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobProblem:
+    """A failed job (with its error) or a job that left a note."""
+
+    status: str
+    attempts: int
+    error: str | None
+    note: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class JobCounts:
+    """Jobs by status: across all users (the queue's counts) or of one user (the inspector)."""
+
+    pending: int = 0
+    running: int = 0
+    done: int = 0
+    failed: int = 0
+    last_error: str | None = None
+    """The error of the user's newest failed job."""
+    noted: int = 0
+    """Jobs that left a note (refused changes, an unusable answer)."""
+    problems: tuple[JobProblem, ...] = ()
+    """Newest first, at most engine.admin.JOB_PROBLEMS_SHOWN: failed jobs and jobs with a note."""
+    problem_total: int = 0
+    """All of this user's failed jobs and jobs with a note (``problems`` shows the newest)."""
+
+    @property
+    def open(self) -> int:
+        """Jobs still to run or running."""
+        return self.pending + self.running
+
+    @property
+    def total(self) -> int:
+        return self.pending + self.running + self.done + self.failed

@@ -13,10 +13,11 @@ from engine.agent import Agent
 from engine.config import Settings, memory_model_settings
 from engine.db import Database
 from engine.events import EventHub, JobChanged, Resync
-from engine.jobs import MemoryWorkers
+from engine.jobs import MemoryDispatcher
 from engine.memory import MemoryManager
 from engine.models import ChatModel, create_model
 from engine.priority import ReplyPriority
+from engine.queue import JobQueue
 from engine.records import Message
 from engine.store import Store, UserScope
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 async def enqueue_memory_job(scope: UserScope, user_message: Message, reply: Message) -> None:
     """The agent's after-reply hook: the job is written with the reply, atomically."""
-    await scope.enqueue_memory_job(user_message, reply)
+    await JobQueue.enqueue(scope, user_message, reply)
 
 
 @dataclass(slots=True)
@@ -37,7 +38,7 @@ class Runtime:
     memory_model: ChatModel
     """The model that extracts memories: ``[memory]``'s own, or one like ``model``."""
     agent: Agent
-    workers: MemoryWorkers
+    dispatcher: MemoryDispatcher
     events: EventHub
     _relay: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -45,7 +46,7 @@ class Runtime:
         """Drain memory jobs (bounded), then let go of everything, in reverse order."""
         try:
             await self.agent.wait_stored()
-            await self.workers.stop(drain_timeout)
+            await self.dispatcher.stop(drain_timeout)
         finally:
             if self._relay is not None:
                 self._relay.cancel()
@@ -59,7 +60,7 @@ class Runtime:
                 await self.db.close()
 
 
-async def _wake_workers_on_new_jobs(events: EventHub, workers: MemoryWorkers) -> None:
+async def _wake_dispatcher_on_new_jobs(events: EventHub, dispatcher: MemoryDispatcher) -> None:
     # Jobs enqueued here or by any other process arrive as NOTIFY; polling
     # in the workers covers the time the listener is reconnecting.
     async with events.subscribe(None) as subscription:
@@ -69,7 +70,7 @@ async def _wake_workers_on_new_jobs(events: EventHub, workers: MemoryWorkers) ->
             if isinstance(event, Resync) or (
                 isinstance(event, JobChanged) and event.state in ("pending", "done", "failed")
             ):
-                workers.wake()
+                dispatcher.wake()
 
 
 @asynccontextmanager
@@ -95,14 +96,14 @@ async def open_runtime(
     manager = MemoryManager(
         memory_model, settings.memory, context_tokens=settings.model.context_tokens
     )
-    workers = MemoryWorkers(db, store, manager, settings.memory, priority=priority)
+    dispatcher = MemoryDispatcher(db, store, manager, settings.memory, priority=priority)
     events = EventHub(db)
-    runtime = Runtime(settings, db, store, model, memory_model, agent, workers, events)
+    runtime = Runtime(settings, db, store, model, memory_model, agent, dispatcher, events)
     try:
         await events.start()
         if run_workers:
-            workers.start()
-            runtime._relay = asyncio.create_task(_wake_workers_on_new_jobs(events, workers))
+            dispatcher.start()
+            runtime._relay = asyncio.create_task(_wake_dispatcher_on_new_jobs(events, dispatcher))
     except BaseException:
         await runtime.close(0)
         raise

@@ -25,8 +25,10 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from engine.admin import AdminReader
 from engine.agent import TurnCompleted, TurnEnd, TurnFailed
 from engine.errors import InvalidInput
+from engine.queue import JobQueue
 from engine.records import MemoryJob
 from engine.runtime import Runtime
 from engine.store import Store
@@ -170,7 +172,7 @@ async def run_seed(runtime: Runtime, *, wait_within: float = 120.0) -> SeedResul
     await reset_seed_users(runtime.store, users)
     started = time.perf_counter()
     failures = await asyncio.gather(*(_seed_user(runtime, u, SEED_SCRIPT[u]) for u in users))
-    await runtime.workers.wait_idle(users, within=wait_within)
+    await runtime.dispatcher.wait_idle(users, within=wait_within)
     wall = time.perf_counter() - started
     runs = sum(len(turns) for turns in SEED_SCRIPT.values())
     result = SeedResult({}, runs, wall, [f for user in failures for f in user])
@@ -178,7 +180,7 @@ async def run_seed(runtime: Runtime, *, wait_within: float = 120.0) -> SeedResul
         async with runtime.store.scope(user_id) as s:
             # Oldest first reads like the conversation did.
             result.memories[user_id] = [m.content for m in reversed(await s.list_memories())]
-            jobs = sorted(await s.list_jobs(), key=lambda job: job.job_id)
+            jobs = sorted(await JobQueue.list_jobs(s), key=lambda job: job.job_id)
         result.unsettled_jobs += [JobReport.of(j) for j in jobs if j.status != "done"]
         result.job_notes += [JobReport.of(j) for j in jobs if j.status == "done" and j.note]
     return result
@@ -333,7 +335,7 @@ async def run_load(
             for n in range(users)
         )
     )
-    result.jobs_idle = await runtime.workers.wait_idle(ids, within=wait_within)
+    result.jobs_idle = await runtime.dispatcher.wait_idle(ids, within=wait_within)
     result.wall_s = time.perf_counter() - started
     if audit:
         for name, value in (await audit_load(runtime, ids)).items():
@@ -374,46 +376,22 @@ async def _load_user(
 
 async def audit_load(runtime: Runtime, user_ids: list[str]) -> dict[str, int]:
     """Leaks, lost jobs, duplicates and failures for these users (admin path, read-only)."""
-    async with runtime.db.admin() as conn:
-        memories = await conn.fetch(
-            "SELECT user_id, content FROM memories WHERE user_id = ANY($1::text[])", user_ids
-        )
-        duplicates = await conn.fetchval(
-            "SELECT count(*) - count(DISTINCT (user_id, content_key)) FROM memories "
-            "WHERE user_id = ANY($1::text[])",
-            user_ids,
-        )
-        jobs = await conn.fetch(
-            "SELECT status, count(*) AS n FROM memory_jobs WHERE user_id = ANY($1::text[]) "
-            "GROUP BY status",
-            user_ids,
-        )
-        replies_without_job = await conn.fetchval(
-            """
-            SELECT count(*) FROM messages m
-             WHERE m.user_id = ANY($1::text[]) AND m.role = 'assistant'
-               AND m.status = 'complete'
-               AND NOT EXISTS (SELECT 1 FROM memory_jobs j
-                                WHERE j.user_id = m.user_id
-                                  AND j.assistant_message_id = m.message_id)
-            """,
-            user_ids,
-        )
+    figures = await AdminReader(runtime.db).load_figures(user_ids)
     own_token = {uid: uid.split("@")[0].removeprefix("load_") for uid in user_ids}
     leaks = 0
     per_user: dict[str, int] = defaultdict(int)
-    for row in memories:
-        per_user[row["user_id"]] += 1
-        mentioned = set(_TOKEN.findall(row["content"]))
-        if mentioned - {own_token.get(row["user_id"], "")}:
+    for user_id, content in figures.memories:
+        per_user[user_id] += 1
+        mentioned = set(_TOKEN.findall(content))
+        if mentioned - {own_token.get(user_id, "")}:
             leaks += 1
-    by_status = {row["status"]: row["n"] for row in jobs}
+    by_status = figures.jobs_by_status
     not_done = sum(n for status, n in by_status.items() if status != "done")
     return {
-        "memories": len(memories),
+        "memories": len(figures.memories),
         "leaks": leaks,
-        "lost": not_done + replies_without_job,
-        "duplicates": duplicates,
+        "lost": not_done + figures.replies_without_job,
+        "duplicates": figures.duplicates,
         "failed_jobs": by_status.get("failed", 0),
         "open_jobs": by_status.get("pending", 0) + by_status.get("running", 0),
     }
@@ -421,12 +399,4 @@ async def audit_load(runtime: Runtime, user_ids: list[str]) -> dict[str, int]:
 
 async def failed_job_errors(runtime: Runtime, user_ids: list[str]) -> dict[str, int]:
     """The most frequent errors of these users' failed jobs, with their counts."""
-    async with runtime.db.admin() as conn:
-        rows = await conn.fetch(
-            "SELECT coalesce(last_error, '') AS error, count(*) AS n FROM memory_jobs "
-            "WHERE user_id = ANY($1::text[]) AND status = 'failed' "
-            "GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT $2",
-            user_ids,
-            ERRORS_SHOWN,
-        )
-    return {row["error"]: row["n"] for row in rows}
+    return await AdminReader(runtime.db).failed_job_errors(user_ids, ERRORS_SHOWN)

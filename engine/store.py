@@ -2,7 +2,8 @@
 
 Use it as ``async with store.scope(user_id) as s: await s.list_sessions()``.
 Everything done through one ``UserScope`` is one transaction, so a turn can
-store its reply and enqueue its memory job atomically. The scope's
+store its reply and enqueue its memory job atomically (``JobQueue.enqueue``
+takes the scope: the job queue's statements live in engine/queue.py). The scope's
 transaction is the database's row-level security scope too: an id that
 belongs to another user is simply not there.
 """
@@ -12,8 +13,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import asyncpg
 
@@ -23,10 +23,8 @@ from engine.db.database import savepoint
 from engine.errors import InvalidInput, NotFound
 from engine.models.base import Usage
 from engine.records import (
-    JobStatus,
     Memory,
     MemoryEvent,
-    MemoryJob,
     Message,
     MessageRole,
     MessageStatus,
@@ -45,18 +43,7 @@ from engine.validation import (
     validate_user_id,
 )
 
-
-@dataclass(frozen=True, slots=True)
-class JobOutcome:
-    """What a settled job records besides its status: usage, mode, a note."""
-
-    note: str | None = None
-    extraction: str | None = None
-    usage: Usage | None = None
-
-
 MEMORY_CHANNEL = "memchat_memory"
-JOB_CHANNEL = "memchat_jobs"
 MAX_TOPICS = 10
 MAX_TOPIC_CHARS = 40
 
@@ -68,11 +55,6 @@ _MESSAGE_COLUMNS = (
 _MEMORY_COLUMNS = (
     "memory_id, user_id, content, topics, source_session_id, source_message_id, "
     "created_at, updated_at"
-)
-_JOB_COLUMNS = (
-    "job_id, user_id, session_id, user_message_id, assistant_message_id, status, attempts, "
-    "run_after, lease_until, worker, last_error, created_at, started_at, finished_at, note, "
-    "extraction, prompt_tokens, completion_tokens"
 )
 _EVENT_COLUMNS = (
     "event_id, memory_id, user_id, op, before, after, job_id, source_message_id, actor, at"
@@ -230,7 +212,7 @@ class UserScope:
                 role,
                 content,
                 status,
-                _stored_error(error),
+                stored_error(error),
                 title,
                 usage.prompt_tokens if usage else None,
                 usage.completion_tokens if usage else None,
@@ -459,198 +441,12 @@ class UserScope:
         )
         return [MemoryEvent(**row) for row in rows]
 
-    # -- memory jobs -------------------------------------------------------
-
-    async def enqueue_memory_job(self, user_message: Message, reply: Message) -> int:
-        """Queue extraction for one turn; workers hear of it when this transaction commits."""
-        return await self.conn.fetchval(
-            """
-            WITH job AS (
-                INSERT INTO memory_jobs
-                    (user_id, session_id, user_message_id, assistant_message_id)
-                VALUES ($1, $2, $3, $4)
-                RETURNING job_id
-            )
-            SELECT job_id FROM job, LATERAL pg_notify($5, json_build_object(
-                'user_id', $1::text, 'job_id', job_id, 'state', 'pending')::text) n
-            """,
-            self.user_id,
-            user_message.session_id,
-            user_message.message_id,
-            reply.message_id,
-            JOB_CHANNEL,
-        )
-
     async def get_messages(self, message_ids: Sequence[int]) -> dict[int, Message]:
         rows = await self.conn.fetch(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE message_id = ANY($1::bigint[])",
             list(message_ids),
         )
         return {row["message_id"]: Message(**row) for row in rows}
-
-    async def list_jobs(self, limit: int = 100) -> list[MemoryJob]:
-        rows = await self.conn.fetch(
-            f"SELECT {_JOB_COLUMNS} FROM memory_jobs WHERE user_id = $1 "
-            "ORDER BY job_id DESC LIMIT $2",
-            self.user_id,
-            limit,
-        )
-        return [MemoryJob(**row) for row in rows]
-
-    async def get_job(self, job_id: int) -> MemoryJob | None:
-        row = await self.conn.fetchrow(
-            f"SELECT {_JOB_COLUMNS} FROM memory_jobs WHERE job_id = $1", job_id
-        )
-        return MemoryJob(**row) if row is not None else None
-
-    async def job_for_reply(self, reply_id: int) -> MemoryJob | None:
-        """The memory job queued with a stored reply, if any."""
-        row = await self.conn.fetchrow(
-            f"SELECT {_JOB_COLUMNS} FROM memory_jobs WHERE assistant_message_id = $1",
-            reply_id,
-        )
-        return MemoryJob(**row) if row is not None else None
-
-    async def claim_head_job(self, worker: str, lease_seconds: float) -> MemoryJob | None:
-        """Claim this user's oldest open job if it is pending and due.
-
-        For a process that must run only its own user's jobs (``memchat chat``):
-        the same head-of-queue rule as the dispatcher's claim, within this
-        user's scope, so it never sees or takes another user's work.
-        """
-        row = await self.conn.fetchrow(
-            f"""
-            WITH claimed AS (
-                UPDATE memory_jobs
-                   SET status = 'running', attempts = attempts + 1, worker = $2,
-                       started_at = clock_timestamp(),
-                       lease_until = clock_timestamp() + make_interval(secs => $3)
-                 WHERE job_id = (
-                           SELECT job_id FROM memory_jobs
-                            WHERE user_id = $1 AND status IN ('pending', 'running')
-                            ORDER BY job_id LIMIT 1
-                              FOR UPDATE SKIP LOCKED)
-                   AND status = 'pending' AND run_after <= clock_timestamp()
-                RETURNING {_JOB_COLUMNS}
-            )
-            SELECT claimed.* FROM claimed, LATERAL pg_notify($4, json_build_object(
-                'user_id', claimed.user_id, 'job_id', claimed.job_id,
-                'state', 'running')::text) notified
-            """,
-            self.user_id,
-            worker,
-            lease_seconds,
-            JOB_CHANNEL,
-        )
-        return MemoryJob(**row) if row is not None else None
-
-    async def job_state(self) -> tuple[Literal["idle", "running", "failed"], str | None]:
-        """What the sidebar shows: running while a job runs, else failed if the newest failed."""
-        row = await self.conn.fetchrow(
-            """
-            SELECT EXISTS (SELECT 1 FROM memory_jobs
-                            WHERE user_id = $1 AND status = 'running') AS running,
-                   newest.status, newest.last_error
-              FROM (SELECT 1) one
-              LEFT JOIN LATERAL (SELECT status, last_error FROM memory_jobs WHERE user_id = $1
-                                  ORDER BY job_id DESC LIMIT 1) newest ON true
-            """,
-            self.user_id,
-        )
-        if row["running"]:
-            return "running", None
-        if row["status"] == "failed":
-            return "failed", row["last_error"]
-        return "idle", None
-
-    async def open_job_count(self) -> int:
-        return await self.conn.fetchval(
-            "SELECT count(*) FROM memory_jobs WHERE user_id = $1 "
-            "AND status IN ('pending', 'running')",
-            self.user_id,
-        )
-
-    async def settle_job(
-        self,
-        job_id: int,
-        worker: str,
-        status: JobStatus,
-        *,
-        error: str | None = None,
-        retry_in: float | None = None,
-        outcome: JobOutcome | None = None,
-    ) -> bool:
-        """Record a job's outcome, if this worker still holds it.
-
-        False means the lease was lost (another worker took the job over): the
-        caller must roll back what it did, so the job's effect happens once.
-        A job that ends ``done`` keeps no error of an earlier attempt.
-        """
-        outcome = outcome or JobOutcome()
-        row = await self.conn.fetchrow(
-            """
-            UPDATE memory_jobs
-               SET status = $3,
-                   last_error = CASE WHEN $3 = 'done' THEN NULL
-                                     ELSE COALESCE($4, last_error) END,
-                   -- A success keeps what earlier attempts ran into as history, not error.
-                   note = CASE WHEN $3 = 'done' AND last_error IS NOT NULL
-                               THEN concat_ws('; ', COALESCE($7, note),
-                                              'succeeded after: ' || last_error)
-                               ELSE COALESCE($7, note) END,
-                   extraction = COALESCE($8, extraction),
-                   prompt_tokens = CASE WHEN $9::int IS NULL THEN prompt_tokens
-                                        ELSE coalesce(prompt_tokens, 0) + $9 END,
-                   completion_tokens = CASE WHEN $10::int IS NULL THEN completion_tokens
-                                            ELSE coalesce(completion_tokens, 0) + $10 END,
-                   run_after = CASE WHEN $5::float8 IS NULL THEN run_after
-                                    ELSE clock_timestamp() + make_interval(secs => $5) END,
-                   finished_at = CASE WHEN $3 IN ('done', 'failed') THEN clock_timestamp() END,
-                   lease_until = NULL,
-                   worker = CASE WHEN $3 = 'pending' THEN NULL ELSE worker END
-             WHERE job_id = $1 AND worker = $2 AND status = 'running'
-            RETURNING user_id, job_id, pg_notify($6, json_build_object(
-                'user_id', user_id, 'job_id', job_id, 'state', $3::text)::text)
-            """,
-            job_id,
-            worker,
-            status,
-            _stored_error(error),
-            retry_in,
-            JOB_CHANNEL,
-            storable(outcome.note) if outcome.note is not None else None,
-            outcome.extraction,
-            outcome.usage.prompt_tokens if outcome.usage else None,
-            outcome.usage.completion_tokens if outcome.usage else None,
-        )
-        return row is not None
-
-    async def release_job(self, job_id: int, worker: str) -> bool:
-        """Give an unfinished job back (shutdown): pending again, this attempt not counted."""
-        row = await self.conn.fetchrow(
-            """
-            UPDATE memory_jobs
-               SET status = 'pending', attempts = greatest(attempts - 1, 0), worker = NULL,
-                   lease_until = NULL, run_after = clock_timestamp()
-             WHERE job_id = $1 AND worker = $2 AND status = 'running'
-            RETURNING pg_notify($3, json_build_object(
-                'user_id', user_id, 'job_id', job_id, 'state', 'pending')::text)
-            """,
-            job_id,
-            worker,
-            JOB_CHANNEL,
-        )
-        return row is not None
-
-    async def extend_lease(self, job_id: int, worker: str, seconds: float) -> bool:
-        status = await self.conn.execute(
-            "UPDATE memory_jobs SET lease_until = clock_timestamp() + make_interval(secs => $3) "
-            "WHERE job_id = $1 AND worker = $2 AND status = 'running'",
-            job_id,
-            worker,
-            seconds,
-        )
-        return status == "UPDATE 1"
 
     def _clean_memory(self, content: str) -> str:
         text = clean_text(
@@ -700,7 +496,8 @@ class UserScope:
         )
 
 
-def _stored_error(error: str | None) -> str | None:
+def stored_error(error: str | None) -> str | None:
+    """Error text as a row may keep it: printable, bounded, without configured secrets."""
     # Error text comes from model servers, which may echo the API key (with
     # or without its sk- prefix): the configured secrets never reach a row.
     return storable(scrub(error)) if error is not None else None

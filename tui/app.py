@@ -265,7 +265,7 @@ class MemchatApp(App[None]):
         )
         if not model.is_offline:
             text.append("  ·  memory: ")
-            text.append(self.runtime.workers.manager.mode_label(), style="bold")
+            text.append(self.runtime.dispatcher.manager.mode_label(), style="bold")
         text.append("  ·  database: ")
         db_label = self.runtime.db.info.label
         text.append(db_label if self.database_ok else f"{db_label} UNREACHABLE, retrying…")
@@ -493,7 +493,7 @@ class MemchatApp(App[None]):
             return
         self._quitting = True
         self.demo.stop()
-        running = self.runtime.workers.running_jobs if self.runtime else 0
+        running = self.runtime.dispatcher.running_jobs if self.runtime else 0
         if running:
             self.query_one(StatusBar).update(
                 Text(

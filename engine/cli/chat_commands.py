@@ -12,6 +12,7 @@ from engine.cli.output import print_json, say, table, tokens_cell, warn, when
 from engine.cli.resources import open_chat_runtime, open_store_only
 from engine.config import Settings
 from engine.errors import InvalidInput
+from engine.queue import JobQueue
 from engine.records import Message, Session
 from engine.runtime import Runtime
 from engine.store import Store
@@ -102,11 +103,11 @@ async def chat_command(args: argparse.Namespace, settings: Settings) -> int:
 async def _learn_from_turn(rt: Runtime, user_id: str, reply_id: int) -> dict[str, Any] | None:
     """Run this turn's memory job (and any older ones of this user) within the drain timeout."""
     async with rt.store.scope(user_id) as s:
-        job = await s.job_for_reply(reply_id)
+        job = await JobQueue.job_for_reply(s, reply_id)
     if job is None:
         return None
     within = rt.settings.memory.drain_timeout
-    job = await rt.workers.run_own_jobs(user_id, job.job_id, within) or job
+    job = await rt.dispatcher.run_own_jobs(user_id, job.job_id, within) or job
     if job.status in ("pending", "running"):
         warn(
             f"memory: job {job.job_id} for this turn is still {job.status} after {within:g}s "

@@ -30,7 +30,8 @@ async def worker_command(args: argparse.Namespace, settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     async with open_full_runtime(settings) as rt:
         warn(
-            f"worker {rt.workers.name}: up to {settings.memory.concurrency} memory jobs at once on "
+            f"worker {rt.dispatcher.name}: up to {settings.memory.concurrency} memory jobs "
+            "at once on "
             f"{rt.db.info.label}, model: {rt.model.label}, {settings.source_line()}; "
             "Ctrl-C to stop"
         )

@@ -1,13 +1,18 @@
-"""The connection pool and the only two ways into the data: per user, or admin.
+"""The connection pools and the three ways into the data: per user, admin, queue.
 
 ``scoped(user_id)`` is a transaction in which PostgreSQL's row-level security
-shows and accepts that user's rows only. ``admin()`` is a read-only transaction
-across users, for the inspector and audits. ``queue()`` is the job dispatcher's
-way to the queue functions. Each of the three is a pool of its own that logs
-in as a role of its own (engine/db/roles.py): the app pool as a role that
-cannot bypass row-level security and has nothing to ``RESET ROLE`` back to,
-the admin pool as a SELECT-only role, the queue pool as a role that may only
-call the queue functions. The owner is used for migrations only.
+shows and accepts that user's rows only (``unscoped()`` is the same app login
+in no user's scope: it sees no rows, which audits check). ``admin()`` is a
+read-only transaction across users. ``queue()`` is the job dispatcher's way
+to the queue functions. Each of the three is a pool of its own that logs in
+as a role of its own (engine/db/roles.py): the app pool as a role that cannot
+bypass row-level security and has nothing to ``RESET ROLE`` back to, the
+admin pool as a SELECT-only role, the queue pool as a role that may only call
+the queue functions. The owner is used for migrations only.
+
+Outside engine/db, only engine/queue.py (the job queue) and engine/admin.py
+(every cross-user read) call ``unscoped()``, ``admin()`` or ``queue()``;
+tests/engine/test_architecture.py holds them to that.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from engine.db.embedded import DATABASE_NAME, EmbeddedServer, start_embedded
 from engine.db.migrate import migrate
 from engine.db.roles import KINDS, RoleNames, role_names
 from engine.errors import DatabaseError
+from engine.text import reason_of
 from engine.validation import validate_user_id
 
 log = logging.getLogger(__name__)
@@ -121,7 +127,9 @@ class Database:
                 server_settings={"application_name": "memchat-listen"},
             )
         except CONNECTION_ERRORS as exc:
-            raise DatabaseError(f"cannot connect to {self.info.location}: {_reason(exc)}") from None
+            raise DatabaseError(
+                f"cannot connect to {self.info.location}: {reason_of(exc)}"
+            ) from None
 
     @classmethod
     async def open(cls, settings: Settings) -> Database:
@@ -160,7 +168,7 @@ class Database:
         try:
             owner = await asyncpg.connect(dsn, timeout=db_settings.connect_timeout)
         except CONNECTION_ERRORS as exc:
-            raise DatabaseError(f"cannot connect to {shown}: {_reason(exc)}") from None
+            raise DatabaseError(f"cannot connect to {shown}: {reason_of(exc)}") from None
         except asyncpg.PostgresError as exc:
             raise DatabaseError(f"cannot connect to {shown}: {exc}") from None
         try:
@@ -262,7 +270,7 @@ class Database:
             async with pool.acquire() as conn:
                 await conn.fetchval("SELECT 1")
         except CONNECTION_ERRORS as exc:
-            raise DatabaseError(f"cannot open a pool to {shown}: {_reason(exc)}") from None
+            raise DatabaseError(f"cannot open a pool to {shown}: {reason_of(exc)}") from None
         except asyncpg.PostgresError as exc:
             raise DatabaseError(f"cannot log in to {shown}: {exc}") from None
         return pool
@@ -291,9 +299,9 @@ class Database:
                 # The work is done (committed); only handing the connection
                 # back failed, and the pool has discarded it. Not the caller's
                 # problem: telling it otherwise would report stored work as lost.
-                log.info("dropped a broken connection on release: %s", _reason(exc))
+                log.info("dropped a broken connection on release: %s", reason_of(exc))
                 return
-            raise DatabaseError(f"lost the database connection: {_reason(exc)}") from None
+            raise DatabaseError(f"lost the database connection: {reason_of(exc)}") from None
 
     @asynccontextmanager
     async def scoped(self, user_id: str) -> AsyncIterator[asyncpg.Connection]:
@@ -313,7 +321,8 @@ class Database:
     async def unscoped(self) -> AsyncIterator[asyncpg.Connection]:
         """An app connection in no user's scope: row-level security shows it no rows.
 
-        For audits that check exactly that; the job queue has :meth:`queue`.
+        For audits that check exactly that (engine/admin.py); the job queue
+        has :meth:`queue`.
         """
         async with self._connection() as conn:
             yield conn
@@ -391,11 +400,6 @@ def _login_name(url: str, kind: str) -> str:
     if not user:
         raise DatabaseError(f"database.{kind}_url must name its user (postgresql://USER:...)")
     return unquote(user)
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text or type(exc).__name__
 
 
 async def _ensure_database(server: EmbeddedServer, connect_timeout: float) -> None:

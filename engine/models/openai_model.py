@@ -51,6 +51,7 @@ from engine.models.base import (
     Usage,
 )
 from engine.models.sse import sse_data
+from engine.text import one_line
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 # Local servers (Ollama, llama.cpp, vLLM) ignore the key but the client
@@ -435,11 +436,11 @@ class OpenAIChatModel:
             # json.JSONDecodeError and pydantic's ValidationError are ValueErrors.
             return ModelResponseError(self._message("malformed response from the model server"))
         if isinstance(exc, openai.APIError):
-            return ModelResponseError(
-                self._message(f"model server error: {_one_line(exc.message)}")
-            )
+            detail = one_line(exc.message, MAX_SERVER_DETAIL_CHARS)
+            return ModelResponseError(self._message(f"model server error: {detail}"))
         if isinstance(exc, openai.OpenAIError):
-            return ModelError(self._message(f"model client error: {_one_line(str(exc))}"))
+            detail = one_line(str(exc), MAX_SERVER_DETAIL_CHARS)
+            return ModelError(self._message(f"model client error: {detail}"))
         return ModelResponseError(
             self._message(f"unexpected failure talking to the model: {type(exc).__name__}")
         )
@@ -875,10 +876,6 @@ def _shorten(text: str) -> str:
     if len(text) > MAX_SERVER_DETAIL_CHARS:
         return text[: MAX_SERVER_DETAIL_CHARS - 1] + "…"
     return text
-
-
-def _one_line(text: str) -> str:
-    return _shorten(" ".join(text.split()))
 
 
 def _is_http_url(url: str) -> bool:

@@ -38,6 +38,7 @@ from engine.db import Database
 from engine.errors import DatabaseError
 from engine.events import MemoryChanged, Resync
 from engine.jobs import job_counts
+from engine.queue import JobQueue
 from engine.records import Message
 from engine.runtime import Runtime, enqueue_memory_job, open_runtime
 from engine.scenarios import run_load
@@ -189,7 +190,7 @@ async def test_model_faults_at_twenty_percent_lose_nothing(
                 await _turn(rt, user_id, sid, _text(i, t), tally)
 
         await asyncio.gather(*(converse(i) for i in range(users)))
-        assert await rt.workers.wait_idle(within=IDLE_WITHIN)
+        assert await rt.dispatcher.wait_idle(within=IDLE_WITHIN)
         fake.fault_rate(0.0)
         report = await audit_invariants(rt.db, acknowledged=tally.acknowledged)
         async with rt.db.admin() as conn:
@@ -319,7 +320,7 @@ async def test_database_connections_killed_mid_load_recover(
         assert all(isinstance(e, TurnCompleted) for e in after.ends.values())
 
         # Jobs cut off by the outage are retried (lease expiry) and end done.
-        assert await rt.workers.wait_idle(within=IDLE_WITHIN)
+        assert await rt.dispatcher.wait_idle(within=IDLE_WITHIN)
         counts = await job_counts(rt.db)
         for user, ids in after.acknowledged.items():
             tally.acknowledged[user].extend(ids)
@@ -461,7 +462,7 @@ async def test_cli_killed_mid_turn_leaves_exactly_one_turn_without_outcome(
     assert again.returncode == 0, err
     assert "Echo: I also like tea." in out
     async with open_runtime(settings, run_workers=False) as rt:
-        assert await rt.workers.wait_idle(["victim"], within=IDLE_WITHIN)
+        assert await rt.dispatcher.wait_idle(["victim"], within=IDLE_WITHIN)
         async with rt.store.scope("victim") as s:
             memories = sorted(m.content for m in await s.list_memories())
         report = await audit_invariants(rt.db, acknowledged={"victim": [crashed]})
@@ -506,10 +507,10 @@ async def test_worker_killed_mid_job_then_restarted_keeps_invariants(
                     break
             assert loop.time() < deadline, "the dead worker's lease never expired"
             await asyncio.sleep(0.1)
-        rt.workers.start()
-        assert await rt.workers.wait_idle(["alice"], within=IDLE_WITHIN)
+        rt.dispatcher.start()
+        assert await rt.dispatcher.wait_idle(["alice"], within=IDLE_WITHIN)
         async with rt.store.scope("alice") as s:
-            (job,) = await s.list_jobs()
+            (job,) = await JobQueue.list_jobs(s)
         report = await audit_invariants(rt.db, acknowledged=tally.acknowledged)
     _report("worker killed mid-job", report)
     assert (job.status, job.attempts) == ("done", 2)

@@ -15,6 +15,7 @@ import pytest
 
 from bench.fake_openai import FakeOpenAI, canned_json, canned_sse, canned_text
 from engine.agent import TurnCompleted
+from engine.queue import JobQueue
 from engine.runtime import open_runtime
 from tests.conftest import Run, make_settings
 
@@ -38,7 +39,7 @@ async def _queue_a_job(tmp_path: Path, dsn: str, user: str, text: str) -> int:
         end = await rt.agent.run(user, sid, text)
         assert isinstance(end, TurnCompleted)
         async with rt.store.scope(user) as s:
-            job = await s.job_for_reply(end.reply.message_id)
+            job = await JobQueue.job_for_reply(s, end.reply.message_id)
     assert job is not None
     return job.job_id
 

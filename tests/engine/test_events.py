@@ -29,7 +29,8 @@ from engine.events import (
     Subscription,
     backoff,
 )
-from engine.store import JOB_CHANNEL, MEMORY_CHANNEL, Store
+from engine.queue import JOB_CHANNEL
+from engine.store import MEMORY_CHANNEL, Store
 
 pytestmark = pytest.mark.db
 

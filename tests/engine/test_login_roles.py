@@ -417,3 +417,31 @@ async def test_a_wrong_app_url_password_is_one_line_and_never_shown(
     if not checks["database"].ok:
         assert "\n" not in checks["database"].detail
         assert f"cannot log in to postgresql://{app}:***@" in checks["database"].detail
+
+
+async def test_the_queue_rule_and_channel_are_granted_to_this_databases_roles_only(
+    db: Database, database_dsn: str
+) -> None:
+    # 0007's functions, granted like 0006's: by memchat_grant_runtime_roles, not to PUBLIC.
+    owner = await asyncpg.connect(database_dsn)
+    try:
+        rows = await owner.fetch(
+            """
+            SELECT p.proname, array_agg(DISTINCT
+                       CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END
+                   ) AS grantees
+              FROM pg_proc p, aclexplode(p.proacl) a
+             WHERE p.proname IN ('memchat_queue_head', 'memchat_job_channel',
+                                 'memchat_claim_jobs')
+               AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner
+             GROUP BY p.proname
+            """
+        )
+    finally:
+        await owner.close()
+    granted = {row["proname"]: set(row["grantees"]) for row in rows}
+    assert granted == {
+        "memchat_queue_head": {db.roles.app},
+        "memchat_job_channel": {db.roles.app, db.roles.admin, db.roles.worker},
+        "memchat_claim_jobs": {db.roles.worker},
+    }

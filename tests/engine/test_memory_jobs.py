@@ -19,6 +19,7 @@ from engine.config import Settings
 from engine.events import JobChanged
 from engine.jobs import job_counts
 from engine.models import OfflineChatModel, OpenAIChatModel
+from engine.queue import JOB_CHANNEL, JobQueue
 from engine.runtime import Runtime, open_runtime
 from engine.scenarios import run_load, run_seed
 from tests.conftest import make_settings
@@ -77,17 +78,17 @@ async def test_turn_does_not_wait_for_extraction(runtime: Runtime, fake: FakeOpe
             update={"provider": "openai", "base_url": fake.base_url, "api_key": None}
         )
     )
-    runtime.workers.manager.model = slow
+    runtime.dispatcher.manager.model = slow
     fake.first_token_latency = 5.0
     try:
         sid = await _session(runtime, "alice")
         end = await asyncio.wait_for(runtime.agent.run("alice", sid, "My name is Alice."), 4)
         assert isinstance(end, TurnCompleted)
         async with runtime.store.scope("alice") as s:
-            jobs = await s.list_jobs()
+            jobs = await JobQueue.list_jobs(s)
         assert [j.status for j in jobs] in (["pending"], ["running"])
     finally:
-        await runtime.workers.stop(0)
+        await runtime.dispatcher.stop(0)
         await slow.aclose()
 
 
@@ -109,10 +110,10 @@ async def test_same_fact_in_two_sessions_at_once_is_one_memory(runtime: Runtime)
         runtime.agent.run("alice", two, "I like chess."),
     )
     assert all(isinstance(e, TurnCompleted) for e in ends)
-    assert await runtime.workers.wait_idle(["alice"], within=30)
+    assert await runtime.dispatcher.wait_idle(["alice"], within=30)
     assert await _memories(runtime, "alice") == ["Likes chess"]
     async with runtime.store.scope("alice") as s:
-        assert [j.status for j in await s.list_jobs()] == ["done", "done"]
+        assert [j.status for j in await JobQueue.list_jobs(s)] == ["done", "done"]
         assert [e.op for e in await s.memory_events()] == ["add"]
 
 
@@ -148,11 +149,11 @@ async def test_tool_calls_over_http_are_applied_and_foreign_ids_rejected(
                 {"name": "launch_rockets", "arguments": {}},
             ]
         )
-        assert await rt.workers.run_once()
+        assert await rt.dispatcher.run_once()
         assert await _memories(rt, "alice") == ["Drinks espresso", "Likes coffee"]
         assert await _memories(rt, "bob") == ["Name is Bob"]
         async with rt.store.scope("alice") as s:
-            job = (await s.list_jobs())[0]
+            job = (await JobQueue.list_jobs(s))[0]
             events = await s.memory_events()
         assert job.status == "done"
         assert [(e.op, e.job_id, e.actor) for e in events[-2:]] == [
@@ -185,15 +186,15 @@ async def test_failing_extraction_is_retried_then_failed(
         end = await rt.agent.run("alice", sid, "My name is Alice.")
         assert isinstance(end, TurnCompleted), "the turn itself is not affected"
         fake.fail_next(fault, count=2)  # type: ignore[arg-type]
-        assert await rt.workers.run_once()
+        assert await rt.dispatcher.run_once()
         async with rt.store.scope("alice") as s:
-            job = (await s.list_jobs())[0]
+            job = (await JobQueue.list_jobs(s))[0]
         assert (job.status, job.attempts) == ("pending", 1) and job.last_error
         # Backoff: the retry becomes claimable after retry_delay.
-        rt.workers.start()
-        assert await rt.workers.wait_idle(["alice"], within=30)
+        rt.dispatcher.start()
+        assert await rt.dispatcher.wait_idle(["alice"], within=30)
         async with rt.store.scope("alice") as s:
-            job = (await s.list_jobs())[0]
+            job = (await JobQueue.list_jobs(s))[0]
             assert await s.list_memories() == []
         assert (job.status, job.attempts) == ("failed", 2)
         assert job.last_error and ("timed out" in job.last_error or "server" in job.last_error)
@@ -234,14 +235,14 @@ async def test_worker_killed_mid_job_is_retried_exactly_once(
             proc.send_signal(signal.SIGKILL)
             proc.wait()
         async with rt.store.scope("alice") as s:
-            assert [j.status for j in await s.list_jobs()] == ["running"]
+            assert [j.status for j in await JobQueue.list_jobs(s)] == ["running"]
         # A new worker (offline model) takes over once the dead worker's lease expires.
-        rt.workers.settings.concurrency = 1
-        rt.workers._last_requeue = -1e9
-        rt.workers.start()
-        assert await rt.workers.wait_idle(["alice"], within=60)
+        rt.dispatcher.settings.concurrency = 1
+        rt.dispatcher._last_requeue = -1e9
+        rt.dispatcher.start()
+        assert await rt.dispatcher.wait_idle(["alice"], within=60)
         async with rt.store.scope("alice") as s:
-            job = (await s.list_jobs())[0]
+            job = (await JobQueue.list_jobs(s))[0]
             events = await s.memory_events()
         assert (job.status, job.attempts) == ("done", 2)
         assert job.last_error is None, "a job that succeeded carries no error"
@@ -266,8 +267,8 @@ async def test_two_processes_share_the_queue_each_job_once_in_user_order(
         # Extraction takes 50 ms a job in both processes, and each runs at most
         # 8 at once (of 50 users' queue heads), so neither can take the queue
         # alone before the other joins.
-        rt.workers.manager.model = OfflineChatModel(latency_ms=50)
-        rt.workers.settings.concurrency = 8
+        rt.dispatcher.manager.model = OfflineChatModel(latency_ms=50)
+        rt.dispatcher.settings.concurrency = 8
         async with rt.events.subscribe(None) as events:
             proc = _worker(
                 database_dsn,
@@ -277,8 +278,8 @@ async def test_two_processes_share_the_queue_each_job_once_in_user_order(
                 if isinstance(event, JobChanged) and event.state == "running":
                     break
         try:
-            rt.workers.start()
-            assert await rt.workers.wait_idle(within=120)
+            rt.dispatcher.start()
+            assert await rt.dispatcher.wait_idle(within=120)
         finally:
             proc.send_signal(signal.SIGTERM)
             _, err = await asyncio.to_thread(proc.communicate)
@@ -309,18 +310,23 @@ async def test_shutdown_with_jobs_pending_loses_none(
             sid = await _session(rt, user)
             await rt.agent.run(user, sid, f"My name is {user.title()}.")
         # Slow extraction: stop() will find a job running and give it back.
-        rt.workers.manager.model = OfflineChatModel(latency_ms=10_000)
-        rt.workers.settings.concurrency = 1
+        rt.dispatcher.manager.model = OfflineChatModel(latency_ms=10_000)
+        rt.dispatcher.settings.concurrency = 1
         async with rt.events.subscribe(None) as events:
-            rt.workers.start()
+            rt.dispatcher.start()
             async for event in events:
                 if isinstance(event, JobChanged) and event.state == "running":
                     break
-        await rt.workers.stop(drain_timeout=0)
+        await rt.dispatcher.stop(drain_timeout=0)
         counts = await job_counts(rt.db)
         assert (counts.pending, counts.running, counts.done) == (3, 0, 0)
     async with open_runtime(fast_settings) as rt:
-        assert await rt.workers.wait_idle(within=30)
+        assert await rt.dispatcher.wait_idle(within=30)
         assert (await job_counts(rt.db)).done == 3
         for user in ("alice", "bob", "carol"):
             assert await _memories(rt, user) == [f"Name is {user.title()}"]
+
+
+async def test_the_job_channel_has_one_name_in_python_and_sql(runtime: Runtime) -> None:
+    async with runtime.store.scope("alice") as s:
+        assert await s.conn.fetchval("SELECT memchat_job_channel()") == JOB_CHANNEL

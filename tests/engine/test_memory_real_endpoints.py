@@ -21,6 +21,7 @@ from bench.fake_openai import FakeOpenAI, canned_json, canned_sse
 from engine.agent import TurnCompleted, TurnFailed
 from engine.config import Settings
 from engine.extraction import EndpointModes
+from engine.queue import JobQueue
 from engine.records import MemoryJob
 from engine.runtime import Runtime, open_runtime
 from tests.conftest import make_settings
@@ -68,13 +69,13 @@ async def _turn(rt: Runtime, user: str, text: str) -> int:
     end = await rt.agent.run(user, sid, text)
     assert isinstance(end, TurnCompleted), end
     async with rt.store.scope(user) as s:
-        job = await s.job_for_reply(end.reply.message_id)
+        job = await JobQueue.job_for_reply(s, end.reply.message_id)
     assert job is not None
     return job.job_id
 
 
 async def _settle(rt: Runtime, user: str, job_id: int) -> MemoryJob:
-    job = await rt.workers.run_own_jobs(user, job_id, within=20)
+    job = await rt.dispatcher.run_own_jobs(user, job_id, within=20)
     assert job is not None and job.status in ("done", "failed"), job
     return job
 
@@ -162,7 +163,7 @@ async def test_auto_detects_an_endpoint_that_ignores_tools(
     job = await _settle(rt, "ann", job_id)
     assert (job.status, job.extraction) == ("done", "json")
     assert await _memories(rt, "ann") == ["Likes tea"]
-    assert rt.workers.manager.mode_label() == "json (auto)"
+    assert rt.dispatcher.manager.mode_label() == "json (auto)"
 
 
 async def test_a_json_answer_without_changes_says_so_on_the_job(
@@ -279,10 +280,10 @@ async def test_extraction_waits_while_a_reply_streams(rt_factory: Any, fake: Fak
     rt = await rt_factory(extraction="tools", pause_while_streaming=True)
     job_id = await _turn(rt, "ann", "I like tea.")
     with rt.agent.priority.replying():  # a reply of this process is streaming
-        task = asyncio.create_task(rt.workers.run_own_jobs("ann", job_id, within=20))
+        task = asyncio.create_task(rt.dispatcher.run_own_jobs("ann", job_id, within=20))
         while True:  # wait for the claim: the job is running, its model call held back
             async with rt.store.scope("ann") as s:
-                job = await s.get_job(job_id)
+                job = await JobQueue.get_job(s, job_id)
             if job is not None and job.status == "running":
                 break
             await asyncio.sleep(0.01)

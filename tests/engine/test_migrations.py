@@ -90,3 +90,34 @@ async def test_two_processes_migrating_at_once_both_succeed(empty_database_dsn: 
     everything = str([m.version for m in available_migrations()])
     # Exactly one process applied the migrations; the others found nothing to do.
     assert outputs == sorted(["[]", "[]", everything])
+
+
+async def test_0007_grants_its_functions_to_roles_granted_before_it(
+    empty_database_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A database at 0006 whose roles were granted then: memchat_grant_runtime_roles
+    # does not run again (the roles did not change), so 0007 grants what it adds.
+    import engine.db.migrate as migrate_module
+
+    every = available_migrations()
+    conn = await asyncpg.connect(empty_database_dsn)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(
+                migrate_module, "available_migrations", lambda: [m for m in every if m.version < 7]
+            )
+            await migrate(conn)
+        assert await migrate(conn) == [7]
+        roles = dict(await conn.fetch("SELECT kind, rolname FROM memchat_runtime_roles"))
+        for role, function, allowed in (
+            (roles["app"], "memchat_queue_head(text, bigint)", True),
+            (roles["worker"], "memchat_job_channel()", True),
+            (roles["admin"], "memchat_queue_head(text, bigint)", False),
+            ("public", "memchat_queue_head(text, bigint)", False),
+        ):
+            may = await conn.fetchval(
+                "SELECT has_function_privilege($1, $2, 'EXECUTE')", role, function
+            )
+            assert may is allowed, (role, function)
+    finally:
+        await conn.close()

@@ -16,7 +16,8 @@ import pytest
 from engine.admin import AdminReader
 from engine.db import Database
 from engine.events import EventHub, JobChanged, MemoryChanged
-from engine.store import JOB_CHANNEL, MEMORY_CHANNEL, Store
+from engine.queue import JOB_CHANNEL, JobQueue
+from engine.store import MEMORY_CHANNEL, Store
 
 pytestmark = pytest.mark.db
 
@@ -81,14 +82,14 @@ async def test_history_outlives_the_memory_and_jobs_outlive_their_session(
     async with store.scope("alice") as s:
         user_message = (await s.get_messages([message_id]))[message_id]
         reply = await s.append_message(session_id, "assistant", "Hi Alice")
-        job_id = await s.enqueue_memory_job(user_message, reply)
+        job_id = await JobQueue.enqueue(s, user_message, reply)
         await s.update_memory(memory_id, "Name is Alice B")
         await s.delete_memory(memory_id)
     async with store.scope("alice") as s:
         ops = [e.op for e in await s.memory_events(memory_id)]
         assert ops == ["add", "update", "delete"]
         await s.delete_session(session_id)
-        job = next(j for j in await s.list_jobs() if j.job_id == job_id)
+        job = next(j for j in await JobQueue.list_jobs(s) if j.job_id == job_id)
     assert (job.session_id, job.user_message_id, job.assistant_message_id) == (None, None, None)
 
 
@@ -128,7 +129,7 @@ async def test_forged_notifications_carry_nothing_a_listener_trusts(
     assert "EVIL" not in repr(first) and "EVIL" not in repr(second)
     # And what the store itself sends carries ids and an op, never content.
     async with store.scope("alice") as s:
-        assert (await s.job_state()) == ("idle", None)
+        assert (await JobQueue.job_state(s)) == ("idle", None)
 
 
 async def test_payloads_the_store_sends_carry_ids_only(store: Store, database_dsn: str) -> None:

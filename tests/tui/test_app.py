@@ -274,7 +274,7 @@ async def test_demo_mode_plays_the_seed_into_three_panes(make_app: AppFactory) -
         await app.ready.wait()
         await app.demo.finished.wait()
         assert app.runtime is not None
-        assert await app.runtime.workers.wait_idle(within=30)
+        assert await app.runtime.dispatcher.wait_idle(within=30)
         mark = pane(app, "seed-1@example.com")
         await wait_until(lambda: "Name is Mark Gonzales" in sidebar_texts(mark))
         jane = pane(app, "seed-3@example.com")

@@ -16,7 +16,8 @@ import pytest
 
 from engine.admin import AdminReader
 from engine.config import load_settings
-from engine.store import JOB_CHANNEL, MEMORY_CHANNEL
+from engine.queue import JOB_CHANNEL
+from engine.store import MEMORY_CHANNEL
 from tests.tui.conftest import AppFactory, wait_until
 from tui.app import MemchatApp, StatusBar
 from tui.screens.inspector import user_title

@@ -46,7 +46,7 @@ async def settle(pilot: Pilot[Any]) -> None:
         await app.workers.wait_for_complete(turns)
     runtime = app.runtime
     assert runtime is not None
-    assert await runtime.workers.wait_idle(within=60)
+    assert await runtime.dispatcher.wait_idle(within=60)
 
     async def sidebars_current() -> bool:
         for pane in app.panes:

@@ -43,7 +43,8 @@ from engine.admin import (
     TokenUsage,
     UserOverview,
 )
-from engine.terminal import terminal_safe
+from engine.text import plural
+from tui.widgets.messages import literal
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +63,6 @@ USER_CHECKS = (CHECK_SOURCES, CHECK_NAMES)
 
 OK_MARK = "✓"
 FAIL_MARK = "✗"
-
-
-def literal(text: str | None, style: str = "") -> Text:
-    """User or model text as shown: control characters escaped, markup not parsed."""
-    return Text(terminal_safe(text or ""), style=style)
-
-
-def _plural(count: int, noun: str, plural: str | None = None) -> str:
-    return f"{count} {noun if count == 1 else plural or noun + 's'}"
 
 
 def _jobs_text(jobs: JobCounts) -> Text:
@@ -96,12 +88,12 @@ def user_summary(user: UserOverview) -> Text:
     """``2 sessions · 8 messages · 4 memories · jobs: 4 done`` (the user id is the title)."""
     dot = (" · ", "dim")
     text = Text()
-    memories = _plural(len(user.memories), "memory", "memories")
+    memories = plural(len(user.memories), "memory")
     if user.forgotten:
         memories += f" ({user.forgotten} forgotten)"
     for part in (
-        _plural(len(user.sessions), "session"),
-        _plural(user.messages, "message"),
+        plural(len(user.sessions), "session"),
+        plural(user.messages, "message"),
         memories,
     ):
         text.append(part)
@@ -136,7 +128,7 @@ def tokens_text(user: UserOverview) -> Text | None:
 def _problem_text(problem: JobProblem) -> Text:
     text = Text()
     if problem.status == "failed":
-        tries = _plural(problem.attempts, "attempt")
+        tries = plural(problem.attempts, "attempt")
         text.append(f"{FAIL_MARK} Failed job ({tries}): ", style="bold red")
         text.append_text(literal(problem.error or "(no error recorded)", "red"))
     if problem.note:
@@ -297,12 +289,12 @@ def verdict_text(result: AuditResult) -> Text:
     total = len(result.checks)
     if result.ok:
         return Text(
-            f"{OK_MARK} Isolation audit: all {_plural(total, 'check')} passed",
+            f"{OK_MARK} Isolation audit: all {plural(total, 'check')} passed",
             style="bold green",
         )
     failed = len(result.failed)
     return Text(
-        f"{FAIL_MARK} Isolation audit: {failed} of {_plural(total, 'check')} FAILED",
+        f"{FAIL_MARK} Isolation audit: {failed} of {plural(total, 'check')} FAILED",
         style="bold red",
     )
 
@@ -506,7 +498,7 @@ class InspectorScreen(Screen[None]):
         self.query(LoadingIndicator).remove()
 
     async def _show(self, overview: list[UserOverview], audit: AuditResult) -> None:
-        self._set_status(f"{_plural(len(overview), 'user')} · read-only admin view")
+        self._set_status(f"{plural(len(overview), 'user')} · read-only admin view")
         panel = self.query_one("#audit", VerticalScroll)
         panel.set_class(audit.ok, "-passed")
         panel.set_class(not audit.ok, "-failed")
@@ -539,7 +531,7 @@ class InspectorScreen(Screen[None]):
         await self.query(".more-users").remove()
         await users.mount_all(sections)
         if self._unmounted:
-            more = Text(f"{_plural(len(self._unmounted), 'more user')} below…", style="dim italic")
+            more = Text(f"{plural(len(self._unmounted), 'more user')} below…", style="dim italic")
             await users.mount(Static(more, classes="more-users"))
 
     async def _on_users_scrolled(self) -> None:

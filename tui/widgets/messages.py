@@ -26,9 +26,9 @@ def _reply_parser() -> MarkdownIt:
     return _PARSER
 
 
-def literal(text: str) -> Text:
+def literal(text: str | None, style: str = "") -> Text:
     """User or model text, shown exactly: no Rich markup, no control sequences."""
-    return Text(terminal_safe(text))
+    return Text(terminal_safe(text or ""), style=style)
 
 
 class UserMessage(Static):

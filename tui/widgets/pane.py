@@ -27,6 +27,7 @@ from textual.worker import Worker, WorkerState
 from engine.agent import TurnCancelled, TurnCompleted, TurnDelta, TurnFailed, TurnStarted
 from engine.errors import MemchatError, NotFound
 from engine.events import JobChanged, MemoryChanged, Resync
+from engine.queue import JobQueue
 from engine.records import Memory, Session
 from engine.runtime import Runtime
 from engine.store import UserScope
@@ -192,7 +193,7 @@ class UserPane(Vertical):
                 history = await s.last_messages(session.session_id, PAGE_SIZE)
                 total = await s.count_messages(session.session_id)
                 memories = await s.list_memories()
-                jobs = await s.list_jobs(limit=1)
+                jobs = await JobQueue.list_jobs(s, limit=1)
         except MemchatError as exc:
             self._report(exc)
             # Loaded as far as it goes: whoever waits for the pane (the app's
@@ -316,7 +317,7 @@ class UserPane(Vertical):
         # one: an event only says "look again". What the sidebar shows is
         # what this user's scope reads, never the payload's state.
         async with self.runtime.store.scope(self.user_id) as s:
-            state, error = await s.job_state()
+            state, error = await JobQueue.job_state(s)
         if state == "failed":
             self.sidebar.job_error = error or ""
         self.sidebar.job_state = state

@@ -1,0 +1,310 @@
+"""The durable memory-job queue: every statement on ``memory_jobs`` is here.
+
+``JobQueue`` is the one place that reads or writes the ``memory_jobs`` table,
+in the manner of a job-queue manager (procrastinate's ``JobManager``): the
+SQL is kept together below as named queries, and every change of a job's
+state notifies ``JOB_CHANNEL``.
+
+Two ways in, as the database's roles allow:
+
+- inside a user's scope (``Store.scope``: the app login, row-level security):
+  enqueue a turn's job with its reply, claim that user's head-of-queue job
+  (``memchat chat``), settle, release, extend a lease, and read that user's
+  jobs. These take the scope, so they join its transaction;
+- through ``Database.queue()`` (the worker login, which may only call the
+  queue functions): the dispatcher's batch claim across users, requeueing
+  expired leases, and the counts across users.
+
+Which job may run is one rule, in one SQL function (``memchat_queue_head``,
+migration 0007): a job is claimable when no older job of the same user is
+still open, so a user's jobs run one at a time and in order.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from engine.db import Database
+from engine.models.base import Usage
+from engine.records import JobCounts, JobStatus, MemoryJob, Message
+from engine.store import stored_error
+from engine.validation import storable
+
+if TYPE_CHECKING:
+    from engine.store import UserScope
+
+JOB_CHANNEL = "memchat_jobs"
+"""Where every change of a job's state is announced (``memchat_job_channel()`` in SQL)."""
+
+SidebarJobState = Literal["idle", "running", "failed"]
+
+_JOB_COLUMNS = (
+    "job_id, user_id, session_id, user_message_id, assistant_message_id, status, attempts, "
+    "run_after, lease_until, worker, last_error, created_at, started_at, finished_at, note, "
+    "extraction, prompt_tokens, completion_tokens"
+)
+
+# -- named queries: a user's scope (app login, row-level security) -------------
+
+ENQUEUE = """
+    WITH job AS (
+        INSERT INTO memory_jobs
+            (user_id, session_id, user_message_id, assistant_message_id)
+        VALUES ($1, $2, $3, $4)
+        RETURNING job_id
+    )
+    SELECT job_id FROM job, LATERAL pg_notify($5, json_build_object(
+        'user_id', $1::text, 'job_id', job_id, 'state', 'pending')::text) n
+"""
+
+CLAIM_HEAD_JOB = f"""
+    WITH claimed AS (
+        UPDATE memory_jobs
+           SET status = 'running', attempts = attempts + 1, worker = $2,
+               started_at = clock_timestamp(),
+               lease_until = clock_timestamp() + make_interval(secs => $3)
+         WHERE job_id = (
+                   SELECT j.job_id FROM memory_jobs j
+                    WHERE j.user_id = $1 AND j.status = 'pending'
+                      AND j.run_after <= clock_timestamp()
+                      AND memchat_queue_head(j.user_id, j.job_id)
+                    ORDER BY j.job_id LIMIT 1
+                      FOR UPDATE SKIP LOCKED)
+        RETURNING {_JOB_COLUMNS}
+    )
+    SELECT claimed.* FROM claimed, LATERAL pg_notify($4, json_build_object(
+        'user_id', claimed.user_id, 'job_id', claimed.job_id,
+        'state', 'running')::text) notified
+"""
+
+SETTLE = """
+    UPDATE memory_jobs
+       SET status = $3,
+           last_error = CASE WHEN $3 = 'done' THEN NULL
+                             ELSE COALESCE($4, last_error) END,
+           -- A success keeps what earlier attempts ran into as history, not error.
+           note = CASE WHEN $3 = 'done' AND last_error IS NOT NULL
+                       THEN concat_ws('; ', COALESCE($7, note),
+                                      'succeeded after: ' || last_error)
+                       ELSE COALESCE($7, note) END,
+           extraction = COALESCE($8, extraction),
+           prompt_tokens = CASE WHEN $9::int IS NULL THEN prompt_tokens
+                                ELSE coalesce(prompt_tokens, 0) + $9 END,
+           completion_tokens = CASE WHEN $10::int IS NULL THEN completion_tokens
+                                    ELSE coalesce(completion_tokens, 0) + $10 END,
+           run_after = CASE WHEN $5::float8 IS NULL THEN run_after
+                            ELSE clock_timestamp() + make_interval(secs => $5) END,
+           finished_at = CASE WHEN $3 IN ('done', 'failed') THEN clock_timestamp() END,
+           lease_until = NULL,
+           worker = CASE WHEN $3 = 'pending' THEN NULL ELSE worker END
+     WHERE job_id = $1 AND worker = $2 AND status = 'running'
+    RETURNING user_id, job_id, pg_notify($6, json_build_object(
+        'user_id', user_id, 'job_id', job_id, 'state', $3::text)::text)
+"""
+
+RELEASE = """
+    UPDATE memory_jobs
+       SET status = 'pending', attempts = greatest(attempts - 1, 0), worker = NULL,
+           lease_until = NULL, run_after = clock_timestamp()
+     WHERE job_id = $1 AND worker = $2 AND status = 'running'
+    RETURNING pg_notify($3, json_build_object(
+        'user_id', user_id, 'job_id', job_id, 'state', 'pending')::text)
+"""
+
+EXTEND_LEASE = """
+    UPDATE memory_jobs SET lease_until = clock_timestamp() + make_interval(secs => $3)
+     WHERE job_id = $1 AND worker = $2 AND status = 'running'
+"""
+
+GET_JOB = f"SELECT {_JOB_COLUMNS} FROM memory_jobs WHERE job_id = $1"
+
+JOB_FOR_REPLY = f"SELECT {_JOB_COLUMNS} FROM memory_jobs WHERE assistant_message_id = $1"
+
+LIST_JOBS = f"""
+    SELECT {_JOB_COLUMNS} FROM memory_jobs WHERE user_id = $1
+     ORDER BY job_id DESC LIMIT $2
+"""
+
+OPEN_JOB_COUNT = """
+    SELECT count(*) FROM memory_jobs WHERE user_id = $1
+       AND status IN ('pending', 'running')
+"""
+
+JOB_STATE = """
+    SELECT EXISTS (SELECT 1 FROM memory_jobs
+                    WHERE user_id = $1 AND status = 'running') AS running,
+           newest.status, newest.last_error
+      FROM (SELECT 1) one
+      LEFT JOIN LATERAL (SELECT status, last_error FROM memory_jobs WHERE user_id = $1
+                          ORDER BY job_id DESC LIMIT 1) newest ON true
+"""
+
+# -- named queries: the queue functions (worker login, Database.queue()) -------
+
+CLAIM_JOBS = "SELECT * FROM memchat_claim_jobs($1, $2, $3)"
+REQUEUE_EXPIRED = "SELECT memchat_requeue_expired_jobs()"
+JOB_COUNTS = "SELECT * FROM memchat_job_counts()"
+
+
+@dataclass(frozen=True, slots=True)
+class JobOutcome:
+    """What a settled job records besides its status: usage, mode, a note."""
+
+    note: str | None = None
+    extraction: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    """What a claim hands the dispatcher: enough to run the job."""
+
+    job_id: int
+    user_id: str
+    session_id: uuid.UUID | None
+    user_message_id: int | None
+    assistant_message_id: int | None
+    attempts: int
+
+    @classmethod
+    def of(cls, job: MemoryJob) -> ClaimedJob:
+        return cls(
+            job.job_id,
+            job.user_id,
+            job.session_id,
+            job.user_message_id,
+            job.assistant_message_id,
+            job.attempts,
+        )
+
+
+class JobQueue:
+    """Every ``memory_jobs`` statement: per user in a scope, across users via the queue login."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- across users (Database.queue()) -----------------------------------
+
+    async def claim(self, worker: str, lease_seconds: float, limit: int) -> list[ClaimedJob]:
+        """Claim up to ``limit`` jobs, each the head of some user's queue."""
+        async with self.db.queue() as conn:
+            rows = await conn.fetch(CLAIM_JOBS, worker, lease_seconds, limit)
+        return [ClaimedJob(**row) for row in rows]
+
+    async def requeue_expired(self) -> int:
+        """Give jobs whose worker was lost (lease expired) back to the queue."""
+        async with self.db.queue() as conn:
+            return await conn.fetchval(REQUEUE_EXPIRED)
+
+    async def counts(self) -> JobCounts:
+        """Jobs by status across all users (no user content)."""
+        async with self.db.queue() as conn:
+            row = await conn.fetchrow(JOB_COUNTS)
+        return JobCounts(**row)
+
+    # -- within one user's scope -------------------------------------------
+
+    @staticmethod
+    async def enqueue(scope: UserScope, user_message: Message, reply: Message) -> int:
+        """Queue extraction for one turn; workers hear of it when the scope commits."""
+        return await scope.conn.fetchval(
+            ENQUEUE,
+            scope.user_id,
+            user_message.session_id,
+            user_message.message_id,
+            reply.message_id,
+            JOB_CHANNEL,
+        )
+
+    @staticmethod
+    async def claim_head_job(
+        scope: UserScope, worker: str, lease_seconds: float
+    ) -> MemoryJob | None:
+        """Claim this user's oldest open job if it is pending and due.
+
+        For a process that must run only its own user's jobs (``memchat chat``):
+        the same head-of-queue rule as the dispatcher's claim, within this
+        user's scope, so it never sees or takes another user's work.
+        """
+        row = await scope.conn.fetchrow(
+            CLAIM_HEAD_JOB, scope.user_id, worker, lease_seconds, JOB_CHANNEL
+        )
+        return MemoryJob(**row) if row is not None else None
+
+    @staticmethod
+    async def settle(
+        scope: UserScope,
+        job_id: int,
+        worker: str,
+        status: JobStatus,
+        *,
+        error: str | None = None,
+        retry_in: float | None = None,
+        outcome: JobOutcome | None = None,
+    ) -> bool:
+        """Record a job's outcome, if this worker still holds it.
+
+        False means the lease was lost (another worker took the job over): the
+        caller must roll back what it did, so the job's effect happens once.
+        A job that ends ``done`` keeps no error of an earlier attempt.
+        """
+        outcome = outcome or JobOutcome()
+        row = await scope.conn.fetchrow(
+            SETTLE,
+            job_id,
+            worker,
+            status,
+            stored_error(error),
+            retry_in,
+            JOB_CHANNEL,
+            storable(outcome.note) if outcome.note is not None else None,
+            outcome.extraction,
+            outcome.usage.prompt_tokens if outcome.usage else None,
+            outcome.usage.completion_tokens if outcome.usage else None,
+        )
+        return row is not None
+
+    @staticmethod
+    async def release(scope: UserScope, job_id: int, worker: str) -> bool:
+        """Give an unfinished job back (shutdown): pending again, this attempt not counted."""
+        row = await scope.conn.fetchrow(RELEASE, job_id, worker, JOB_CHANNEL)
+        return row is not None
+
+    @staticmethod
+    async def extend_lease(scope: UserScope, job_id: int, worker: str, seconds: float) -> bool:
+        status = await scope.conn.execute(EXTEND_LEASE, job_id, worker, seconds)
+        return status == "UPDATE 1"
+
+    @staticmethod
+    async def get_job(scope: UserScope, job_id: int) -> MemoryJob | None:
+        row = await scope.conn.fetchrow(GET_JOB, job_id)
+        return MemoryJob(**row) if row is not None else None
+
+    @staticmethod
+    async def job_for_reply(scope: UserScope, reply_id: int) -> MemoryJob | None:
+        """The memory job queued with a stored reply, if any."""
+        row = await scope.conn.fetchrow(JOB_FOR_REPLY, reply_id)
+        return MemoryJob(**row) if row is not None else None
+
+    @staticmethod
+    async def list_jobs(scope: UserScope, limit: int = 100) -> list[MemoryJob]:
+        """This user's jobs, newest first."""
+        rows = await scope.conn.fetch(LIST_JOBS, scope.user_id, limit)
+        return [MemoryJob(**row) for row in rows]
+
+    @staticmethod
+    async def open_job_count(scope: UserScope) -> int:
+        return await scope.conn.fetchval(OPEN_JOB_COUNT, scope.user_id)
+
+    @staticmethod
+    async def job_state(scope: UserScope) -> tuple[SidebarJobState, str | None]:
+        """What the sidebar shows: running while a job runs, else failed if the newest failed."""
+        row = await scope.conn.fetchrow(JOB_STATE, scope.user_id)
+        if row["running"]:
+            return "running", None
+        if row["status"] == "failed":
+            return "failed", row["last_error"]
+        return "idle", None
