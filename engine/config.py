@@ -90,7 +90,14 @@ class ModelSettings(_Section):
     name: str = Field(default="gpt-4o-mini", min_length=1)
     base_url: str | None = None
     api_key: SecretStr | None = None
-    timeout: float = Field(default=60.0, gt=0, description="Seconds per model request.")
+    timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "Seconds a request may wait for an answer; a streamed reply fails after this "
+            "long without new reply text (reasoning alone does not count)."
+        ),
+    )
     max_retries: int = Field(default=2, ge=0, le=20)
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens: int = Field(
@@ -496,7 +503,8 @@ def _describe_validation_error(exc: ValidationError, path: Path | None) -> str:
 
 def _origin_of(loc: list[str], path: Path | None) -> str:
     env_name = ENV_PREFIX + ENV_NESTED_DELIMITER.join(part.upper() for part in loc)
-    if env_name in os.environ:
+    # Field names are lower case: a key in any other case can only be the file's.
+    if env_name in os.environ and all(part == part.lower() for part in loc):
         return f"environment variable {env_name}"
     return str(path) if path is not None else "settings"
 

@@ -39,6 +39,7 @@ from engine.models.base import (
     TextDelta,
 )
 from engine.queue import JobQueue
+from engine.redact import key_variants, scrub
 from engine.text import one_line
 
 MODEL_CHECK_TIMEOUT = 5.0
@@ -299,7 +300,8 @@ async def model_check(
             return CheckResult(MODEL, True, detail)
         detail = f"{shown} answered HTTP {status} to GET /models"
         return CheckResult(MODEL, False, detail, _MODEL_FIX)
-    except (openai.OpenAIError, ValueError) as exc:
+    except (openai.OpenAIError, ValueError, TypeError, AttributeError) as exc:
+        # TypeError/AttributeError: a 200 whose body has no model list at all.
         detail = f"{shown} gave an unusable answer to GET /models ({type(exc).__name__})"
         return CheckResult(MODEL, False, detail, _MODEL_FIX)
     finally:
@@ -382,7 +384,7 @@ async def _extraction_check(settings: Settings, probe_model: ModelSettings) -> C
     where = model.endpoint
     if wanted == "auto":
         # What the jobs would learn on their first run: learn it now.
-        EndpointModes().remember(where, mode, reason)
+        EndpointModes().remember(where, mode, scrub(reason))
         return CheckResult(EXTRACTION, True, f"{mode} for {where} (auto: {reason})")
     if wanted == "tools" and mode == "json":
         fix = 'set memory.extraction = "auto" or "json"'
@@ -414,8 +416,9 @@ def _connection_reason(exc: BaseException) -> str:
 
 def _secrets_of(settings: Settings) -> list[str]:
     secrets = []
-    if settings.model.api_key is not None:
-        secrets.append(settings.model.api_key.get_secret_value())
+    for key in (settings.model.api_key, settings.memory.api_key):
+        if key is not None:
+            secrets += key_variants(key.get_secret_value())
     urls = [
         settings.database.url,
         settings.database.app_url,

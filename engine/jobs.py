@@ -46,6 +46,10 @@ RECOUNT_SECONDS = 0.02
 OWN_JOB_POLL_SECONDS = 0.1
 
 
+class OutOfTime(Exception):
+    """A caller's deadline came during the model call; the job goes back, unchanged."""
+
+
 class LeaseLost(Exception):
     """Another worker took this job over; what we did must be rolled back."""
 
@@ -233,7 +237,11 @@ class MemoryDispatcher:
                 claimed = await self.queue.claim_head_job(s, self.name, self.settings.lease_seconds)
                 current = await self.queue.get_job(s, job_id)
             if claimed is not None:
-                await self._process(ClaimedJob.of(claimed))
+                if not await self._process(ClaimedJob.of(claimed), deadline=deadline):
+                    # Out of time mid-job (a slow or trickling model): it was
+                    # given back, pending, for a dispatcher or the next run.
+                    async with self.store.scope(user_id) as s:
+                        return await self.queue.get_job(s, job_id)
                 continue
             if current is None or current.status in ("done", "failed"):
                 return current
@@ -254,35 +262,43 @@ class MemoryDispatcher:
 
     # -- one job -----------------------------------------------------------
 
-    async def _process(self, job: ClaimedJob) -> None:
+    async def _process(self, job: ClaimedJob, *, deadline: float | None = None) -> bool:
+        """Run one job to its outcome; False when ``deadline`` (``time.monotonic()``)
+        came during the model call and the job was given back, pending."""
         if job.attempts > self.settings.max_attempts:
             await self._settle(job, "failed", error="gave up: the worker running it was lost")
-            return
+            return True
         heartbeat = asyncio.create_task(self._heartbeat(job))
         try:
-            result = await self._extract_and_apply(job)
+            result = await self._extract_and_apply(job, deadline)
+        except OutOfTime:
+            await self._give_back(job)
+            return False
         except LeaseLost:
             # Its lease ran out and another worker took it, or its user was deleted.
             log.warning("memory job %s is no longer ours; its changes were rolled back", job.job_id)
-            return
+            return True
         except ModelError as exc:
             await self._fail_or_retry(job, exc.message, permanent=exc.permanent)
-            return
+            return True
         except MemchatError as exc:
             await self._fail_or_retry(job, exc.message)
-            return
+            return True
         except Exception as exc:
             log.exception("memory job %s failed unexpectedly", job.job_id)
             await self._fail_or_retry(job, f"internal error: {type(exc).__name__}: {exc}")
-            return
+            return True
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
         if result is not None and result.rejected:
             log.info("memory job %s rejected: %s", job.job_id, "; ".join(result.rejected))
+        return True
 
-    async def _extract_and_apply(self, job: ClaimedJob) -> ApplyResult | None:
+    async def _extract_and_apply(
+        self, job: ClaimedJob, deadline: float | None = None
+    ) -> ApplyResult | None:
         wanted = [i for i in (job.user_message_id, job.assistant_message_id) if i is not None]
         async with self.store.scope(job.user_id) as s:
             messages = await s.get_messages(wanted)
@@ -295,7 +311,15 @@ class MemoryDispatcher:
         reply = messages.get(job.assistant_message_id or -1)
         if self.settings.pause_while_streaming and self.priority is not None:
             await self.priority.wait_until_quiet()
-        plan = await self.manager.plan(memories, user_message, reply)
+        if deadline is None:
+            plan = await self.manager.plan(memories, user_message, reply)
+        else:
+            # Only the model call is cut short: no transaction is open during it.
+            try:
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                    plan = await self.manager.plan(memories, user_message, reply)
+            except TimeoutError:
+                raise OutOfTime from None
         async with self.store.scope(job.user_id) as s:
             result = await self.manager.apply(s, plan, source=user_message, job_id=job.job_id)
             notes = [n for n in (plan.note, result.note(self.settings)) if n]

@@ -35,6 +35,7 @@ from engine.models import (
 )
 from engine.models.prompt_blocks import AliasedMemory, memory_alias, render_extraction_request
 from engine.records import Memory, Message
+from engine.redact import scrub
 from engine.store import UserScope
 from engine.validation import printable
 
@@ -297,6 +298,7 @@ class MemoryManager:
             return mode
 
     def _learn(self, mode: ExtractionMode, reason: str) -> None:
+        reason = scrub(reason)  # a server's error text may echo the key
         # Shown by `memchat doctor`, `memchat jobs` and the status line: a log
         # line beside a CLI reply would only be noise.
         log.info("memory extraction for %s: %s mode, because %s", self.model.endpoint, mode, reason)

@@ -176,12 +176,16 @@ def remember(values: Iterable[str]) -> None:
 def remember_secrets(settings: Settings) -> None:
     """Every secret the settings hold: the API key, passwords in the database and model URLs."""
     values: list[str] = []
-    if settings.model.api_key is not None:
-        values += key_variants(settings.model.api_key.get_secret_value())
-    if settings.model.base_url:
-        values += secrets_in_url(settings.model.base_url, user_is_secret=True)
-    if settings.database.url is not None:
-        values += secrets_in_url(settings.database.url.get_secret_value())
+    for key in (settings.model.api_key, settings.memory.api_key):
+        if key is not None:
+            values += key_variants(key.get_secret_value())
+    for model_url in (settings.model.base_url, settings.memory.base_url):
+        if model_url:
+            values += secrets_in_url(model_url, user_is_secret=True)
+    database = settings.database
+    for url in (database.url, database.app_url, database.admin_url, database.worker_url):
+        if url is not None:
+            values += secrets_in_url(url.get_secret_value())
     remember(values)
 
 

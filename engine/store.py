@@ -515,7 +515,10 @@ def _clean_topics(topics: Sequence[str]) -> list[str]:
     for topic in topics:
         if not isinstance(topic, str):
             continue
-        text = " ".join(storable(topic).split())[:MAX_TOPIC_CHARS].lower()
+        # Cut before cleaning: a model may send a huge topic (or 60,000 of them).
+        text = " ".join(storable(topic[: MAX_TOPIC_CHARS * 4]).split())[:MAX_TOPIC_CHARS].lower()
         if text and text not in cleaned:
             cleaned.append(text)
-    return cleaned[:MAX_TOPICS]
+            if len(cleaned) == MAX_TOPICS:
+                break
+    return cleaned

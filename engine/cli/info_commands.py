@@ -78,6 +78,8 @@ def redacted_settings(settings: Settings) -> dict[str, Any]:
         # user:pass@ and query secrets (api_key=, sig=, ...) are refused or
         # allowed elsewhere; here they are only never shown.
         data["model"]["base_url"] = redact_url(settings.model.base_url, keep_user=False)
+    if settings.memory.base_url:
+        data["memory"]["base_url"] = redact_url(settings.memory.base_url, keep_user=False)
     data["model"]["resolved_provider"] = settings.model.resolved_provider
     return data
 

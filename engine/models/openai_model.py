@@ -18,9 +18,11 @@ whichever of the shapes in use they come in.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
@@ -59,6 +61,8 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 PLACEHOLDER_API_KEY = "not-needed"
 MAX_SERVER_DETAIL_CHARS = 160
 CHAT_COMPLETIONS = "/chat/completions"
+RETRY_ALLOWANCE_SECONDS = 10.0
+"""Room per attempt beyond model.timeout in a whole request's deadline (back-off, slack)."""
 # The client's own switch (what ``with_streaming_response`` sets) for "hand me
 # the response unread": the reply is read as it arrives, not buffered.
 STREAMED: openai.RequestOptions = {"headers": {"X-Stainless-Raw-Response": "stream"}}
@@ -170,7 +174,26 @@ class OpenAIChatModel:
         )
 
     async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[StreamEvent]:
+        # model.timeout bounds the wait for reply text, not only each read: a
+        # server sending keep-alive comments, blanks or an endless <think>
+        # block would otherwise hold the turn forever. Visible text re-arms it.
+        # The request itself (connect, headers) keeps the client's own timeout
+        # and retries; the deadline starts with the body.
         response = await self._send(self._request(messages), stream=True)
+        loop = asyncio.get_running_loop()
+        deadline = asyncio.timeout(self._timeout)
+        try:
+            async with deadline, contextlib.aclosing(self._read_stream(response)) as events:
+                async for event in events:
+                    if isinstance(event, TextDelta) and event.text.strip():
+                        deadline.reschedule(loop.time() + self._timeout)
+                    yield event
+        except TimeoutError as exc:
+            raise ModelTimeout(
+                self._message(f"no reply text came for {self._timeout:g}s (model.timeout)")
+            ) from exc
+
+    async def _read_stream(self, response: httpx2.Response) -> AsyncGenerator[StreamEvent, None]:
         parts: list[str] = []
         usage: Usage | None = None
         finish_reason: str | None = None
@@ -342,7 +365,20 @@ class OpenAIChatModel:
         self, request: dict[str, Any], *, json_object: bool = False
     ) -> tuple[dict[str, Any], str | None, Usage | None]:
         """The message, finish reason and usage of one non-streamed answer."""
-        response = await self._send(request, json_object=json_object)
+        # The client's timeout bounds each read, not the request: a server
+        # that trickles its body a byte at a time would hold it forever.
+        # Lenient on purpose: the client's own timeouts speak first when they apply.
+        whole = (self._timeout + RETRY_ALLOWANCE_SECONDS) * (self._max_retries + 1)
+        try:
+            async with asyncio.timeout(whole):
+                response = await self._send(request, json_object=json_object)
+        except TimeoutError as exc:
+            raise ModelTimeout(
+                self._message(
+                    f"model request timed out: the answer took longer than {whole:g}s in all "
+                    "(model.timeout, max_retries)"
+                )
+            ) from exc
         try:
             body = json.loads(response.content)
         except RecursionError as exc:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator
 
+MAX_LINE_BYTES = 4 * 1024 * 1024
+
 
 async def sse_data(chunks: AsyncIterable[bytes]) -> AsyncIterator[str]:
     """Yield the data of every event, in order; comments and other fields are skipped.
@@ -34,6 +36,10 @@ async def sse_data(chunks: AsyncIterable[bytes]) -> AsyncIterator[str]:
                 held = b""
             pending = pending.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + held
         *lines, pending = pending.split(b"\n")
+        if len(pending) > MAX_LINE_BYTES:
+            # No server sends a line this long; one that never ends would
+            # otherwise grow in memory until the process dies.
+            raise ValueError(f"reply stream line longer than {MAX_LINE_BYTES} bytes")
         for line in lines:
             if not line:
                 if data:
