@@ -458,3 +458,30 @@ async def test_scrolling_up_keeps_loading_and_keeps_the_place(make_app: AppFacto
         await wait_until(lambda: alice.messages.scroll_y > 0)  # still where the reader was
         alice.messages.scroll_home(animate=False, immediate=True)
         await wait_until(lambda: marker.count == 150)
+
+
+async def test_second_f4_says_the_demo_ran_and_types_nothing(make_app: AppFactory) -> None:
+    """Bug 15: F4 after the demo appended the whole seed script again to its sessions."""
+    app = make_app(None, play="seed", demo_char_delay=0.001)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        await app.demo.finished.wait()
+        await finish_turns(app)
+        assert app.runtime is not None
+
+        async def counts() -> dict[str, int]:
+            assert app.runtime is not None
+            totals = {}
+            for p in app.panes:
+                async with app.runtime.store.scope(p.user_id) as s:
+                    totals[p.user_id] = sum((await s.message_counts()).values())
+            return totals
+
+        before = await counts()
+        assert all(before.values())
+        await pilot.press("f4")
+        await pilot.pause()
+        assert not app.demo.running
+        await wait_until(lambda: any("already ran" in str(n.message) for n in app._notifications))
+        await finish_turns(app)
+        assert await counts() == before
