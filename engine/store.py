@@ -543,6 +543,7 @@ class UserScope:
             JOB_CHANNEL,
         )
         return MemoryJob(**row) if row is not None else None
+
     async def job_state(self) -> tuple[Literal["idle", "running", "failed"], str | None]:
         """What the sidebar shows: running while a job runs, else failed if the newest failed."""
         row = await self.conn.fetchrow(
@@ -561,6 +562,30 @@ class UserScope:
         if row["status"] == "failed":
             return "failed", row["last_error"]
         return "idle", None
+
+    async def retry_failed_job(self) -> MemoryJob | None:
+        """Queue this user's newest failed job again: pending, attempts reset, due now.
+
+        None when the newest job of this user did not fail (nothing to retry).
+        Workers hear of it when this transaction commits.
+        """
+        row = await self.conn.fetchrow(
+            f"""
+            UPDATE memory_jobs
+               SET status = 'pending', attempts = 0, worker = NULL, lease_until = NULL,
+                   run_after = clock_timestamp(), finished_at = NULL
+             WHERE job_id = (SELECT job_id FROM memory_jobs WHERE user_id = $1
+                              ORDER BY job_id DESC LIMIT 1)
+               AND status = 'failed'
+            RETURNING {_JOB_COLUMNS}, pg_notify($2, json_build_object(
+                'user_id', user_id, 'job_id', job_id, 'state', 'pending')::text)
+            """,
+            self.user_id,
+            JOB_CHANNEL,
+        )
+        if row is None:
+            return None
+        return MemoryJob(**{k: v for k, v in row.items() if k != "pg_notify"})
 
     async def open_job_count(self) -> int:
         return await self.conn.fetchval(
