@@ -485,6 +485,16 @@ class MemchatApp(App[None]):
             )
             yield SystemCommand(f"Cancel reply of {who}", "(Esc)", pane.action_cancel)
             yield SystemCommand(f"Retry failed reply of {who}", "(ctrl+r)", pane.action_retry)
+            yield SystemCommand(
+                f"Retry failed memory job of {who}",
+                "Queue the newest failed job again (F5 in the memory list)",
+                pane.action_retry_memory_job,
+            )
+            yield SystemCommand(
+                f"Dismiss memory job failure of {who}",
+                "Hide the failure line until the next failure (shift+F5 in the memory list)",
+                pane.sidebar.action_dismiss_job,
+            )
 
     # -- quitting ----------------------------------------------------------
 

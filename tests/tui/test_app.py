@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
 
+import asyncpg
 import pytest
+from textual.widgets import ListView
 
 from engine.records import Memory
 from tests.fake_openai import FakeOpenAI
@@ -485,3 +488,87 @@ async def test_second_f4_says_the_demo_ran_and_types_nothing(make_app: AppFactor
         await wait_until(lambda: any("already ran" in str(n.message) for n in app._notifications))
         await finish_turns(app)
         assert await counts() == before
+
+
+async def _fail_newest_job(dsn: str, user_id: str, error: str) -> int:
+    """What a job that ran out of attempts leaves, announced as a worker would."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        job_id = await conn.fetchval(
+            "UPDATE memory_jobs SET status = 'failed', last_error = $2, attempts = 3 "
+            "WHERE job_id = (SELECT max(job_id) FROM memory_jobs WHERE user_id = $1) "
+            "RETURNING job_id",
+            user_id,
+            error,
+        )
+        payload = json.dumps({"user_id": user_id, "job_id": job_id, "state": "failed"})
+        await conn.execute("SELECT pg_notify('memchat_jobs', $1)", payload)
+        return job_id
+    finally:
+        await conn.close()
+
+
+async def _job_status(dsn: str, job_id: int) -> str:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval("SELECT status FROM memory_jobs WHERE job_id = $1", job_id)
+    finally:
+        await conn.close()
+
+
+def _footer_keys(app: MemchatApp) -> set[str]:
+    return {b.description for (_, b, enabled, _) in app.screen.active_bindings.values() if enabled}
+
+
+async def test_failed_memory_job_can_be_retried_from_the_sidebar(
+    make_app: AppFactory, database_dsn: str
+) -> None:
+    """Bug 16: a failed memory job stayed red with no way to retry or dismiss it."""
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        alice = pane(app, USERS[0])
+        await pilot.press(*"My name is Alice.", "enter")
+        await finish_turns(app)
+        assert app.runtime is not None
+        assert await app.runtime.workers.wait_idle(within=30)
+        job_id = await _fail_newest_job(database_dsn, USERS[0], "the model was down")
+        await wait_until(lambda: alice.sidebar.shows_failure)
+        alice.sidebar.query_one(ListView).focus()
+        await pilot.pause()
+        assert "Retry memory job" in _footer_keys(app)
+        await pilot.press("f5")
+        await wait_until(lambda: any("queued again" in str(n.message) for n in app._notifications))
+        assert await app.runtime.workers.wait_idle(within=30)
+        assert await _job_status(database_dsn, job_id) == "done"
+        await wait_until(lambda: alice.sidebar.job_state == "idle")
+        assert not alice.sidebar.query_one(".job-status").display
+        assert "Retry memory job" not in _footer_keys(app)
+
+
+async def test_failed_memory_job_line_can_be_dismissed(
+    make_app: AppFactory, database_dsn: str
+) -> None:
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        alice = pane(app, USERS[0])
+        await pilot.press(*"My name is Alice.", "enter")
+        await finish_turns(app)
+        assert app.runtime is not None
+        assert await app.runtime.workers.wait_idle(within=30)
+        job_id = await _fail_newest_job(database_dsn, USERS[0], "the model was down")
+        await wait_until(lambda: alice.sidebar.shows_failure)
+        status = alice.sidebar.query_one(".job-status")
+        assert status.display
+        alice.sidebar.query_one(ListView).focus()
+        await pilot.pause()
+        assert "Dismiss failure" in _footer_keys(app)
+        await pilot.press("shift+f5")
+        await pilot.pause()
+        assert not status.display and not alice.sidebar.shows_failure
+        assert await _job_status(database_dsn, job_id) == "failed", "dismissing changes nothing"
+        # A newer failure shows again.
+        await _fail_newest_job(database_dsn, USERS[0], "another error")
+        await wait_until(lambda: alice.sidebar.shows_failure)
+        assert status.display
