@@ -159,6 +159,7 @@ def test_example_file_lists_every_setting_with_its_default(in_tmp: Path) -> None
         ("memory", "base_url"),
         ("memory", "api_key"),
         ("memory", "timeout"),
+        ("ui", "theme"),
     }
     assert set(data) == set(defaults)
     for section, values in defaults.items():
@@ -218,3 +219,36 @@ def test_memchat_config_prints_real_toml_that_loads_back(tmp_path: Path) -> None
         exclude={"api_key"}
     )
     assert reloaded.database.url is None and reloaded.data_dir() == original.data_dir()
+
+
+def test_theme_is_saved_only_in_the_users_own_settings_file(
+    in_tmp: Path, env: dict[str, str]
+) -> None:
+    from engine.config import save_theme, theme_file
+
+    env.pop("MEMCHAT_CONFIG", None)
+    env["XDG_CONFIG_HOME"] = str(in_tmp / "xdg")
+    mine = user_config_path()
+    # No settings file at all: the user's file may be created.
+    assert theme_file(load_settings()) == mine
+    save_theme(mine, "nord")
+    assert load_settings().ui.theme == "nord"
+    assert oct(mine.stat().st_mode & 0o777) == "0o600"
+    # The user's file in use: updated in place, everything else kept as written.
+    mine.write_text('# mine\n[model]\nname = "x" # keep\n\n[ui]\nusers = ["a"]\ntheme = "old"\n')
+    assert theme_file(load_settings()) == mine
+    save_theme(mine, 'gruvbox "q"')
+    text = mine.read_text()
+    assert text.startswith('# mine\n[model]\nname = "x" # keep\n') and "old" not in text
+    loaded = load_settings()
+    assert loaded.ui.theme == 'gruvbox "q"' and loaded.ui.users == ["a"]
+    # Never an implicit ./config.toml, nor a file given explicitly.
+    (in_tmp / "config.toml").write_text("")
+    assert theme_file(load_settings()) is None
+    assert theme_file(load_settings(in_tmp / "config.toml")) is None
+    # A [ui] table this edit cannot change safely is left alone.
+    odd = in_tmp / "odd.toml"
+    odd.write_text('ui.theme = "x"\n')
+    with pytest.raises(ValueError):
+        save_theme(odd, "nord")
+    assert odd.read_text() == 'ui.theme = "x"\n'
