@@ -7,11 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import asyncpg
 import pytest
 from textual.widgets import ListView
 
+from engine.config import Settings, load_settings
 from engine.records import Memory
 from tests.fake_openai import FakeOpenAI
 from tests.tui.conftest import AppFactory, wait_until
@@ -572,3 +575,49 @@ async def test_failed_memory_job_line_can_be_dismissed(
         await _fail_newest_job(database_dsn, USERS[0], "another error")
         await wait_until(lambda: alice.sidebar.shows_failure)
         assert status.display
+
+
+async def test_picked_theme_is_saved_in_the_users_settings_and_applied_at_start(
+    make_app: AppFactory, tui_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.config import user_config_path
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    mine = user_config_path()
+    mine.parent.mkdir(parents=True)
+    mine.write_text("[history]\nmax_messages = 7\n")
+    tui_settings.config_file, tui_settings.config_how = mine, "user config dir"
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        assert app.theme != "nord"
+        app.theme = "nord"  # what ctrl+p, Change theme, nord does
+        await pilot.pause()
+        assert any("saved in" in str(n.message) for n in app._notifications)
+    assert tomllib.loads(mine.read_text()) == {
+        "history": {"max_messages": 7},
+        "ui": {"theme": "nord"},
+    }
+    tui_settings.ui.theme = load_settings(mine).ui.theme
+    again = make_app(USERS[:1])
+    async with again.run_test(size=(160, 48)):
+        await again.ready.wait()
+        assert again.theme == "nord"
+
+
+async def test_picked_theme_is_never_written_to_an_implicit_config_toml(
+    make_app: AppFactory, tui_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert tui_settings.config_file is not None
+    here = tui_settings.config_file
+    before = here.read_text()
+    tui_settings.config_how = "current directory"
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        app.theme = "nord"
+        await pilot.pause()
+        assert any("for this run only" in str(n.message) for n in app._notifications)
+    assert here.read_text() == before
+    assert not (tmp_path / "xdg").exists()
