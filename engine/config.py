@@ -235,6 +235,12 @@ class UISettings(_Section):
         ]
     )
 
+    theme: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The app's colour theme (ctrl+p: Change theme saves it). Unset: Textual's.",
+    )
+
     @field_validator("users")
     @classmethod
     def _not_empty(cls, users: list[str]) -> list[str]:
@@ -364,6 +370,78 @@ def locate_config_file(explicit: str | os.PathLike[str] | None = None) -> Config
     if user_file.is_file():
         return ConfigSource(user_file, "user config dir")
     return None
+
+
+def theme_file(settings: Settings) -> Path | None:
+    """Where the app may save the theme picked in it, or None (it may not).
+
+    Only the user's own settings file: when it is the file in use, or when no
+    settings file is in use and it does not exist yet. Never a file given with
+    --config or MEMCHAT_CONFIG, nor an implicit ./config.toml (the app would be
+    writing into whatever directory it was started from).
+    """
+    user_file = user_config_path()
+    if settings.config_file is None:
+        return None if user_file.exists() else user_file
+    if settings.config_how == "user config dir" and _same_file(settings.config_file, user_file):
+        return user_file
+    return None
+
+
+def save_theme(path: Path, theme: str) -> None:
+    """Set ``[ui] theme`` in the settings file at ``path``, keeping the rest of it as written.
+
+    Raises OSError when the file cannot be read or written, ValueError when it
+    holds TOML this edit cannot change safely (the file is left as it was).
+    """
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    line = f"theme = {_toml_string(theme)}"
+    lines = text.splitlines()
+    header = next((i for i, x in enumerate(lines) if x.strip() == "[ui]"), None)
+    if header is None:
+        new = text + ("\n" if text and not text.endswith("\n") else "") + f"\n[ui]\n{line}\n"
+    else:
+        end = next(
+            (i for i in range(header + 1, len(lines)) if lines[i].lstrip().startswith("[")),
+            len(lines),
+        )
+        at = next(
+            (i for i in range(header + 1, end) if lines[i].split("=")[0].strip() == "theme"),
+            None,
+        )
+        if at is None:
+            lines.insert(header + 1, line)
+        else:
+            lines[at] = line
+        new = "\n".join(lines) + "\n"
+    try:
+        data = tomllib.loads(new)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML ({exc})") from None
+    if data.get("ui", {}).get("theme") != theme or (
+        text and {k: v for k, v in data.items() if k != "ui"} != _without_ui(tomllib.loads(text))
+    ):
+        raise ValueError(f"{path}: cannot set ui.theme in it safely")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(new)
+    os.replace(temporary, path)
+
+
+def _without_ui(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k != "ui"}
+
+
+def _toml_string(text: str) -> str:
+    escaped = "".join(
+        {'"': '\\"', "\\": "\\\\"}.get(c, c)
+        if ord(c) >= 0x20 and c != "\x7f"
+        else f"\\u{ord(c):04X}"
+        for c in text
+    )
+    return f'"{escaped}"'
 
 
 def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:

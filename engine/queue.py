@@ -120,6 +120,19 @@ EXTEND_LEASE = """
 
 GET_JOB = f"SELECT {_JOB_COLUMNS} FROM memory_jobs WHERE job_id = $1"
 
+# A person's "retry" of a failed job: pending and due again, attempts reset;
+# the last error stays until a success turns it into "succeeded after: ...".
+RETRY_FAILED_JOB = f"""
+UPDATE memory_jobs
+   SET status = 'pending', attempts = 0, worker = NULL, lease_until = NULL,
+       run_after = clock_timestamp(), finished_at = NULL
+ WHERE job_id = (SELECT job_id FROM memory_jobs WHERE user_id = $1
+                  ORDER BY job_id DESC LIMIT 1)
+   AND status = 'failed'
+RETURNING {_JOB_COLUMNS}, pg_notify($2, json_build_object(
+    'user_id', user_id, 'job_id', job_id, 'state', 'pending')::text)
+"""
+
 JOB_FOR_REPLY = f"SELECT {_JOB_COLUMNS} FROM memory_jobs WHERE assistant_message_id = $1"
 
 LIST_JOBS = f"""
@@ -282,6 +295,14 @@ class JobQueue:
     async def get_job(scope: UserScope, job_id: int) -> MemoryJob | None:
         row = await scope.conn.fetchrow(GET_JOB, job_id)
         return MemoryJob(**row) if row is not None else None
+
+    @staticmethod
+    async def retry_failed_job(scope: UserScope) -> MemoryJob | None:
+        """Queue this user's newest job again if it failed; None when it did not."""
+        row = await scope.conn.fetchrow(RETRY_FAILED_JOB, scope.user_id, JOB_CHANNEL)
+        if row is None:
+            return None
+        return MemoryJob(**{k: v for k, v in row.items() if k != "pg_notify"})
 
     @staticmethod
     async def job_for_reply(scope: UserScope, reply_id: int) -> MemoryJob | None:

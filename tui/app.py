@@ -18,7 +18,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static
 
 from engine.admin import AdminReader
-from engine.config import Settings
+from engine.config import Settings, save_theme, theme_file
 from engine.errors import MemchatError
 from engine.events import JobChanged, Resync
 from engine.jobs import job_counts
@@ -179,7 +179,51 @@ class MemchatApp(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
+        self._apply_saved_theme()
         self.open_engine()
+
+    # -- theme -------------------------------------------------------------
+
+    def _apply_saved_theme(self) -> None:
+        theme = self.settings.ui.theme
+        if theme is not None:
+            if theme in self.available_themes:
+                self.theme = theme
+            else:
+                self.notify(
+                    f"No theme called {theme!r} (ui.theme); using {self.theme}.",
+                    severity="warning",
+                    markup=False,
+                )
+        self._saved_theme = self.theme
+        # From here on a change is the user's (ctrl+p: Change theme).
+        self.theme_changed_signal.subscribe(self, self._theme_picked)
+
+    def _theme_picked(self, _theme: object) -> None:
+        theme = self.theme
+        if theme == self._saved_theme:
+            return
+        self._saved_theme = theme
+        path = theme_file(self.settings)
+        if path is None:
+            self.notify(
+                f"Theme “{theme}” is for this run only: it is saved only in your user "
+                f"settings file, and this run's {self.settings.source_line()}. To keep it, "
+                f'add theme = "{theme}" under [ui] there.',
+                markup=False,
+            )
+            return
+        try:
+            save_theme(path, theme)
+        except (OSError, ValueError) as exc:
+            self.notify(
+                f"Theme “{theme}” not saved: {terminal_safe(str(exc))}",
+                severity="warning",
+                markup=False,
+            )
+            return
+        self.settings.ui.theme = theme
+        self.notify(f"Theme “{theme}” saved in {path}.", markup=False)
 
     @work(group="engine", exclusive=True)
     async def open_engine(self) -> None:
@@ -485,6 +529,16 @@ class MemchatApp(App[None]):
             )
             yield SystemCommand(f"Cancel reply of {who}", "(Esc)", pane.action_cancel)
             yield SystemCommand(f"Retry failed reply of {who}", "(ctrl+r)", pane.action_retry)
+            yield SystemCommand(
+                f"Retry failed memory job of {who}",
+                "Queue the newest failed job again (F5 in the memory list)",
+                pane.action_retry_memory_job,
+            )
+            yield SystemCommand(
+                f"Dismiss memory job failure of {who}",
+                "Hide the failure line until the next failure (shift+F5 in the memory list)",
+                pane.sidebar.action_dismiss_job,
+            )
 
     # -- quitting ----------------------------------------------------------
 

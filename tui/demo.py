@@ -28,6 +28,10 @@ class DemoPlayer:
         self._resume = asyncio.Event()
         self._resume.set()
         self.finished = asyncio.Event()
+        # The demo that played in this app run (to its end or until stopped).
+        # It plays once per run: playing again would type the whole script a
+        # second time into the same titled sessions.
+        self.played: str | None = None
 
     @property
     def running(self) -> bool:
@@ -48,6 +52,14 @@ class DemoPlayer:
                 markup=False,
             )
             return
+        if self.played is not None:
+            self.app.notify(
+                f"The “{self.played}” demo already ran in this app; its sessions are in "
+                "the panes. It plays once per run: nothing was typed again.",
+                severity="warning",
+            )
+            return
+        self.played = name
         self.finished.clear()
         self._resume.set()
         self._task = asyncio.create_task(self._play(script))

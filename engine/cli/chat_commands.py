@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from typing import Any
@@ -91,7 +92,19 @@ async def chat_command(args: argparse.Namespace, settings: Settings) -> int:
     async with open_chat_runtime(settings) as rt:
         text = rt.agent.check_text(text)
         session = await _pick_session(rt.store, args.user, args.session, args.new_session)
-        result = await _stream_turn(rt, args, session, text)
+        result: dict[str, Any] = {"user_id": session.user_id, "session_id": session.session_id}
+        try:
+            await _stream_turn(rt, args, session, text, result)
+        except asyncio.CancelledError:
+            # Ctrl-C (SIGINT cancels this task): the agent stored the partial
+            # reply as cancelled; report it like any other outcome, exit 130.
+            if "user_message_id" not in result:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            await _interrupted(rt, args, result)
+            return 130
         reply_id = result.get("reply_message_id")
         if result["status"] == "complete" and reply_id is not None:
             result["memory_job"] = await _learn_from_turn(rt, session.user_id, reply_id)
@@ -128,10 +141,26 @@ async def _learn_from_turn(rt: Runtime, user_id: str, reply_id: int) -> dict[str
     }
 
 
+async def _interrupted(rt: Runtime, args: argparse.Namespace, result: dict[str, Any]) -> None:
+    await rt.agent.wait_stored()
+    async with rt.store.scope(result["user_id"]) as s:
+        after = await s.messages_after(result["session_id"], result["user_message_id"], 1)
+    result["status"] = "cancelled"
+    if after and after[0].role == "assistant":
+        reply = after[0]
+        result.update(status=reply.status, reply=reply.content)
+        result["reply_message_id"] = reply.message_id
+        result["usage"] = _usage(reply)
+    if args.json:
+        print_json(result)
+    else:
+        say()
+    warn("interrupted")
+
+
 async def _stream_turn(
-    rt: Runtime, args: argparse.Namespace, session: Session, text: str
+    rt: Runtime, args: argparse.Namespace, session: Session, text: str, result: dict[str, Any]
 ) -> dict[str, Any]:
-    result: dict[str, Any] = {"user_id": session.user_id, "session_id": session.session_id}
     streamed = False
     async for event in rt.agent.stream(session.user_id, session.session_id, text):
         match event:

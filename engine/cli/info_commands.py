@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from pydantic import SecretStr
+
 from engine.admin import AdminReader, UserSummary
 from engine.cli.output import print_json, say, table, tokens_cell, when
 from engine.cli.resources import open_store_only
@@ -90,9 +92,78 @@ async def config_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print_json({"config_file": source, "settings": data})
         return 0
-    say(f"# {settings.source_line()}")
-    for section, values in data.items():
-        say(f"\n[{section}]")
-        for key, value in values.items():
-            say(f"{key} = {value!r}")
+    say(settings_toml(settings), end="")
     return 0
+
+
+# Shown for information, never settings of their own: a file holding them would be refused.
+_DERIVED = {("model", "resolved_provider")}
+
+
+def settings_toml(settings: Settings) -> str:
+    """The settings in effect as a TOML settings file: unset values, derived values and
+    redacted secrets are comments, so the text parses and loads back to the same settings."""
+    data = redacted_settings(settings)
+    lines = [f"# {settings.source_line()}"]
+    for section, values in data.items():
+        lines += ["", f"[{_toml_key(section)}]"]
+        model = getattr(settings, section, None)
+        for key, value in values.items():
+            name = _toml_key(key)
+            actual = getattr(model, key, None)
+            if (section, key) in _DERIVED:
+                lines.append(f"# {name} = {_toml_value(value)}  (derived, not a setting)")
+            elif value is None:
+                lines.append(f"# {name} =  (unset)")
+            elif isinstance(actual, SecretStr) or (isinstance(actual, str) and value != actual):
+                lines.append(f"# {name} = {_toml_value(value)}  (redacted)")
+            else:
+                lines.append(f"{name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_key(key: str) -> str:
+    if key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key):
+        return key
+    return _toml_string(key)
+
+
+def _toml_string(text: str) -> str:
+    out = ['"']
+    for ch in text:
+        code = ord(ch)
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\u{code:04X}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if value in (float("inf"), float("-inf")):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        pairs = (f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None)
+        return "{" + ", ".join(pairs) + "}"
+    return _toml_string(str(value))

@@ -427,3 +427,91 @@ def test_load_reports_failed_turns_and_jobs_and_exits_1(memchat: Run, fake: Fake
     assert (body["failed_turns"], body["failed_jobs"]) == (0, 4)
     assert sum(body["job_errors"].values()) == 4
     assert _said(jobs_failing) == ["memchat: error: load: 4 memory jobs failed"]
+
+
+def _interrupted_chat(database_dsn: str, tmp_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    import os
+    import sys
+
+    config = tmp_path / "none.toml"
+    config.touch()
+    return subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "chat", "--user", "ctrlc@example.com", *args],
+        env={
+            **os.environ,
+            "MEMCHAT_DATABASE__URL": database_dsn,
+            "MEMCHAT_CONFIG": str(config),
+            "MEMCHAT_MODEL__OFFLINE_TOKEN_DELAY_MS": "200",
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+async def _wait_for_message(dsn: str, text: str, within: float = 60.0) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with asyncio.timeout(within):
+            query = "SELECT count(*) FROM messages WHERE role = 'user' AND content = $1"
+            while True:
+                if await conn.fetchval(query, text):
+                    return
+                await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+
+
+def test_json_chat_interrupted_prints_the_cancelled_reply(
+    database_dsn: str, tmp_path: Path
+) -> None:
+    """Ctrl-C during a `memchat chat --json` stream printed nothing at all."""
+    import signal
+
+    text = "Tell me a long story, slowly."
+    proc = _interrupted_chat(database_dsn, tmp_path, "--json", text)
+    try:
+        # --json streams nothing to stdout: the turn has started (the model is
+        # streaming, one token per 200 ms) once the user's message is stored.
+        asyncio.run(_wait_for_message(database_dsn, text))
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    result = json.loads(out)
+    assert result["status"] == "cancelled"
+    assert isinstance(result["user_message_id"], int)
+    assert isinstance(result["reply_message_id"], int)
+    assert b"interrupted" in err and b"Traceback" not in err
+
+    async def stored() -> asyncpg.Record:
+        conn = await asyncpg.connect(database_dsn)
+        try:
+            return await conn.fetchrow(
+                "SELECT status, content FROM messages WHERE message_id = $1",
+                result["reply_message_id"],
+            )
+        finally:
+            await conn.close()
+
+    row = asyncio.run(stored())
+    assert row["status"] == "cancelled" and row["content"] == result["reply"]
+
+
+def test_plain_chat_interrupted_after_the_first_token_exits_130(
+    database_dsn: str, tmp_path: Path
+) -> None:
+    import signal
+
+    proc = _interrupted_chat(database_dsn, tmp_path, "Tell me another story.")
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.read1(4096)  # the first streamed token
+        assert first
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert b"interrupted" in err and b"Traceback" not in err
+    assert (first + out).strip()

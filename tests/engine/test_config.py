@@ -171,6 +171,7 @@ def test_example_file_lists_every_setting_with_its_default(in_tmp: Path) -> None
         ("memory", "base_url"),
         ("memory", "api_key"),
         ("memory", "timeout"),
+        ("ui", "theme"),
     }
     assert set(data) == set(defaults)
     for section, values in defaults.items():
@@ -180,3 +181,86 @@ def test_example_file_lists_every_setting_with_its_default(in_tmp: Path) -> None
                 assert data[section][key] == value, f"{section}.{key}"
     (in_tmp / "ex.toml").write_text(uncommented.replace('api_key = "sk-..."', ""))
     assert load_settings(in_tmp / "ex.toml").model.api_key is None
+
+
+def test_memchat_config_prints_real_toml_that_loads_back(tmp_path: Path) -> None:
+    """`memchat config` looked like TOML but was not (`url = None`, Python reprs)."""
+    import subprocess
+    import sys
+    import tomllib
+
+    source = tmp_path / "mine.toml"
+    source.write_text(
+        "[agent]\n"
+        'system_prompt = "Say \\"hi\\"\\n\\tthen \\\\ go \\u00e9 \\u0001 \\u007f"\n'
+        "[model]\n"
+        'api_key = "sk-very-secret"\n'
+        "temperature = 0.5\n"
+        "[memory]\n"
+        "add_to_context = false\n"
+        "[ui]\n"
+        'users = ["a@example.com", "b \\"quoted\\"@example.com"]\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEMCHAT_", "OPENAI_"))} | {
+        "MEMCHAT_DATABASE__URL": "postgresql://me:hunter2@db.example:5432/m"
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "--config", str(source), "config"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "sk-very-secret" not in result.stdout and "hunter2" not in result.stdout
+    assert "None" not in result.stdout
+    printed = tomllib.loads(result.stdout)
+    assert "url" not in printed["database"] and "api_key" not in printed["model"]
+    assert "resolved_provider" not in printed["model"]
+
+    again = tmp_path / "again.toml"
+    again.write_text(result.stdout)
+    os.environ.pop("MEMCHAT_CONFIG", None)
+    reloaded = load_settings(again)
+    original = load_settings(source)
+    for section in ("agent", "history", "memory", "limits", "ui"):
+        assert getattr(reloaded, section) == getattr(original, section), section
+    assert reloaded.model.temperature == 0.5
+    assert reloaded.model.model_dump(exclude={"api_key"}) == original.model.model_dump(
+        exclude={"api_key"}
+    )
+    assert reloaded.database.url is None and reloaded.data_dir() == original.data_dir()
+
+
+def test_theme_is_saved_only_in_the_users_own_settings_file(
+    in_tmp: Path, env: dict[str, str]
+) -> None:
+    from engine.config import save_theme, theme_file
+
+    env.pop("MEMCHAT_CONFIG", None)
+    env["XDG_CONFIG_HOME"] = str(in_tmp / "xdg")
+    mine = user_config_path()
+    # No settings file at all: the user's file may be created.
+    assert theme_file(load_settings()) == mine
+    save_theme(mine, "nord")
+    assert load_settings().ui.theme == "nord"
+    assert oct(mine.stat().st_mode & 0o777) == "0o600"
+    # The user's file in use: updated in place, everything else kept as written.
+    mine.write_text('# mine\n[model]\nname = "x" # keep\n\n[ui]\nusers = ["a"]\ntheme = "old"\n')
+    assert theme_file(load_settings()) == mine
+    save_theme(mine, 'gruvbox "q"')
+    text = mine.read_text()
+    assert text.startswith('# mine\n[model]\nname = "x" # keep\n') and "old" not in text
+    loaded = load_settings()
+    assert loaded.ui.theme == 'gruvbox "q"' and loaded.ui.users == ["a"]
+    # Never an implicit ./config.toml, nor a file given explicitly.
+    (in_tmp / "config.toml").write_text("")
+    assert theme_file(load_settings()) is None
+    assert theme_file(load_settings(in_tmp / "config.toml")) is None
+    # A [ui] table this edit cannot change safely is left alone.
+    odd = in_tmp / "odd.toml"
+    odd.write_text('ui.theme = "x"\n')
+    with pytest.raises(ValueError):
+        save_theme(odd, "nord")
+    assert odd.read_text() == 'ui.theme = "x"\n'

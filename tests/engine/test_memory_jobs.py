@@ -200,6 +200,38 @@ async def test_failing_extraction_is_retried_then_failed(
         assert job.last_error and ("timed out" in job.last_error or "server" in job.last_error)
 
 
+async def test_failed_job_can_be_retried_through_the_users_scope_only(
+    fast_settings: Settings, fake: FakeOpenAI
+) -> None:
+    """Bug 16: a failed job stayed failed for good; retrying requeues the newest one."""
+    fast_settings.memory.max_attempts = 1
+    model = fast_settings.model.model_copy(
+        update={"provider": "openai", "base_url": fake.base_url, "max_retries": 0, "timeout": 1}
+    )
+    async with open_runtime(
+        fast_settings.model_copy(update={"model": model}), run_workers=False
+    ) as rt:
+        sid = await _session(rt, "alice")
+        assert isinstance(await rt.agent.run("alice", sid, "My name is Alice."), TurnCompleted)
+        fake.fail_next("500", count=1)
+        assert await rt.dispatcher.run_once()
+        async with rt.store.scope("alice") as s:
+            assert (await JobQueue.job_state(s))[0] == "failed"
+        async with rt.store.scope("bob") as s:
+            assert await JobQueue.retry_failed_job(s) is None, "another user's job is not theirs"
+        async with rt.store.scope("alice") as s:
+            job = await JobQueue.retry_failed_job(s)
+        assert job is not None and (job.status, job.attempts) == ("pending", 0)
+        async with rt.store.scope("alice") as s:
+            assert await JobQueue.retry_failed_job(s) is None, "only a failed job is retried"
+        assert await rt.dispatcher.run_once()
+        async with rt.store.scope("alice") as s:
+            again = (await JobQueue.list_jobs(s))[0]
+            assert (await JobQueue.job_state(s))[0] == "idle"
+        assert again.job_id == job.job_id and again.status == "done"
+        assert again.note and "succeeded after" in again.note
+
+
 def _worker(dsn: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "engine.cli", "worker"],

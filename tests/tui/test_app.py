@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
+import asyncpg
 import pytest
+from textual.widgets import ListView
 
 from bench.fake_openai import FakeOpenAI
+from engine.config import Settings, load_settings
 from engine.records import Memory
 from tests.tui.conftest import AppFactory, wait_until
 from tui.app import MemchatApp, StatusBar
@@ -458,3 +464,160 @@ async def test_scrolling_up_keeps_loading_and_keeps_the_place(make_app: AppFacto
         await wait_until(lambda: alice.messages.scroll_y > 0)  # still where the reader was
         alice.messages.scroll_home(animate=False, immediate=True)
         await wait_until(lambda: marker.count == 150)
+
+
+async def test_second_f4_says_the_demo_ran_and_types_nothing(make_app: AppFactory) -> None:
+    """Bug 15: F4 after the demo appended the whole seed script again to its sessions."""
+    app = make_app(None, play="seed", demo_char_delay=0.001)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        await app.demo.finished.wait()
+        await finish_turns(app)
+        assert app.runtime is not None
+
+        async def counts() -> dict[str, int]:
+            assert app.runtime is not None
+            totals = {}
+            for p in app.panes:
+                async with app.runtime.store.scope(p.user_id) as s:
+                    totals[p.user_id] = sum((await s.message_counts()).values())
+            return totals
+
+        before = await counts()
+        assert all(before.values())
+        await pilot.press("f4")
+        await pilot.pause()
+        assert not app.demo.running
+        await wait_until(lambda: any("already ran" in str(n.message) for n in app._notifications))
+        await finish_turns(app)
+        assert await counts() == before
+
+
+async def _fail_newest_job(dsn: str, user_id: str, error: str) -> int:
+    """What a job that ran out of attempts leaves, announced as a worker would."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        job_id = await conn.fetchval(
+            "UPDATE memory_jobs SET status = 'failed', last_error = $2, attempts = 3 "
+            "WHERE job_id = (SELECT max(job_id) FROM memory_jobs WHERE user_id = $1) "
+            "RETURNING job_id",
+            user_id,
+            error,
+        )
+        payload = json.dumps({"user_id": user_id, "job_id": job_id, "state": "failed"})
+        await conn.execute("SELECT pg_notify('memchat_jobs', $1)", payload)
+        return job_id
+    finally:
+        await conn.close()
+
+
+async def _job_status(dsn: str, job_id: int) -> str:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval("SELECT status FROM memory_jobs WHERE job_id = $1", job_id)
+    finally:
+        await conn.close()
+
+
+def _footer_keys(app: MemchatApp) -> set[str]:
+    return {b.description for (_, b, enabled, _) in app.screen.active_bindings.values() if enabled}
+
+
+async def test_failed_memory_job_can_be_retried_from_the_sidebar(
+    make_app: AppFactory, database_dsn: str
+) -> None:
+    """Bug 16: a failed memory job stayed red with no way to retry or dismiss it."""
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        alice = pane(app, USERS[0])
+        await pilot.press(*"My name is Alice.", "enter")
+        await finish_turns(app)
+        assert app.runtime is not None
+        assert await app.runtime.dispatcher.wait_idle(within=30)
+        job_id = await _fail_newest_job(database_dsn, USERS[0], "the model was down")
+        await wait_until(lambda: alice.sidebar.shows_failure)
+        alice.sidebar.query_one(ListView).focus()
+        await pilot.pause()
+        assert "Retry memory job" in _footer_keys(app)
+        await pilot.press("f5")
+        await wait_until(lambda: any("queued again" in str(n.message) for n in app._notifications))
+        assert await app.runtime.dispatcher.wait_idle(within=30)
+        assert await _job_status(database_dsn, job_id) == "done"
+        await wait_until(lambda: alice.sidebar.job_state == "idle")
+        assert not alice.sidebar.query_one(".job-status").display
+        assert "Retry memory job" not in _footer_keys(app)
+
+
+async def test_failed_memory_job_line_can_be_dismissed(
+    make_app: AppFactory, database_dsn: str
+) -> None:
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        alice = pane(app, USERS[0])
+        await pilot.press(*"My name is Alice.", "enter")
+        await finish_turns(app)
+        assert app.runtime is not None
+        assert await app.runtime.dispatcher.wait_idle(within=30)
+        job_id = await _fail_newest_job(database_dsn, USERS[0], "the model was down")
+        await wait_until(lambda: alice.sidebar.shows_failure)
+        status = alice.sidebar.query_one(".job-status")
+        assert status.display
+        alice.sidebar.query_one(ListView).focus()
+        await pilot.pause()
+        assert "Dismiss failure" in _footer_keys(app)
+        await pilot.press("shift+f5")
+        await pilot.pause()
+        assert not status.display and not alice.sidebar.shows_failure
+        assert await _job_status(database_dsn, job_id) == "failed", "dismissing changes nothing"
+        # A newer failure shows again.
+        await _fail_newest_job(database_dsn, USERS[0], "another error")
+        await wait_until(lambda: alice.sidebar.shows_failure)
+        assert status.display
+
+
+async def test_picked_theme_is_saved_in_the_users_settings_and_applied_at_start(
+    make_app: AppFactory, tui_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.config import user_config_path
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    mine = user_config_path()
+    mine.parent.mkdir(parents=True)
+    mine.write_text("[history]\nmax_messages = 7\n")
+    tui_settings.config_file, tui_settings.config_how = mine, "user config dir"
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        assert app.theme != "nord"
+        app.theme = "nord"  # what ctrl+p, Change theme, nord does
+        await pilot.pause()
+        assert any("saved in" in str(n.message) for n in app._notifications)
+    assert tomllib.loads(mine.read_text()) == {
+        "history": {"max_messages": 7},
+        "ui": {"theme": "nord"},
+    }
+    tui_settings.ui.theme = load_settings(mine).ui.theme
+    again = make_app(USERS[:1])
+    async with again.run_test(size=(160, 48)):
+        await again.ready.wait()
+        assert again.theme == "nord"
+
+
+async def test_picked_theme_is_never_written_to_an_implicit_config_toml(
+    make_app: AppFactory, tui_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert tui_settings.config_file is not None
+    here = tui_settings.config_file
+    before = here.read_text()
+    tui_settings.config_how = "current directory"
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        app.theme = "nord"
+        await pilot.pause()
+        assert any("for this run only" in str(n.message) for n in app._notifications)
+    assert here.read_text() == before
+    assert not (tmp_path / "xdg").exists()

@@ -28,9 +28,10 @@ HELP = """\
 | **f7** | delete the session (asks first) |
 | **tab** | move between input and memory list |
 | **Enter / Delete** | memory list: edit / forget (asks; only the button confirms) |
+| **f5 / shift+f5** | memory list, while a memory job failed: retry it / dismiss the line |
 | **f2** | switch layout: grid (all users) / focus (one user) |
 | **f3** | isolation inspector (what the database holds per user) |
-| **f4** | play the seed demo; again to pause / resume |
+| **f4** | play the seed demo (once per run); again to pause / resume |
 | **shift+f4** | stop the demo |
 | **ctrl+p** | command palette: every action by name |
 | **f1 / ?** | this help |

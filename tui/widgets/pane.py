@@ -557,6 +557,31 @@ class UserPane(Vertical):
     # -- memories ----------------------------------------------------------
 
     @work(group="memories")
+    async def on_memory_sidebar_retry_job_requested(
+        self, event: MemorySidebar.RetryJobRequested
+    ) -> None:
+        event.stop()
+        await self.retry_memory_job()
+
+    @work(group="jobs")
+    async def action_retry_memory_job(self) -> None:
+        await self.retry_memory_job()
+
+    async def retry_memory_job(self) -> None:
+        """Queue this user's newest failed memory job again (attempts start over)."""
+        try:
+            async with self.runtime.store.scope(self.user_id) as s:
+                job = await JobQueue.retry_failed_job(s)
+        except MemchatError as exc:
+            self._report(exc)
+            return
+        if job is None:
+            self.app.notify("No failed memory job to retry.", title=self.user_id, markup=False)
+            return
+        self.runtime.dispatcher.wake()
+        self.app.notify(f"Memory job {job.job_id} queued again.", title=self.user_id, markup=False)
+        await self.reload_job_state()
+
     async def on_memory_sidebar_edit_requested(self, event: MemorySidebar.EditRequested) -> None:
         text = await self.app.push_screen_wait(
             PromptDialog("Edit this memory:", value=event.memory.content, who=self.user_id)

@@ -36,6 +36,9 @@ class MemorySidebar(Vertical):
     # pane forwards them); only Enter and Delete act on the list.
     BINDINGS = [
         Binding("delete", "delete", "Forget memory"),
+        # Shown only while a failed job is shown (check_action).
+        Binding("f5", "retry_job", "Retry memory job"),
+        Binding("shift+f5", "dismiss_job", "Dismiss failure"),
     ]
 
     job_state: reactive[str] = reactive("idle")
@@ -46,6 +49,9 @@ class MemorySidebar(Vertical):
         def __init__(self, memory: Memory) -> None:
             super().__init__()
             self.memory = memory
+
+    class RetryJobRequested(TextualMessage):
+        """Queue the user's newest failed memory job again (the pane does it)."""
 
     class DeleteRequested(TextualMessage):
         def __init__(self, memory: Memory) -> None:
@@ -61,6 +67,9 @@ class MemorySidebar(Vertical):
         self._memories: list[Memory] = []
         self._frame = 0
         self._loaded = False
+        # The failure the user dismissed: hidden until a job runs again or
+        # another failure (another error) is shown. For this app run only.
+        self._dismissed: str | None = None
 
     def compose(self) -> ComposeResult:
         yield Static("Memories", classes="sidebar-title")
@@ -125,7 +134,26 @@ class MemorySidebar(Vertical):
         if (memory := self.selected) is not None:
             self.post_message(self.DeleteRequested(memory))
 
+    @property
+    def shows_failure(self) -> bool:
+        return self.job_state == "failed" and self._dismissed != self.job_error
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in ("retry_job", "dismiss_job"):
+            return self.shows_failure
+        return True
+
+    def action_retry_job(self) -> None:
+        self.post_message(self.RetryJobRequested())
+
+    def action_dismiss_job(self) -> None:
+        if self.job_state == "failed":
+            self._dismissed = self.job_error
+            self._render_job_status()
+
     def watch_job_state(self) -> None:
+        if self.job_state != "failed":
+            self._dismissed = None
         self._render_job_status()
 
     def watch_job_error(self) -> None:
@@ -147,5 +175,6 @@ class MemorySidebar(Vertical):
             text = Text("⚠ memory job failed: ", style="bold")
             text.append(terminal_safe(self.job_error or "unknown error"))
             status.update(text)
-        status.display = self.job_state != "idle"
+        status.display = self.job_state == "running" or self.shows_failure
         status.set_class(self.job_state == "failed", "-failed")
+        self.refresh_bindings()
