@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,11 @@ async def _turn(rt: Runtime, user: str, text: str) -> int:
         job = await JobQueue.job_for_reply(s, end.reply.message_id)
     assert job is not None
     return job.job_id
+
+
+async def _ann_session(rt: Runtime) -> uuid.UUID:
+    async with rt.store.scope("ann") as s:
+        return (await s.create_session()).session_id
 
 
 async def _settle(rt: Runtime, user: str, job_id: int) -> MemoryJob:
@@ -301,8 +307,7 @@ async def test_a_reply_over_max_reply_chars_is_cut_and_marked(
     settings = _settings(tmp_path, database_dsn, fake)
     settings.limits.max_reply_chars = 40
     async with open_runtime(settings, run_workers=False) as rt:
-        async with rt.store.scope("ann") as s:
-            sid = (await s.create_session()).session_id
+        sid = await _ann_session(rt)
         fake.queue_response(
             canned_sse(
                 [
@@ -329,8 +334,7 @@ async def test_finish_reasons_are_marked(
     tmp_path: Path, database_dsn: str, fake: FakeOpenAI, finish: str, outcome: str
 ) -> None:
     async with open_runtime(_settings(tmp_path, database_dsn, fake), run_workers=False) as rt:
-        async with rt.store.scope("ann") as s:
-            sid = (await s.create_session()).session_id
+        sid = await _ann_session(rt)
         fake.queue_response(
             canned_sse(
                 [
@@ -359,8 +363,7 @@ async def test_history_is_fitted_to_the_context_oldest_first(
     settings.model.context_tokens = 1000
     settings.model.max_tokens = 200
     async with open_runtime(settings, run_workers=False) as rt:
-        async with rt.store.scope("ann") as s:
-            sid = (await s.create_session()).session_id
+        sid = await _ann_session(rt)
         for i in range(10):
             end = await rt.agent.run("ann", sid, f"turn {i} " + "x" * 300)
             assert isinstance(end, TurnCompleted)
@@ -380,8 +383,7 @@ async def test_a_message_that_cannot_fit_fails_without_a_model_call_and_is_kept(
     settings.model.context_tokens = 1000
     settings.model.max_tokens = 200
     async with open_runtime(settings, run_workers=False) as rt:
-        async with rt.store.scope("ann") as s:
-            sid = (await s.create_session()).session_id
+        sid = await _ann_session(rt)
         before = len(fake.requests)
         end = await rt.agent.run("ann", sid, "y" * 5000)
         assert isinstance(end, TurnFailed)
@@ -495,8 +497,7 @@ async def test_an_empty_reply_stream_names_the_likely_cause(
     tmp_path: Path, database_dsn: str, fake: FakeOpenAI
 ) -> None:
     async with open_runtime(_settings(tmp_path, database_dsn, fake), run_workers=False) as rt:
-        async with rt.store.scope("ann") as s:
-            sid = (await s.create_session()).session_id
+        sid = await _ann_session(rt)
         # llama.cpp's answer to a streamed prompt over its window: 200, no body.
         fake.queue_response(canned_sse([], done=False))
         end = await rt.agent.run("ann", sid, "Hello")
@@ -512,8 +513,7 @@ async def test_a_failed_turn_is_left_out_of_later_prompts(
     tmp_path: Path, database_dsn: str, fake: FakeOpenAI
 ) -> None:
     async with open_runtime(_settings(tmp_path, database_dsn, fake), run_workers=False) as rt:
-        async with rt.store.scope("ann") as s:
-            sid = (await s.create_session()).session_id
+        sid = await _ann_session(rt)
         fake.queue_response(canned_sse([], done=False))
         assert isinstance(await rt.agent.run("ann", sid, "poison " * 50), TurnFailed)
         end = await rt.agent.run("ann", sid, "Hello again")
@@ -529,8 +529,7 @@ async def test_digits_count_a_token_each_so_a_long_number_fails_before_sending(
     settings.model.context_tokens = 4096
     settings.model.max_tokens = 64
     async with open_runtime(settings, run_workers=False) as rt:
-        async with rt.store.scope("ann") as s:
-            sid = (await s.create_session()).session_id
+        sid = await _ann_session(rt)
         before = len(fake.requests)
         end = await rt.agent.run("ann", sid, "1234567890" * 850)  # ~8,500 tokens for small models
         assert isinstance(end, TurnFailed) and "too long for the model's context" in end.error
