@@ -306,7 +306,9 @@ class AdminReader:
             ("worker", self.db.queue),
         ):
             async with connection() as conn:
-                logins[kind] = await conn.fetchrow(_LOGIN)
+                row = await conn.fetchrow(_LOGIN)
+            assert row is not None  # _LOGIN has no FROM at its top, so it returns one row
+            logins[kind] = row
         return logins
 
     async def schema_version(self) -> int | None:
@@ -318,11 +320,12 @@ class AdminReader:
     async def open_job_count(self, user_ids: Iterable[str]) -> int:
         """Open (pending or running) jobs of these users, in one read across them."""
         async with self.db.admin() as conn:
-            return await conn.fetchval(
+            count: int = await conn.fetchval(
                 "SELECT count(*) FROM memory_jobs WHERE user_id = ANY($1::text[]) "
                 "AND status IN ('pending', 'running')",
                 list(user_ids),
             )
+        return count
 
     async def row_level_security(self) -> dict[str, tuple[bool, bool]]:
         """Per user-owned table: (enabled, forced)."""
@@ -673,6 +676,7 @@ async def _check_sources(conn: asyncpg.Connection) -> AuditCheck:
                (SELECT count(*) FROM memory_events) AS events
         """
     )
+    assert counts is not None  # a SELECT without FROM returns one row
     findings = [
         AuditFinding(
             row["user_id"],
@@ -910,6 +914,7 @@ async def _check_stuck_jobs(conn: asyncpg.Connection, db: Database) -> AuditChec
         """,
         PENDING_OVERDUE_MINUTES,
     )
+    assert row is not None  # an aggregate without GROUP BY returns one row
     expired, overdue = row["expired"], row["overdue"]
     if not expired and not overdue:
         return AuditCheck(CHECK_STUCK_JOBS, True, f"none (leases capped at {row['max_lease']:g} s)")
