@@ -1003,44 +1003,58 @@ async def _check_bad_replies(conn: asyncpg.Connection, given: CheckInput) -> Aud
     return _counted(CHECK_BAD_REPLIES, (await _turns(conn, given))[2], "reply")
 
 
+async def _listed(
+    conn: asyncpg.Connection,
+    given: CheckInput,
+    name: str,
+    query: str,
+    noun: str,
+    finding: Callable[[Any], AuditFinding],
+) -> AuditCheck:
+    """A check whose every row (of ``query``, narrowed by $1) is one problem."""
+    return _counted(name, [finding(row) for row in await conn.fetch(query, given.users)], noun)
+
+
 async def _check_open_jobs(conn: asyncpg.Connection, given: CheckInput) -> AuditCheck:
-    rows = await conn.fetch(
-        f"SELECT user_id, job_id, status, attempts, last_error FROM memory_jobs "
+    return await _listed(
+        conn,
+        given,
+        CHECK_OPEN_JOBS,
+        "SELECT user_id, job_id, status, attempts, last_error FROM memory_jobs "
         f"WHERE status IN ('pending', 'running') AND {_OF_USERS} ORDER BY job_id",
-        given.users,
-    )
-    findings = [
-        AuditFinding(
+        "open job",
+        lambda r: AuditFinding(
             r["user_id"],
             f"job {r['job_id']} is {r['status']} "
             f"(attempts {r['attempts']}, last error {r['last_error']!r})",
-        )
-        for r in rows
-    ]
-    return _counted(CHECK_OPEN_JOBS, findings, "open job")
+        ),
+    )
 
 
 async def _check_silent_failures(conn: asyncpg.Connection, given: CheckInput) -> AuditCheck:
-    rows = await conn.fetch(
-        f"SELECT user_id, job_id FROM memory_jobs WHERE status = 'failed' "
+    return await _listed(
+        conn,
+        given,
+        CHECK_SILENT_FAILURES,
+        "SELECT user_id, job_id FROM memory_jobs WHERE status = 'failed' "
         f"AND coalesce(btrim(last_error), '') = '' AND {_OF_USERS} ORDER BY job_id",
-        given.users,
+        "job",
+        lambda r: AuditFinding(r["user_id"], f"job {r['job_id']}"),
     )
-    findings = [AuditFinding(r["user_id"], f"job {r['job_id']}") for r in rows]
-    return _counted(CHECK_SILENT_FAILURES, findings, "job")
 
 
 async def _check_replies_without_job(conn: asyncpg.Connection, given: CheckInput) -> AuditCheck:
-    rows = await conn.fetch(
+    return await _listed(
+        conn,
+        given,
+        CHECK_REPLIES_WITHOUT_JOB,
         f"SELECT user_id, message_id FROM ({_REPLIES_WITHOUT_JOB}) r "
         f"WHERE {_OF_USERS} ORDER BY message_id",
-        given.users,
+        "reply",
+        lambda r: AuditFinding(
+            r["user_id"], f"reply {r['message_id']}", message_id=r["message_id"]
+        ),
     )
-    findings = [
-        AuditFinding(r["user_id"], f"reply {r['message_id']}", message_id=r["message_id"])
-        for r in rows
-    ]
-    return _counted(CHECK_REPLIES_WITHOUT_JOB, findings, "reply")
 
 
 async def _check_job_effects(conn: asyncpg.Connection, given: CheckInput) -> AuditCheck:
