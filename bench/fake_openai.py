@@ -1,6 +1,7 @@
 """A fake OpenAI-compatible HTTP server, for tests and benchmarks.
 
-A real HTTP/1.1 server on 127.0.0.1 (asyncio streams, no dependencies) that
+A real HTTP/1.1 server on 127.0.0.1 (asyncio streams; from the engine only its
+memory tool names, engine.extraction's, so the two never drift) that
 runs its own event loop in a background thread, so that async tests, sync
 tests and subprocesses can all talk to it over a socket, exactly as the
 ``openai`` client talks to a real endpoint. It speaks::
@@ -43,6 +44,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Self
+
+from engine.extraction import ADD, DELETE, UPDATE
 
 FaultKind = Literal["429", "500", "cut", "malformed", "timeout", "bad_tool_args"]
 FAULT_KINDS: tuple[FaultKind, ...] = ("429", "500", "cut", "malformed", "timeout", "bad_tool_args")
@@ -591,7 +594,7 @@ class _Reply:
             return cls(completion_id, model, [], _tool_calls(calls), prompt_tokens)
         if body.get("tools"):
             memory = _user_message_block(last_user)[:MAX_MEMORY_CHARS].strip() or "(empty)"
-            calls = [{"name": "add_memory", "arguments": {"memory": memory, "topics": ["general"]}}]
+            calls = [{"name": ADD, "arguments": {"memory": memory, "topics": ["general"]}}]
             return cls(completion_id, model, [], _tool_calls(calls), prompt_tokens)
         return cls(completion_id, model, echo_tokens(last_user, reply_tokens), [], prompt_tokens)
 
@@ -709,11 +712,8 @@ def _forced_tool(body: dict[str, Any]) -> str | None:
 
 
 def _is_probe(body: dict[str, Any]) -> bool:
-    return bool(body.get("tools")) and _first_tool_name(body) not in (
-        "add_memory",
-        "update_memory",
-        "delete_memory",
-    )
+    """Tools, but not the memory ones (the engine's names): a capability probe."""
+    return bool(body.get("tools")) and _first_tool_name(body) not in (ADD, UPDATE, DELETE)
 
 
 def _first_tool_name(body: dict[str, Any]) -> str:
@@ -721,7 +721,7 @@ def _first_tool_name(body: dict[str, Any]) -> str:
         name = (tool.get("function") or {}).get("name") if isinstance(tool, dict) else None
         if isinstance(name, str):
             return name
-    return "add_memory"
+    return ADD
 
 
 def _user_message_block(text: str) -> str:

@@ -14,7 +14,7 @@ import dataclasses
 import re
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -162,6 +162,8 @@ class AuditFinding:
     message: str
     memory_id: uuid.UUID | None = None
     """The subject's memory at fault, if it is one (the inspector marks it)."""
+    message_id: int | None = None
+    """The subject's message at fault, if it is one (a turn without an outcome)."""
 
     def __str__(self) -> str:
         return f"{self.subject}: {self.message}"
@@ -173,7 +175,9 @@ class AuditCheck:
     ok: bool
     detail: str
     findings: tuple[AuditFinding, ...] = ()
-    """At most MAX_FINDINGS; ``detail`` carries the full count."""
+    """At most MAX_FINDINGS; ``count`` and ``detail`` carry the full count."""
+    count: int = 0
+    """How many problems the check found (0 when ok)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +202,18 @@ CHECK_NAMES = "names"
 CHECK_RLS = "row-level security"
 CHECK_FAILED_JOBS = "failed jobs"
 CHECK_STUCK_JOBS = "stuck jobs"
+# For audits of an idle engine (engine/audit.py, `scenario load`): each is a
+# problem only once no turn is in flight and no job is left to run.
+CHECK_ACKNOWLEDGED = "acknowledged message not stored"
+CHECK_UNANSWERED = "turn without an outcome"
+CHECK_EXTRA_REPLIES = "extra reply (answers no user message)"
+CHECK_BAD_REPLIES = "bad reply"
+CHECK_OPEN_JOBS = "memory job not settled"
+CHECK_SILENT_FAILURES = "memory job failed without an error"
+CHECK_REPLIES_WITHOUT_JOB = "completed reply without a memory job"
+CHECK_JOB_EFFECTS = "job effect applied twice"
+CHECK_DUPLICATE_MEMORIES = "duplicate memory"
+CHECK_NO_SCOPE = "isolation outside any scope"
 
 INSPECTOR_CHECKS = (CHECK_SOURCES, CHECK_NAMES, CHECK_RLS)
 """What the inspector's isolation audit runs (``AdminReader.audit``)."""
@@ -207,14 +223,14 @@ PENDING_OVERDUE_MINUTES = 10
 
 
 @dataclass(frozen=True, slots=True)
-class LoadFigures:
-    """What a load scenario left behind for its users (``AdminReader.load_figures``)."""
+class CheckInput:
+    """What a check is given besides its snapshot connection."""
 
-    memories: list[tuple[str, str]]
-    """(user_id, content) of every memory."""
-    duplicates: int
-    jobs_by_status: dict[str, int]
-    replies_without_job: int
+    db: Database
+    users: list[str] | None = None
+    """Only these users' rows (the checks that take it); None: every user."""
+    acknowledged: Mapping[str, Collection[int]] = dataclasses.field(default_factory=dict)
+    """user_id -> message ids the engine handed back (CHECK_ACKNOWLEDGED)."""
 
 
 class AdminReader:
@@ -306,7 +322,9 @@ class AdminReader:
             ("worker", self.db.queue),
         ):
             async with connection() as conn:
-                logins[kind] = await conn.fetchrow(_LOGIN)
+                row = await conn.fetchrow(_LOGIN)
+            assert row is not None  # _LOGIN has no FROM at its top, so it returns one row
+            logins[kind] = row
         return logins
 
     async def schema_version(self) -> int | None:
@@ -318,11 +336,12 @@ class AdminReader:
     async def open_job_count(self, user_ids: Iterable[str]) -> int:
         """Open (pending or running) jobs of these users, in one read across them."""
         async with self.db.admin() as conn:
-            return await conn.fetchval(
+            count: int = await conn.fetchval(
                 "SELECT count(*) FROM memory_jobs WHERE user_id = ANY($1::text[]) "
                 "AND status IN ('pending', 'running')",
                 list(user_ids),
             )
+        return count
 
     async def row_level_security(self) -> dict[str, tuple[bool, bool]]:
         """Per user-owned table: (enabled, forced)."""
@@ -423,10 +442,19 @@ class AdminReader:
 
     # -- the check catalogue ----------------------------------------------
 
-    async def run_checks(self, *names: str) -> AuditResult:
-        """Run these checks of the catalogue (``CHECKS``), in order, in one snapshot."""
+    async def run_checks(
+        self,
+        *names: str,
+        users: list[str] | None = None,
+        acknowledged: Mapping[str, Collection[int]] | None = None,
+    ) -> AuditResult:
+        """Run these checks of the catalogue (``CHECKS``), in order, in one snapshot.
+
+        ``users`` narrows the checks that can be narrowed to those users' rows.
+        """
+        given = CheckInput(self.db, users, acknowledged or {})
         async with self._snapshot() as conn:
-            return AuditResult(tuple([await CHECKS[name](conn, self.db) for name in names]))
+            return AuditResult(tuple([await CHECKS[name](conn, given) for name in names]))
 
     async def audit(self) -> AuditResult:
         """Check, across all users, that nothing of one user is attached to another."""
@@ -434,32 +462,13 @@ class AdminReader:
 
     # -- figures for a load scenario and for the invariant audit -------------
 
-    async def load_figures(self, user_ids: list[str]) -> LoadFigures:
-        """Memories, duplicates, jobs by status and replies without a job, of these users."""
+    async def memories_of(self, user_ids: list[str]) -> list[tuple[str, str]]:
+        """(user_id, content) of every memory of these users."""
         async with self.db.admin() as conn:
-            memories = await conn.fetch(
+            rows = await conn.fetch(
                 "SELECT user_id, content FROM memories WHERE user_id = ANY($1::text[])", user_ids
             )
-            duplicates = await conn.fetchval(
-                "SELECT count(*) - count(DISTINCT (user_id, content_key)) FROM memories "
-                "WHERE user_id = ANY($1::text[])",
-                user_ids,
-            )
-            jobs = await conn.fetch(
-                "SELECT status, count(*) AS n FROM memory_jobs WHERE user_id = ANY($1::text[]) "
-                "GROUP BY status",
-                user_ids,
-            )
-            replies_without_job = await conn.fetchval(
-                f"SELECT count(*) FROM ({_REPLIES_WITHOUT_JOB}) r WHERE user_id = ANY($1::text[])",
-                user_ids,
-            )
-        return LoadFigures(
-            [(row["user_id"], row["content"]) for row in memories],
-            duplicates,
-            {row["status"]: row["n"] for row in jobs},
-            replies_without_job,
-        )
+        return [(row["user_id"], row["content"]) for row in rows]
 
     async def failed_job_errors(self, user_ids: list[str], limit: int) -> dict[str, int]:
         """The most frequent errors of these users' failed jobs, with their counts."""
@@ -473,64 +482,24 @@ class AdminReader:
             )
         return {row["error"]: row["n"] for row in rows}
 
-    async def invariant_rows(self, acknowledged: list[int]) -> dict[str, Any]:
-        """Every row the invariant audit (engine/audit.py) reads, in one snapshot."""
-        async with self._snapshot() as conn:
-            return {
-                "counts": await conn.fetchrow(
-                    """
-                    SELECT (SELECT count(*) FROM users) AS users,
-                           (SELECT count(*) FROM messages) AS messages,
-                           (SELECT count(*) FROM memory_jobs) AS jobs,
-                           (SELECT count(*) FROM memories) AS memories
-                    """
-                ),
-                "acknowledged": await conn.fetch(
-                    "SELECT message_id, user_id FROM messages WHERE message_id = ANY($1::bigint[])",
-                    acknowledged,
-                )
-                if acknowledged
-                else [],
-                "messages": await conn.fetch(
-                    "SELECT session_id, message_id, user_id, role, status, error FROM messages "
-                    "ORDER BY session_id, message_id"
-                ),
-                "open_jobs": await conn.fetch(
-                    "SELECT user_id, job_id, status, attempts, last_error FROM memory_jobs "
-                    "WHERE status IN ('pending', 'running') ORDER BY job_id"
-                ),
-                "failed_silently": await conn.fetch(
-                    "SELECT user_id, job_id FROM memory_jobs WHERE status = 'failed' "
-                    "AND coalesce(btrim(last_error), '') = '' ORDER BY job_id"
-                ),
-                "without_job": await conn.fetch(
-                    f"SELECT user_id, message_id FROM ({_REPLIES_WITHOUT_JOB}) r "
-                    "ORDER BY message_id"
-                ),
-                "twice_per_reply": await conn.fetch(
-                    """
-                    SELECT user_id, assistant_message_id,
-                           array_agg(job_id ORDER BY job_id) AS jobs
-                      FROM memory_jobs WHERE assistant_message_id IS NOT NULL
-                     GROUP BY user_id, assistant_message_id HAVING count(*) > 1
-                     ORDER BY assistant_message_id
-                    """
-                ),
-                "twice_per_job": await conn.fetch(
-                    """
-                    SELECT user_id, job_id, after, count(*) AS n FROM memory_events
-                     WHERE op = 'add' AND job_id IS NOT NULL
-                     GROUP BY user_id, job_id, after HAVING count(*) > 1
-                     ORDER BY job_id
-                    """
-                ),
-                "duplicates": await conn.fetch(
-                    "SELECT user_id, content_key, count(*) AS n FROM memories "
-                    "GROUP BY user_id, content_key HAVING count(*) > 1 "
-                    "ORDER BY user_id, content_key"
-                ),
-                "own_rows": await _own_row_counts(conn),
-            }
+    async def totals(self) -> dict[str, int]:
+        """Users, messages, jobs and memories in the database."""
+        async with self.db.admin() as conn:
+            row = await conn.fetchrow(
+                """
+                SELECT (SELECT count(*) FROM users) AS users,
+                       (SELECT count(*) FROM messages) AS messages,
+                       (SELECT count(*) FROM memory_jobs) AS jobs,
+                       (SELECT count(*) FROM memories) AS memories
+                """
+            )
+        assert row is not None  # a SELECT without FROM returns one row
+        return dict(row)
+
+    async def own_row_counts(self) -> dict[str, dict[str, int]]:
+        """user_id -> table -> how many rows of that user the table holds."""
+        async with self.db.admin() as conn:
+            return await _own_row_counts(conn)
 
     async def unscoped_row_counts(self) -> dict[str, int]:
         """Rows of each user-owned table a connection in no user's scope can read (0 is right).
@@ -673,6 +642,7 @@ async def _check_sources(conn: asyncpg.Connection) -> AuditCheck:
                (SELECT count(*) FROM memory_events) AS events
         """
     )
+    assert counts is not None  # a SELECT without FROM returns one row
     findings = [
         AuditFinding(
             row["user_id"],
@@ -689,7 +659,9 @@ async def _check_sources(conn: asyncpg.Connection) -> AuditCheck:
             f"{plural(counts['memories'], 'memory')}, {plural(counts['events'], 'event')}: "
             "no source of another user"
         )
-    return AuditCheck(CHECK_SOURCES, not findings, detail, tuple(findings[:MAX_FINDINGS]))
+    return AuditCheck(
+        CHECK_SOURCES, not findings, detail, tuple(findings[:MAX_FINDINGS]), len(findings)
+    )
 
 
 # -- check 2: no memory names another user ------------------------------------
@@ -775,7 +747,9 @@ async def _check_names(conn: asyncpg.Connection) -> AuditCheck:
             f"{plural(len(names), 'name')} vs {plural(len(memories), 'memory')}: "
             "none names another user"
         )
-    return AuditCheck(CHECK_NAMES, not findings, detail, tuple(findings[:MAX_FINDINGS]))
+    return AuditCheck(
+        CHECK_NAMES, not findings, detail, tuple(findings[:MAX_FINDINGS]), len(findings)
+    )
 
 
 # -- check 3: the database enforces isolation ---------------------------------
@@ -841,7 +815,9 @@ async def _check_rls(conn: asyncpg.Connection, app_role: str) -> AuditCheck:
         # Not the role's name: it carries the database's, and this line is shown
         # (and snapshot-tested) in the inspector.
         detail = f"{len(USER_OWNED_TABLES)} tables forced and scoped; the app login can't bypass"
-    return AuditCheck(CHECK_RLS, not findings, detail, tuple(findings[:MAX_FINDINGS]))
+    return AuditCheck(
+        CHECK_RLS, not findings, detail, tuple(findings[:MAX_FINDINGS]), len(findings)
+    )
 
 
 def _policy_findings(table: str, policies: list[Any], app_role: str) -> list[AuditFinding]:
@@ -876,28 +852,29 @@ def _policy_findings(table: str, policies: list[Any], app_role: str) -> list[Aud
 # -- check 4: failed jobs, newest user first ----------------------------------
 
 
-async def _check_failed_jobs(conn: asyncpg.Connection, db: Database) -> AuditCheck:
+async def _check_failed_jobs(conn: asyncpg.Connection, given: CheckInput) -> AuditCheck:
     """One finding per user with failed jobs (newest first): the newest error, raw."""
     rows = await conn.fetch(
-        """
+        f"""
         SELECT user_id, count(*) AS failed,
                (array_agg(last_error ORDER BY job_id DESC))[1] AS last_error
           FROM memory_jobs
-         WHERE status = 'failed'
+         WHERE status = 'failed' AND {_OF_USERS}
          GROUP BY user_id
          ORDER BY max(job_id) DESC
-        """
+        """,
+        given.users,
     )
     findings = [AuditFinding(row["user_id"], row["last_error"] or "?") for row in rows]
     failed = sum(row["failed"] for row in rows)
     detail = f"{plural(failed, 'failed job')} of {plural(len(rows), 'user')}"
-    return AuditCheck(CHECK_FAILED_JOBS, not rows, detail, tuple(findings[:MAX_FINDINGS]))
+    return AuditCheck(CHECK_FAILED_JOBS, not rows, detail, tuple(findings[:MAX_FINDINGS]), failed)
 
 
 # -- check 5: no job is stuck ----------------------------------------------------
 
 
-async def _check_stuck_jobs(conn: asyncpg.Connection, db: Database) -> AuditCheck:
+async def _check_stuck_jobs(conn: asyncpg.Connection, given: CheckInput) -> AuditCheck:
     row = await conn.fetchrow(
         """
         SELECT count(*) FILTER (WHERE status = 'running'
@@ -910,6 +887,7 @@ async def _check_stuck_jobs(conn: asyncpg.Connection, db: Database) -> AuditChec
         """,
         PENDING_OVERDUE_MINUTES,
     )
+    assert row is not None  # an aggregate without GROUP BY returns one row
     expired, overdue = row["expired"], row["overdue"]
     if not expired and not overdue:
         return AuditCheck(CHECK_STUCK_JOBS, True, f"none (leases capped at {row['max_lease']:g} s)")
@@ -918,20 +896,15 @@ async def _check_stuck_jobs(conn: asyncpg.Connection, db: Database) -> AuditChec
         parts.append(f"{expired} running past their lease")
     if overdue:
         parts.append(f"{overdue} pending for over {PENDING_OVERDUE_MINUTES} min")
-    return AuditCheck(CHECK_STUCK_JOBS, False, "; ".join(parts))
+    return AuditCheck(CHECK_STUCK_JOBS, False, "; ".join(parts), count=expired + overdue)
 
 
-CheckFn = Callable[[asyncpg.Connection, Database], Awaitable[AuditCheck]]
+# -- checks of an idle engine: every turn and job came out once ----------------
 
-CHECKS: dict[str, CheckFn] = {
-    CHECK_SOURCES: lambda conn, db: _check_sources(conn),
-    CHECK_NAMES: lambda conn, db: _check_names(conn),
-    CHECK_RLS: lambda conn, db: _check_rls(conn, db.roles.app),
-    CHECK_FAILED_JOBS: _check_failed_jobs,
-    CHECK_STUCK_JOBS: _check_stuck_jobs,
-}
-"""The catalogue: every cross-user check, by name. Each reads, in the caller's
-snapshot, and returns an AuditCheck; the inspector, doctor and audits pick theirs."""
+_OF_USERS = "($1::text[] IS NULL OR user_id = ANY($1::text[]))"
+"""The ``users`` narrowing of CheckInput, as a WHERE condition on $1."""
+
+_OUTCOMES = ("complete", "failed", "cancelled")
 
 _REPLIES_WITHOUT_JOB = """
     SELECT m.user_id, m.message_id FROM messages m
@@ -941,6 +914,224 @@ _REPLIES_WITHOUT_JOB = """
                           AND j.assistant_message_id = m.message_id)
 """
 """Completed replies no memory job was queued for (each should have one)."""
+
+
+def _counted(name: str, findings: list[AuditFinding], noun: str, count: int = -1) -> AuditCheck:
+    """A check that is ok when it found nothing; ``count`` defaults to the findings."""
+    count = len(findings) if count < 0 else count
+    detail = plural(count, noun) if count else f"no {noun}"
+    return AuditCheck(name, not count, detail, tuple(findings[:MAX_FINDINGS]), count)
+
+
+async def _check_acknowledged(conn: asyncpg.Connection, given: CheckInput) -> AuditCheck:
+    """Every message id the engine handed back is stored, for the user it was handed to."""
+    wanted = sorted(
+        ((user, int(mid)) for user, ids in given.acknowledged.items() for mid in ids),
+        key=lambda w: w[1],
+    )
+    rows = await conn.fetch(
+        "SELECT message_id, user_id FROM messages WHERE message_id = ANY($1::bigint[])",
+        [mid for _, mid in wanted],
+    )
+    owner = {row["message_id"]: row["user_id"] for row in rows}
+    findings = [
+        AuditFinding(
+            user,
+            f"message {mid} is not stored"
+            if mid not in owner
+            else f"message {mid} is stored for {owner[mid]}",
+            message_id=mid,
+        )
+        for user, mid in wanted
+        if owner.get(mid) != user
+    ]
+    return _counted(CHECK_ACKNOWLEDGED, findings, "message")
+
+
+async def _turns(
+    conn: asyncpg.Connection, given: CheckInput
+) -> tuple[list[AuditFinding], list[AuditFinding], list[AuditFinding]]:
+    """Match each session's replies to its user messages: a reply answers the latest
+    unanswered user message before it. Exact for turns taken one after another (a
+    crashed turn's message is the one left over); for overlapping turns in one session
+    the counts are exact, the pairing may not be. Returns (unanswered, extra, bad)."""
+    rows = await conn.fetch(
+        f"SELECT session_id, message_id, user_id, role, status, error FROM messages "
+        f"WHERE {_OF_USERS} ORDER BY session_id, message_id",
+        given.users,
+    )
+    extras: list[AuditFinding] = []
+    bad: list[AuditFinding] = []
+    waiting: dict[uuid.UUID, list[Any]] = defaultdict(list)
+    for row in rows:
+        sid = row["session_id"]
+        if row["role"] == "user":
+            waiting[sid].append(row)
+            continue
+        where = f"session {sid}, reply {row['message_id']}"
+        if row["status"] not in _OUTCOMES:
+            bad.append(AuditFinding(row["user_id"], f"{where} has status {row['status']!r}"))
+        elif row["status"] == "failed" and not (row["error"] or "").strip():
+            bad.append(AuditFinding(row["user_id"], f"{where} failed without an error"))
+        if waiting[sid]:
+            waiting[sid].pop()
+        else:
+            extras.append(
+                AuditFinding(row["user_id"], f"session {sid}, message {row['message_id']}")
+            )
+    left = sorted((r for queue in waiting.values() for r in queue), key=lambda r: r["message_id"])
+    unanswered = [
+        AuditFinding(
+            r["user_id"],
+            f"session {r['session_id']}, message {r['message_id']}",
+            message_id=r["message_id"],
+        )
+        for r in left
+    ]
+    return unanswered, extras, bad
+
+
+async def _check_unanswered(conn: asyncpg.Connection, given: CheckInput) -> AuditCheck:
+    return _counted(CHECK_UNANSWERED, (await _turns(conn, given))[0], "user message")
+
+
+async def _check_extra_replies(conn: asyncpg.Connection, given: CheckInput) -> AuditCheck:
+    return _counted(CHECK_EXTRA_REPLIES, (await _turns(conn, given))[1], "reply")
+
+
+async def _check_bad_replies(conn: asyncpg.Connection, given: CheckInput) -> AuditCheck:
+    return _counted(CHECK_BAD_REPLIES, (await _turns(conn, given))[2], "reply")
+
+
+async def _listed(
+    conn: asyncpg.Connection,
+    given: CheckInput,
+    name: str,
+    query: str,
+    noun: str,
+    finding: Callable[[Any], AuditFinding],
+) -> AuditCheck:
+    """A check whose every row (of ``query``, narrowed by $1) is one problem."""
+    return _counted(name, [finding(row) for row in await conn.fetch(query, given.users)], noun)
+
+
+async def _check_open_jobs(conn: asyncpg.Connection, given: CheckInput) -> AuditCheck:
+    return await _listed(
+        conn,
+        given,
+        CHECK_OPEN_JOBS,
+        "SELECT user_id, job_id, status, attempts, last_error FROM memory_jobs "
+        f"WHERE status IN ('pending', 'running') AND {_OF_USERS} ORDER BY job_id",
+        "open job",
+        lambda r: AuditFinding(
+            r["user_id"],
+            f"job {r['job_id']} is {r['status']} "
+            f"(attempts {r['attempts']}, last error {r['last_error']!r})",
+        ),
+    )
+
+
+async def _check_silent_failures(conn: asyncpg.Connection, given: CheckInput) -> AuditCheck:
+    return await _listed(
+        conn,
+        given,
+        CHECK_SILENT_FAILURES,
+        "SELECT user_id, job_id FROM memory_jobs WHERE status = 'failed' "
+        f"AND coalesce(btrim(last_error), '') = '' AND {_OF_USERS} ORDER BY job_id",
+        "job",
+        lambda r: AuditFinding(r["user_id"], f"job {r['job_id']}"),
+    )
+
+
+async def _check_replies_without_job(conn: asyncpg.Connection, given: CheckInput) -> AuditCheck:
+    return await _listed(
+        conn,
+        given,
+        CHECK_REPLIES_WITHOUT_JOB,
+        f"SELECT user_id, message_id FROM ({_REPLIES_WITHOUT_JOB}) r "
+        f"WHERE {_OF_USERS} ORDER BY message_id",
+        "reply",
+        lambda r: AuditFinding(
+            r["user_id"], f"reply {r['message_id']}", message_id=r["message_id"]
+        ),
+    )
+
+
+async def _check_job_effects(conn: asyncpg.Connection, given: CheckInput) -> AuditCheck:
+    """No reply has two jobs, and no job added the same memory twice."""
+    per_reply = await conn.fetch(
+        f"""
+        SELECT user_id, assistant_message_id, array_agg(job_id ORDER BY job_id) AS jobs
+          FROM memory_jobs WHERE assistant_message_id IS NOT NULL AND {_OF_USERS}
+         GROUP BY user_id, assistant_message_id HAVING count(*) > 1
+         ORDER BY assistant_message_id
+        """,
+        given.users,
+    )
+    per_job = await conn.fetch(
+        f"""
+        SELECT user_id, job_id, after, count(*) AS n FROM memory_events
+         WHERE op = 'add' AND job_id IS NOT NULL AND {_OF_USERS}
+         GROUP BY user_id, job_id, after HAVING count(*) > 1
+         ORDER BY job_id
+        """,
+        given.users,
+    )
+    findings = [
+        AuditFinding(r["user_id"], f"reply {r['assistant_message_id']} has jobs {list(r['jobs'])}")
+        for r in per_reply
+    ] + [
+        AuditFinding(r["user_id"], f"job {r['job_id']} added {r['after']!r} {r['n']} times")
+        for r in per_job
+    ]
+    return _counted(CHECK_JOB_EFFECTS, findings, "effect")
+
+
+async def _check_duplicate_memories(conn: asyncpg.Connection, given: CheckInput) -> AuditCheck:
+    """Memories beyond the first per (user, content_key); one finding per repeated key."""
+    rows = await conn.fetch(
+        f"SELECT user_id, content_key, count(*) AS n FROM memories WHERE {_OF_USERS} "
+        "GROUP BY user_id, content_key HAVING count(*) > 1 ORDER BY user_id, content_key",
+        given.users,
+    )
+    findings = [AuditFinding(r["user_id"], f"{r['content_key']!r} {r['n']} times") for r in rows]
+    extra = sum(r["n"] - 1 for r in rows)
+    return _counted(CHECK_DUPLICATE_MEMORIES, findings, "duplicate memory", extra)
+
+
+async def _check_no_scope(conn: asyncpg.Connection, given: CheckInput) -> AuditCheck:
+    """A connection of the app login in no user's scope reads no user's rows."""
+    counts = await AdminReader(given.db).unscoped_row_counts()
+    findings = [
+        AuditFinding(table, f"a connection in no user's scope sees {n} rows")
+        for table, n in counts.items()
+        if n
+    ]
+    return _counted(CHECK_NO_SCOPE, findings, "table")
+
+
+CheckFn = Callable[[asyncpg.Connection, CheckInput], Awaitable[AuditCheck]]
+
+CHECKS: dict[str, CheckFn] = {
+    CHECK_SOURCES: lambda conn, given: _check_sources(conn),
+    CHECK_NAMES: lambda conn, given: _check_names(conn),
+    CHECK_RLS: lambda conn, given: _check_rls(conn, given.db.roles.app),
+    CHECK_FAILED_JOBS: _check_failed_jobs,
+    CHECK_STUCK_JOBS: _check_stuck_jobs,
+    CHECK_ACKNOWLEDGED: _check_acknowledged,
+    CHECK_UNANSWERED: _check_unanswered,
+    CHECK_EXTRA_REPLIES: _check_extra_replies,
+    CHECK_BAD_REPLIES: _check_bad_replies,
+    CHECK_OPEN_JOBS: _check_open_jobs,
+    CHECK_SILENT_FAILURES: _check_silent_failures,
+    CHECK_REPLIES_WITHOUT_JOB: _check_replies_without_job,
+    CHECK_JOB_EFFECTS: _check_job_effects,
+    CHECK_DUPLICATE_MEMORIES: _check_duplicate_memories,
+    CHECK_NO_SCOPE: _check_no_scope,
+}
+"""The catalogue: every cross-user check, by name. Each reads, in the caller's
+snapshot, and returns an AuditCheck; the inspector, doctor, audits and
+`scenario load` pick theirs."""
 
 
 async def _own_row_counts(conn: asyncpg.Connection) -> dict[str, dict[str, int]]:

@@ -18,7 +18,6 @@ import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
@@ -39,7 +38,7 @@ from engine.models.base import (
     TextDelta,
 )
 from engine.queue import JobQueue
-from engine.redact import key_variants, scrub
+from engine.redact import remember_secrets, scrub
 from engine.text import one_line
 
 MODEL_CHECK_TIMEOUT = 5.0
@@ -58,8 +57,6 @@ MEMORY_JOBS = "memory jobs"
 MODEL = "model"
 STREAM = "model stream"
 EXTRACTION = "memory extraction"
-
-REDACTED = "***"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +96,10 @@ async def diagnose(
     results.append(model)
     if model.ok and probe:
         results += await probe_checks(settings, probe_seconds=max(model_timeout, PROBE_TIMEOUT))
-    return [_scrubbed(result, _secrets_of(settings)) for result in results]
+    # The settings' secrets (keys, passwords, secret URL parameters): the same
+    # list every log line and error message of this process is scrubbed of.
+    remember_secrets(settings)
+    return [_scrubbed(result) for result in results]
 
 
 def settings_problem(error: ConfigError) -> CheckResult:
@@ -414,38 +414,9 @@ def _connection_reason(exc: BaseException) -> str:
 # -- secrets --------------------------------------------------------------------
 
 
-def _secrets_of(settings: Settings) -> list[str]:
-    secrets = []
-    for key in (settings.model.api_key, settings.memory.api_key):
-        if key is not None:
-            secrets += key_variants(key.get_secret_value())
-    urls = [
-        settings.database.url,
-        settings.database.app_url,
-        settings.database.admin_url,
-        settings.database.worker_url,
-    ]
-    for url in urls:
-        if url is None:
-            continue
-        try:
-            parts = urlsplit(url.get_secret_value())
-            # asyncpg also takes the password as a query parameter, which
-            # redact_dsn does not cover.
-            query = parse_qs(parts.query)
-            secrets += [parts.password or "", *query.get("password", [])]
-            secrets += query.get("sslpassword", [])
-        except ValueError:
-            pass
-    # Very short "secrets" would blank out ordinary words in the details.
-    return [s for s in secrets if len(s) >= 4]
-
-
-def _scrubbed(result: CheckResult, secrets: list[str]) -> CheckResult:
-    detail, fix = result.detail, result.fix
-    for secret in secrets:
-        detail = detail.replace(secret, REDACTED)
-        fix = fix.replace(secret, REDACTED) if fix else fix
+def _scrubbed(result: CheckResult) -> CheckResult:
+    """The result with every secret engine/redact.py knows of hidden."""
+    detail, fix = scrub(result.detail), scrub(result.fix) if result.fix else result.fix
     if (detail, fix) == (result.detail, result.fix):
         return result
     return CheckResult(result.name, result.ok, detail, fix)

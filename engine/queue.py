@@ -210,12 +210,14 @@ class JobQueue:
     async def requeue_expired(self) -> int:
         """Give jobs whose worker was lost (lease expired) back to the queue."""
         async with self.db.queue() as conn:
-            return await conn.fetchval(REQUEUE_EXPIRED)
+            requeued: int = await conn.fetchval(REQUEUE_EXPIRED)
+        return requeued
 
     async def counts(self) -> JobCounts:
         """Jobs by status across all users (no user content)."""
         async with self.db.queue() as conn:
             row = await conn.fetchrow(JOB_COUNTS)
+        assert row is not None  # memchat_job_counts() returns one row
         return JobCounts(**row)
 
     # -- within one user's scope -------------------------------------------
@@ -223,7 +225,7 @@ class JobQueue:
     @staticmethod
     async def enqueue(scope: UserScope, user_message: Message, reply: Message) -> int:
         """Queue extraction for one turn; workers hear of it when the scope commits."""
-        return await scope.conn.fetchval(
+        job_id: int = await scope.conn.fetchval(
             ENQUEUE,
             scope.user_id,
             user_message.session_id,
@@ -231,6 +233,7 @@ class JobQueue:
             reply.message_id,
             JOB_CHANNEL,
         )
+        return job_id
 
     @staticmethod
     async def claim_head_job(
@@ -318,12 +321,14 @@ class JobQueue:
 
     @staticmethod
     async def open_job_count(scope: UserScope) -> int:
-        return await scope.conn.fetchval(OPEN_JOB_COUNT, scope.user_id)
+        count: int = await scope.conn.fetchval(OPEN_JOB_COUNT, scope.user_id)
+        return count
 
     @staticmethod
     async def job_state(scope: UserScope) -> tuple[SidebarJobState, str | None]:
         """What the sidebar shows: running while a job runs, else failed if the newest failed."""
         row = await scope.conn.fetchrow(JOB_STATE, scope.user_id)
+        assert row is not None  # JOB_STATE selects FROM (SELECT 1), so it returns one row
         if row["running"]:
             return "running", None
         if row["status"] == "failed":

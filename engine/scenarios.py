@@ -21,11 +21,17 @@ import asyncio
 import re
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from engine.admin import AdminReader
+from engine.admin import (
+    CHECK_DUPLICATE_MEMORIES,
+    CHECK_FAILED_JOBS,
+    CHECK_OPEN_JOBS,
+    CHECK_REPLIES_WITHOUT_JOB,
+    AdminReader,
+)
 from engine.agent import TurnCompleted, TurnEnd, TurnFailed
 from engine.errors import InvalidInput
 from engine.queue import JobQueue
@@ -374,26 +380,35 @@ async def _load_user(
                 result.turn_errors[turn_error(end)] += 1
 
 
+LOAD_CHECKS = (
+    CHECK_FAILED_JOBS,
+    CHECK_OPEN_JOBS,
+    CHECK_REPLIES_WITHOUT_JOB,
+    CHECK_DUPLICATE_MEMORIES,
+)
+"""What a load audit picks from admin's catalogue, for its own users only."""
+
+
 async def audit_load(runtime: Runtime, user_ids: list[str]) -> dict[str, int]:
     """Leaks, lost jobs, duplicates and failures for these users (admin path, read-only)."""
-    figures = await AdminReader(runtime.db).load_figures(user_ids)
+    reader = AdminReader(runtime.db)
+    checks = await reader.run_checks(*LOAD_CHECKS, users=user_ids)
+    failed, open_jobs, without_job, duplicates = (check.count for check in checks.checks)
+    memories = await reader.memories_of(user_ids)
     own_token = {uid: uid.split("@")[0].removeprefix("load_") for uid in user_ids}
-    leaks = 0
-    per_user: dict[str, int] = defaultdict(int)
-    for user_id, content in figures.memories:
-        per_user[user_id] += 1
-        mentioned = set(_TOKEN.findall(content))
-        if mentioned - {own_token.get(user_id, "")}:
-            leaks += 1
-    by_status = figures.jobs_by_status
-    not_done = sum(n for status, n in by_status.items() if status != "done")
+    leaks = sum(
+        1
+        for user_id, content in memories
+        if set(_TOKEN.findall(content)) - {own_token.get(user_id, "")}
+    )
     return {
-        "memories": len(figures.memories),
+        "memories": len(memories),
         "leaks": leaks,
-        "lost": not_done + figures.replies_without_job,
-        "duplicates": figures.duplicates,
-        "failed_jobs": by_status.get("failed", 0),
-        "open_jobs": by_status.get("pending", 0) + by_status.get("running", 0),
+        # Every job not done, and every reply that never got one.
+        "lost": failed + open_jobs + without_job,
+        "duplicates": duplicates,
+        "failed_jobs": failed,
+        "open_jobs": open_jobs,
     }
 
 

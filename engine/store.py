@@ -136,6 +136,7 @@ class UserScope:
             self.user_id,
             clean,
         )
+        assert row is not None  # INSERT … RETURNING returns the row it inserted
         return Session(**row)
 
     async def list_sessions(self) -> list[Session]:
@@ -286,7 +287,10 @@ class UserScope:
 
     async def count_messages(self, session_id: str | uuid.UUID) -> int:
         sid = parse_session_id(session_id)
-        return await self.conn.fetchval("SELECT count(*) FROM messages WHERE session_id = $1", sid)
+        count: int = await self.conn.fetchval(
+            "SELECT count(*) FROM messages WHERE session_id = $1", sid
+        )
+        return count
 
     # -- memories ----------------------------------------------------------
 
@@ -299,9 +303,10 @@ class UserScope:
         return [_memory(row) for row in rows]
 
     async def count_memories(self) -> int:
-        return await self.conn.fetchval(
+        count: int = await self.conn.fetchval(
             "SELECT count(*) FROM memories WHERE user_id = $1", self.user_id
         )
+        return count
 
     async def get_memory(self, memory_id: str | uuid.UUID) -> Memory:
         mid = parse_memory_id(memory_id)

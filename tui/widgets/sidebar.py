@@ -61,7 +61,8 @@ class MemorySidebar(Vertical):
     def __init__(self, *, highlight_seconds: float = 5.0, animate: bool = True) -> None:
         super().__init__(classes="sidebar")
         self.highlight_seconds = highlight_seconds
-        self.animate = animate
+        # Not `animate`: that name is Widget.animate(), Textual's animator.
+        self.spins = animate
         self._known: dict[uuid.UUID, str] = {}
         self._marks: dict[uuid.UUID, str] = {}
         self._memories: list[Memory] = []
@@ -80,7 +81,7 @@ class MemorySidebar(Vertical):
         yield Static("No memories yet.", classes="no-memories")
 
     def on_mount(self) -> None:
-        if self.animate:
+        if self.spins:
             self.set_interval(0.1, self._spin)
         # Now that the status line exists: before, an idle job status left a
         # blank row under the title until the first job event.
@@ -169,7 +170,7 @@ class MemorySidebar(Vertical):
         if status is None:
             return
         if self.job_state == "running":
-            spinner = SPINNER[self._frame] if self.animate else "…"
+            spinner = SPINNER[self._frame] if self.spins else "…"
             status.update(Text(f"{spinner} learning from the last turn", style="italic"))
         elif self.job_state == "failed":
             text = Text("⚠ memory job failed: ", style="bold")
