@@ -207,6 +207,15 @@ class MemorySettings(_Section):
         ),
     )
     concurrency: int = Field(default=64, ge=1, le=10_000)
+    coalesce_turns: int = Field(
+        default=8,
+        ge=1,
+        le=100,
+        description=(
+            "Most turns of one user one extraction call covers: a job takes the user's "
+            "later queued turns along (1: one call per turn)."
+        ),
+    )
     max_attempts: int = Field(default=3, ge=1, le=100)
     drain_timeout: float = Field(default=5.0, ge=0)
     # At most the database's memchat_queue_limits.max_lease_seconds (3600), which
