@@ -206,7 +206,15 @@ class MemorySettings(_Section):
             "single-slot local servers (llama.cpp), so replies never wait behind memory jobs."
         ),
     )
-    concurrency: int = Field(default=64, ge=1, le=10_000)
+    concurrency: int = Field(
+        default=256,
+        ge=1,
+        le=10_000,
+        description=(
+            "Most memory jobs one process runs at once (each job holds a connection only "
+            "briefly); an endpoint's 429s halve it for a while."
+        ),
+    )
     coalesce_turns: int = Field(
         default=8,
         ge=1,

@@ -17,6 +17,13 @@ with the turn it came from, and the absorbed jobs settle with the head
 types faster than extraction keeps up therefore costs one model call per
 job run, not one per turn.
 
+How many jobs run at once: up to ``memory.concurrency`` (256 by default: a
+job holds a connection only for its two short transactions, never during the
+model call, so the pool bounds the database work by itself). An endpoint
+that answers 429 (after the client's own retries) halves that for this
+process, and each job that succeeds gives one back (additive increase,
+multiplicative decrease), so a rate-limited endpoint sets the pace.
+
 Failures are retried with exponential backoff up to ``memory.max_attempts``,
 then the job stays ``failed`` with its error. A crashed process's job is
 requeued when its lease expires (any live process does that periodically).
@@ -40,7 +47,7 @@ from engine.config import MemorySettings
 from engine.db import Database
 from engine.errors import MemchatError
 from engine.memory import ApplyResult, MemoryManager, Turn
-from engine.models import ModelError
+from engine.models import ModelError, ModelRateLimited
 from engine.priority import ReplyPriority
 from engine.queue import ClaimedJob, JobOutcome, JobQueue, TurnMessages
 from engine.records import JobCounts, JobStatus, MemoryJob
@@ -103,6 +110,8 @@ class MemoryDispatcher:
         self._running: dict[int, asyncio.Task[None]] = {}
         self._stopping = False
         self._last_requeue = 0.0
+        self._rate_limit: float | None = None
+        """A ceiling below memory.concurrency learnt from the endpoint's 429s."""
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -119,6 +128,30 @@ class MemoryDispatcher:
     @property
     def running_jobs(self) -> int:
         return len(self._running)
+
+    @property
+    def concurrency(self) -> int:
+        """Jobs this process runs at once now: the setting, or less after 429s."""
+        ceiling = self.settings.concurrency
+        if self._rate_limit is None:
+            return ceiling
+        return max(1, min(ceiling, int(self._rate_limit)))
+
+    def _rate_limited(self) -> None:
+        before = self.concurrency
+        self._rate_limit = max(1.0, min(before, max(len(self._running), 1)) / 2)
+        if self.concurrency < before:
+            log.warning(
+                "the memory model's endpoint is rate limited: %d job(s) at once now, not %d",
+                self.concurrency,
+                before,
+            )
+
+    def _succeeded(self) -> None:
+        if self._rate_limit is not None:
+            self._rate_limit += 1
+            if self._rate_limit >= self.settings.concurrency:
+                self._rate_limit = None
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Finish running jobs within the timeout; give back the rest. Pending jobs stay."""
@@ -173,7 +206,7 @@ class MemoryDispatcher:
 
     async def _dispatch(self) -> None:
         while not self._stopping:
-            free = self.settings.concurrency - len(self._running)
+            free = self.concurrency - len(self._running)
             if free <= 0:
                 await self._idle()  # a finishing job wakes us
                 continue
@@ -300,6 +333,8 @@ class MemoryDispatcher:
             log.warning("memory job %s is no longer ours; its changes were rolled back", job.job_id)
             return True
         except ModelError as exc:
+            if isinstance(exc, ModelRateLimited):
+                self._rate_limited()
             await self._fail_or_retry(job, exc.message, permanent=exc.permanent)
             return True
         except MemchatError as exc:
@@ -317,6 +352,7 @@ class MemoryDispatcher:
                 # The head did not end done (retry, failure, lease lost, shutdown):
                 # the jobs it took along run again on their own, none is lost.
                 await self._release_absorbed(held)
+        self._succeeded()
         if result is not None and result.rejected:
             log.info("memory job %s rejected: %s", job.job_id, "; ".join(result.rejected))
         return True
