@@ -234,3 +234,23 @@ async def test_worker_killed_mid_coalesced_job_each_turn_applied_once(
     learnt = sorted(e.after or "" for e in events)
     assert learnt == ["Likes tea", "Lives in Lisbon", "Name is Alice"]
     assert sorted(e.job_id or 0 for e in events) == [j.job_id for j in jobs], "each turn once"
+
+
+async def test_endpoint_429s_halve_concurrency_and_successes_give_it_back(
+    tmp_path: Path, database_dsn: str, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    users = [f"r{n}@example.com" for n in range(USERS)]
+    settings = _settings(tmp_path, database_dsn, fake, concurrency=16)
+    settings.model.max_retries = 0  # the 429 reaches the dispatcher at once
+    async with open_runtime(settings, run_workers=False) as rt:
+        await _queue_turns(rt, users, lambda n, turn: f"User{n} likes tea {turn}.")
+        fake.fail_next("429", count=4, retry_after=0.01)
+        with caplog.at_level("WARNING", logger="engine.jobs"):
+            rt.dispatcher.start()
+            assert await rt.dispatcher.wait_idle(users, within=120)
+        async with rt.db.admin() as conn:
+            statuses = await conn.fetch("SELECT status, count(*) AS n FROM memory_jobs GROUP BY 1")
+    lowered = [r.getMessage() for r in caplog.records if "rate limited" in r.getMessage()]
+    assert lowered and "job(s) at once now, not 16" in lowered[0], lowered
+    assert {r["status"]: r["n"] for r in statuses} == {"done": USERS * TURNS}, "none lost"
+    assert rt.dispatcher.concurrency == 16, "successes gave the slots back"
