@@ -156,7 +156,9 @@ ABSORB_TURNS = f"""
            FOR UPDATE
     ), absorbed AS (
         UPDATE memory_jobs m
-           SET status = 'running', attempts = m.attempts + 1, worker = $3,
+           -- Carried along, a job counts one attempt at most: a head that keeps
+           -- losing its worker must not use up the attempts of the turns it carries.
+           SET status = 'running', attempts = greatest(m.attempts, 1), worker = $3,
                started_at = clock_timestamp(),
                lease_until = clock_timestamp() + make_interval(secs => $4)
           FROM picked

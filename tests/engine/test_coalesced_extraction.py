@@ -228,7 +228,8 @@ async def test_worker_killed_mid_coalesced_job_each_turn_applied_once(
             jobs = sorted(await JobQueue.list_jobs(s), key=lambda j: j.job_id)
             events = await s.memory_events()
     assert [j.status for j in jobs] == ["done"] * 3
-    assert [j.attempts for j in jobs] == [2, 2, 2]
+    # The head ran twice; a job carried along counts one attempt however often.
+    assert [j.attempts for j in jobs] == [2, 1, 1]
     head = jobs[0].job_id
     assert all((j.note or "").startswith(f"coalesced into job {head}") for j in jobs[1:])
     learnt = sorted(e.after or "" for e in events)
