@@ -30,7 +30,7 @@ from bench.harness import (
     percentile,
     used,
 )
-from bench.load import run_load
+from bench.load import counting_memory_calls, run_load
 from engine.memory import MEMORY_TOOLS
 from engine.models.base import ChatMessage, ChatModel, StreamEnd
 from engine.runtime import open_runtime
@@ -62,16 +62,13 @@ async def sequential_model_time(model: ChatModel, samples: int = 5) -> tuple[flo
 async def measure(server: BenchServer, users: int, timing: ModelTiming) -> Point:
     dsn = await server.fresh_database()
     with FakeModelProcess(timing) as fake:
-        settings = bench_settings(
-            dsn,
-            model=timing.model_settings(fake.base_url),
-            memory={"concurrency": max(64, users)},
-        )
+        # memchat as shipped: default memory and database settings (issue 15).
+        settings = bench_settings(dsn, model=timing.model_settings(fake.base_url))
         async with open_runtime(settings) as runtime:
             stream_s, call_s = await sequential_model_time(runtime.model)
             meter = CpuMeter(await PostgresCpu.of(dsn), fake.pid)
             async with PeakRss() as rss:
-                with meter.measure() as readings:
+                with meter.measure() as readings, counting_memory_calls(runtime) as calls:
                     run = await run_load(runtime, users, SESSIONS, TURNS)
             cpu = used(readings)
     ideal = SESSIONS * TURNS * stream_s + call_s
@@ -91,7 +88,9 @@ async def measure(server: BenchServer, users: int, timing: ModelTiming) -> Point
             "latency_ms": timing.latency_ms,
             "token_delay_ms": timing.token_delay_ms,
             "reply_tokens": timing.reply_tokens,
+            "settings": "defaults",
             "memory_concurrency": settings.memory.concurrency,
+            "coalesce_turns": settings.memory.coalesce_turns,
             "pool_max_size": settings.database.pool_max_size,
         },
         figures={
@@ -105,6 +104,7 @@ async def measure(server: BenchServer, users: int, timing: ModelTiming) -> Point
             "turn_p95_ms": ms(percentile(run.turn_latencies, 95)),
             "idle_stream_ms": ms(stream_s),
             "idle_memory_call_ms": ms(call_s),
+            "memory_calls_per_turn": round(calls.count / run.runs, 2),
             "memchat_cpu_ms_per_run": round(cpu.memchat_s / run.runs * 1000, 2),
             "postgres_cpu_ms_per_run": _per_run(cpu.postgres_s, run.runs),
             "model_cpu_ms_per_run": _per_run(cpu.model_s, run.runs),
@@ -116,6 +116,7 @@ async def measure(server: BenchServer, users: int, timing: ModelTiming) -> Point
         },
         targets={
             **targets,
+            **({"memory_calls_per_turn": ("<=", 0.5)} if users >= 200 else {}),
             "leaks": ("<=", 0),
             "lost": ("<=", 0),
             "duplicates": ("<=", 0),

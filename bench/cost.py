@@ -7,7 +7,8 @@ kernel's count for this process (memchat, including the few statements the
 load driver's waiting costs), for PostgreSQL (postmaster and every backend)
 and for the fake model's process. Statements are counted in a second,
 smaller pass with a query logger on the pool, so that counting costs nothing
-in the first.
+in the first; its users' sessions are made before the logger is added, as
+the clock starts after them in the timed pass.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from bench.harness import (
 )
 from bench.load import run_load
 from engine.runtime import Runtime, open_runtime
+from engine.scenarios import create_load_sessions, load_user_ids
 
 SESSIONS = 2
 TURNS = 3
@@ -67,9 +69,17 @@ async def measure(server: BenchServer, kind: str, users: int, count_users: int) 
             nonlocal statements
             statements += 1
 
+        ids = load_user_ids(count_users, offset=2 * users)
+        sessions = await create_load_sessions(runtime, ids, SESSIONS)
         await runtime.db.add_query_logger(count)
         counted = await run_load(
-            runtime, count_users, SESSIONS, TURNS, offset=2 * users, audit=False
+            runtime,
+            count_users,
+            SESSIONS,
+            TURNS,
+            offset=2 * users,
+            audit=False,
+            session_ids=sessions,
         )
     runs = run.runs
     per_run = {

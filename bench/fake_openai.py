@@ -36,6 +36,7 @@ import http
 import json
 import math
 import random
+import re
 import signal
 import sys
 import threading
@@ -593,8 +594,17 @@ class _Reply:
             calls = [{"name": _first_tool_name(body), "arguments": {"ok": True}}]
             return cls(completion_id, model, [], _tool_calls(calls), prompt_tokens)
         if body.get("tools"):
-            memory = _user_message_block(last_user)[:MAX_MEMORY_CHARS].strip() or "(empty)"
-            calls = [{"name": ADD, "arguments": {"memory": memory, "topics": ["general"]}}]
+            # One memory per turn: the user's message itself, naming its turn
+            # when the request holds several (memchat's coalesced extraction).
+            calls = []
+            for label, text in _turn_messages(last_user):
+                arguments: dict[str, Any] = {
+                    "memory": text[:MAX_MEMORY_CHARS].strip() or "(empty)",
+                    "topics": ["general"],
+                }
+                if label is not None:
+                    arguments["turn"] = label
+                calls.append({"name": ADD, "arguments": arguments})
             return cls(completion_id, model, [], _tool_calls(calls), prompt_tokens)
         return cls(completion_id, model, echo_tokens(last_user, reply_tokens), [], prompt_tokens)
 
@@ -722,6 +732,15 @@ def _first_tool_name(body: dict[str, Any]) -> str:
         if isinstance(name, str):
             return name
     return ADD
+
+
+_TURN_BLOCK = re.compile(r'<turn id="(t[0-9]+)">(.*?)(?:</turn>|\Z)', re.DOTALL)
+
+
+def _turn_messages(text: str) -> list[tuple[str | None, str]]:
+    """(turn id, user message) of each ``<turn>`` block, or (None, the one message)."""
+    turns = [(label, _user_message_block(body)) for label, body in _TURN_BLOCK.findall(text)]
+    return turns or [(None, _user_message_block(text))]
 
 
 def _user_message_block(text: str) -> str:

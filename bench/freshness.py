@@ -37,7 +37,7 @@ from bench.harness import (
     ms,
     percentile,
 )
-from bench.load import run_load
+from bench.load import counting_memory_calls, run_load
 from engine.events import MemoryChanged
 from engine.runtime import Runtime, open_runtime
 
@@ -78,13 +78,13 @@ async def under_load(
     server: BenchServer, users: int, timing: ModelTiming, *, worker_process: bool = False
 ) -> Point:
     dsn = await server.fresh_database()
-    concurrency = max(64, users)
     with contextlib.ExitStack() as processes:
         fake = processes.enter_context(FakeModelProcess(timing))
         model = timing.model_settings(fake.base_url)
-        settings = bench_settings(dsn, model=model, memory={"concurrency": concurrency})
+        # memchat as shipped: default memory settings (concurrency, coalescing).
+        settings = bench_settings(dsn, model=model)
         if worker_process:
-            processes.enter_context(WorkerProcess(dsn, model, concurrency))
+            processes.enter_context(WorkerProcess(dsn, model, settings.memory.concurrency))
         async with open_runtime(settings, run_workers=not worker_process) as runtime:
             _, call_s = await sequential_model_time(runtime.model)
             arrivals = _Arrivals()
@@ -92,7 +92,8 @@ async def under_load(
             collector = asyncio.create_task(_collect(runtime, arrivals, ready))
             await ready.wait()
             try:
-                load = await run_load(runtime, users, 2, 3)
+                with counting_memory_calls(runtime) as calls:
+                    load = await run_load(runtime, users, 2, 3)
                 # The last events may still be on their way from the server.
                 arrivals.expect(sum(len(times) for times in load.completed_at.values()))
                 with contextlib.suppress(TimeoutError):
@@ -125,6 +126,8 @@ async def under_load(
             "visible_max_ms": ms(max(delays)) if delays else None,
             "events": len(delays),
             "unmatched": unmatched,
+            # Counted in this process: None when a worker process made the calls.
+            "memory_calls_per_turn": None if worker_process else round(calls.count / load.runs, 2),
         },
         targets={"visible_p95_ms": ("<=", limit_ms), "unmatched": ("<=", 0)},
     )

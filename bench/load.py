@@ -8,6 +8,10 @@ error, not a figure.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 from engine.runtime import Runtime
 from engine.scenarios import LoadResult, create_load_sessions, load_user_ids
 from engine.scenarios import run_load as run_scenario_load
@@ -40,3 +44,27 @@ async def run_load(
     if not result.jobs_idle:
         raise RuntimeError(f"memory jobs still open after {JOBS_WITHIN_S:g}s")
     return result
+
+
+class ModelCalls:
+    """How many extraction calls this process's memory manager made."""
+
+    count = 0
+
+
+@contextlib.contextmanager
+def counting_memory_calls(runtime: Runtime) -> Iterator[ModelCalls]:
+    """Count ``MemoryManager.plan`` (one model call each) while the block runs."""
+    manager = runtime.dispatcher.manager
+    original = manager.plan
+    calls = ModelCalls()
+
+    async def plan(*args: Any, **kwargs: Any) -> Any:
+        calls.count += 1
+        return await original(*args, **kwargs)
+
+    setattr(manager, "plan", plan)  # noqa: B010 (an instance attribute over the method)
+    try:
+        yield calls
+    finally:
+        delattr(manager, "plan")

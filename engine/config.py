@@ -206,7 +206,24 @@ class MemorySettings(_Section):
             "single-slot local servers (llama.cpp), so replies never wait behind memory jobs."
         ),
     )
-    concurrency: int = Field(default=64, ge=1, le=10_000)
+    concurrency: int = Field(
+        default=256,
+        ge=1,
+        le=10_000,
+        description=(
+            "Most memory jobs one process runs at once (each job holds a connection only "
+            "briefly); an endpoint's 429s halve it for a while."
+        ),
+    )
+    coalesce_turns: int = Field(
+        default=8,
+        ge=1,
+        le=100,
+        description=(
+            "Most turns of one user one extraction call covers: a job takes the user's "
+            "later queued turns along (1: one call per turn)."
+        ),
+    )
     max_attempts: int = Field(default=3, ge=1, le=100)
     drain_timeout: float = Field(default=5.0, ge=0)
     # At most the database's memchat_queue_limits.max_lease_seconds (3600), which

@@ -5,7 +5,8 @@ Two forms exist (``memory.extraction``):
 * ``tools``: the model calls ``add_memory`` / ``update_memory`` /
   ``delete_memory``. No call at all is a normal answer ("nothing to remember").
 * ``json``: the model answers one object
-  ``{"add": [...], "update": [{"id": "m1", "memory": "..."}], "delete": ["m2"]}``,
+  ``{"add": [...], "update": [{"id": "m1", "memory": "..."}], "delete": ["m2"]}``
+  (an entry may be an object with a ``"turn"`` when several turns were asked about),
   for endpoints that refuse or ignore tools. Small local models wrap it in
   code fences or prose, so the first JSON object in the text that has one of
   those keys is taken.
@@ -91,7 +92,9 @@ def _calls_of(changes: dict[str, Any]) -> Iterator[ToolCall]:
             yield call(ADD, {"memory": item})
         elif isinstance(item, dict) and depth(item) <= MAX_JSON_DEPTH:
             memory = item.get("memory", item.get("content", item.get("text")))
-            yield call(ADD, {"memory": memory, "topics": item.get("topics") or []})
+            yield call(
+                ADD, _with_turn({"memory": memory, "topics": item.get("topics") or []}, item)
+            )
         else:
             yield call(ADD, None, _bad_item(item))
     for item in _items(changes.get("update")):
@@ -100,16 +103,23 @@ def _calls_of(changes: dict[str, Any]) -> Iterator[ToolCall]:
             arguments = {"id": item.get("id"), "memory": memory}
             if "topics" in item:
                 arguments["topics"] = item["topics"]
-            yield call(UPDATE, arguments)
+            yield call(UPDATE, _with_turn(arguments, item))
         else:
             yield call(UPDATE, None, _bad_item(item))
     for item in _items(changes.get("delete")):
         if isinstance(item, str):
             yield call(DELETE, {"id": item})
         elif isinstance(item, dict) and depth(item) <= MAX_JSON_DEPTH:
-            yield call(DELETE, {"id": item.get("id")})
+            yield call(DELETE, _with_turn({"id": item.get("id")}, item))
         else:
             yield call(DELETE, None, _bad_item(item))
+
+
+def _with_turn(arguments: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
+    # Several turns in one request: each change says which one it comes from.
+    if "turn" in item:
+        arguments["turn"] = item["turn"]
+    return arguments
 
 
 def _items(value: Any) -> list[Any]:

@@ -9,6 +9,21 @@ scoped transaction. Settling checks that this worker still holds the job; if its
 lease ran out and another worker took over, the transaction is rolled back,
 so a job's effect happens exactly once.
 
+Coalesced extraction: a job run takes its user's later due jobs along
+(``JobQueue.absorb_turns``, up to ``memory.coalesce_turns`` turns in all) and
+asks the model about all those turns in one call; each change is recorded
+with the turn it came from, and the absorbed jobs settle with the head
+(``done``, "coalesced into job N") or are given back with it. A user who
+types faster than extraction keeps up therefore costs one model call per
+job run, not one per turn.
+
+How many jobs run at once: up to ``memory.concurrency`` (256 by default: a
+job holds a connection only for its two short transactions, never during the
+model call, so the pool bounds the database work by itself). An endpoint
+that answers 429 (after the client's own retries) halves that for this
+process, and each job that succeeds gives one back (additive increase,
+multiplicative decrease), so a rate-limited endpoint sets the pace.
+
 Failures are retried with exponential backoff up to ``memory.max_attempts``,
 then the job stays ``failed`` with its error. A crashed process's job is
 requeued when its lease expires (any live process does that periodically).
@@ -31,10 +46,10 @@ from engine.admin import AdminReader
 from engine.config import MemorySettings
 from engine.db import Database
 from engine.errors import MemchatError
-from engine.memory import ApplyResult, MemoryManager
-from engine.models import ModelError
+from engine.memory import ApplyResult, MemoryManager, Turn
+from engine.models import ModelError, ModelRateLimited
 from engine.priority import ReplyPriority
-from engine.queue import ClaimedJob, JobOutcome, JobQueue
+from engine.queue import ClaimedJob, JobOutcome, JobQueue, TurnMessages
 from engine.records import JobCounts, JobStatus, MemoryJob
 from engine.store import Store
 
@@ -52,6 +67,18 @@ class OutOfTime(Exception):
 
 class LeaseLost(Exception):
     """Another worker took this job over; what we did must be rolled back."""
+
+
+class _Held:
+    """The jobs one run holds: the claimed head, and the later ones it took along."""
+
+    def __init__(self, job: ClaimedJob) -> None:
+        self.job = job
+        self.absorbed: list[int] = []
+
+    @property
+    def job_ids(self) -> list[int]:
+        return [self.job.job_id, *self.absorbed]
 
 
 async def job_counts(db: Database) -> JobCounts:
@@ -83,6 +110,8 @@ class MemoryDispatcher:
         self._running: dict[int, asyncio.Task[None]] = {}
         self._stopping = False
         self._last_requeue = 0.0
+        self._rate_limit: float | None = None
+        """A ceiling below memory.concurrency learnt from the endpoint's 429s."""
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -99,6 +128,30 @@ class MemoryDispatcher:
     @property
     def running_jobs(self) -> int:
         return len(self._running)
+
+    @property
+    def concurrency(self) -> int:
+        """Jobs this process runs at once now: the setting, or less after 429s."""
+        ceiling = self.settings.concurrency
+        if self._rate_limit is None:
+            return ceiling
+        return max(1, min(ceiling, int(self._rate_limit)))
+
+    def _rate_limited(self) -> None:
+        before = self.concurrency
+        self._rate_limit = max(1.0, min(before, max(len(self._running), 1)) / 2)
+        if self.concurrency < before:
+            log.warning(
+                "the memory model's endpoint is rate limited: %d job(s) at once now, not %d",
+                self.concurrency,
+                before,
+            )
+
+    def _succeeded(self) -> None:
+        if self._rate_limit is not None:
+            self._rate_limit += 1
+            if self._rate_limit >= self.settings.concurrency:
+                self._rate_limit = None
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Finish running jobs within the timeout; give back the rest. Pending jobs stay."""
@@ -153,7 +206,7 @@ class MemoryDispatcher:
 
     async def _dispatch(self) -> None:
         while not self._stopping:
-            free = self.settings.concurrency - len(self._running)
+            free = self.concurrency - len(self._running)
             if free <= 0:
                 await self._idle()  # a finishing job wakes us
                 continue
@@ -268,9 +321,10 @@ class MemoryDispatcher:
         if job.attempts > self.settings.max_attempts:
             await self._settle(job, "failed", error="gave up: the worker running it was lost")
             return True
-        heartbeat = asyncio.create_task(self._heartbeat(job))
+        held = _Held(job)
+        heartbeat = asyncio.create_task(self._heartbeat(held))
         try:
-            result = await self._extract_and_apply(job, deadline)
+            result = await self._extract_and_apply(held, deadline)
         except OutOfTime:
             await self._give_back(job)
             return False
@@ -279,6 +333,8 @@ class MemoryDispatcher:
             log.warning("memory job %s is no longer ours; its changes were rolled back", job.job_id)
             return True
         except ModelError as exc:
+            if isinstance(exc, ModelRateLimited):
+                self._rate_limited()
             await self._fail_or_retry(job, exc.message, permanent=exc.permanent)
             return True
         except MemchatError as exc:
@@ -292,40 +348,62 @@ class MemoryDispatcher:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+            if held.absorbed:
+                # The head did not end done (retry, failure, lease lost, shutdown):
+                # the jobs it took along run again on their own, none is lost.
+                await self._release_absorbed(held)
+        self._succeeded()
         if result is not None and result.rejected:
             log.info("memory job %s rejected: %s", job.job_id, "; ".join(result.rejected))
         return True
 
     async def _extract_and_apply(
-        self, job: ClaimedJob, deadline: float | None = None
+        self, held: _Held, deadline: float | None = None
     ) -> ApplyResult | None:
-        wanted = [i for i in (job.user_message_id, job.assistant_message_id) if i is not None]
+        job = held.job
         async with self.store.scope(job.user_id) as s:
-            messages = await s.get_messages(wanted)
+            found = await self.queue.absorb_turns(
+                s,
+                job,
+                self.name,
+                self.settings.lease_seconds,
+                self.settings.coalesce_turns - 1,
+            )
+            held.absorbed = [t.job_id for t in found if t.job_id != job.job_id]
             memories = await s.list_memories()
-        user_message = messages.get(job.user_message_id or -1)
-        if user_message is None:
+        turns = _turns(found)
+        if not turns:
             # The session was deleted meanwhile: nothing left to learn from.
-            await self._settle(job, "done", outcome=JobOutcome(note="its turn was deleted"))
+            outcome = JobOutcome(note="its turn was deleted")
+            async with self.store.scope(job.user_id) as s:
+                if not await self.queue.settle(
+                    s, job.job_id, self.name, "done", outcome=outcome, absorbed=held.absorbed
+                ):
+                    raise LeaseLost
+            held.absorbed = []
             return None
-        reply = messages.get(job.assistant_message_id or -1)
         if self.settings.pause_while_streaming and self.priority is not None:
             await self.priority.wait_until_quiet()
         if deadline is None:
-            plan = await self.manager.plan(memories, user_message, reply)
+            plan = await self.manager.plan(memories, turns)
         else:
             # Only the model call is cut short: no transaction is open during it.
             try:
                 async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
-                    plan = await self.manager.plan(memories, user_message, reply)
+                    plan = await self.manager.plan(memories, turns)
             except TimeoutError:
                 raise OutOfTime from None
         async with self.store.scope(job.user_id) as s:
-            result = await self.manager.apply(s, plan, source=user_message, job_id=job.job_id)
+            result = await self.manager.apply(s, plan, turns)
             notes = [n for n in (plan.note, result.note(self.settings)) if n]
+            if held.absorbed:
+                notes.append(f"extracted with job(s) {', '.join(map(str, held.absorbed))}")
             outcome = JobOutcome("; ".join(notes) or None, plan.extraction, plan.usage)
-            if not await self.queue.settle(s, job.job_id, self.name, "done", outcome=outcome):
+            if not await self.queue.settle(
+                s, job.job_id, self.name, "done", outcome=outcome, absorbed=held.absorbed
+            ):
                 raise LeaseLost
+        held.absorbed = []  # settled with the head
         return result
 
     async def _fail_or_retry(self, job: ClaimedJob, error: str, *, permanent: bool = False) -> None:
@@ -362,6 +440,16 @@ class MemoryDispatcher:
             # The lease will expire and the job be retried: nothing is lost.
             log.warning("could not settle memory job %s: %s", job.job_id, exc.message)
 
+    async def _release_absorbed(self, held: _Held) -> None:
+        try:
+            async with self.store.scope(held.job.user_id) as s:
+                await self.queue.release_absorbed(s, held.absorbed, self.name)
+        except (MemchatError, asyncio.CancelledError):
+            log.warning(
+                "could not give back the jobs memory job %s took along; their leases will expire",
+                held.job.job_id,
+            )
+
     async def _give_back(self, job: ClaimedJob) -> None:
         try:
             async with self.store.scope(job.user_id) as s:
@@ -369,14 +457,21 @@ class MemoryDispatcher:
         except (MemchatError, asyncio.CancelledError):
             log.warning("could not give back memory job %s; its lease will expire", job.job_id)
 
-    async def _heartbeat(self, job: ClaimedJob) -> None:
+    async def _heartbeat(self, held: _Held) -> None:
         interval = self.settings.lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
             try:
-                async with self.store.scope(job.user_id) as s:
+                async with self.store.scope(held.job.user_id) as s:
                     await self.queue.extend_lease(
-                        s, job.job_id, self.name, self.settings.lease_seconds
+                        s, held.job_ids, self.name, self.settings.lease_seconds
                     )
             except MemchatError as exc:
-                log.warning("could not extend the lease of job %s: %s", job.job_id, exc.message)
+                log.warning(
+                    "could not extend the lease of job %s: %s", held.job.job_id, exc.message
+                )
+
+
+def _turns(found: list[TurnMessages]) -> list[Turn]:
+    """The turns still there (a deleted session takes its messages along), oldest first."""
+    return [Turn(t.user_message, t.reply, t.job_id) for t in found if t.user_message is not None]

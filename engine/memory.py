@@ -1,11 +1,14 @@
-"""The memory manager: one model call per turn for add/update/delete changes.
+"""The memory manager: one model call per job for add/update/delete changes.
 
 The changes come as tool calls or, for endpoints without tools, as one JSON
 object (:mod:`engine.extraction`); both become the same calls here.
 
 The model sees the user's current memories under short aliases (``m1``,
 ``m2``, ...) and the turn (the user's message and the assistant's reply). Its
-tool calls are applied to that user's scope only; an alias it was not given
+tool calls are applied to that user's scope only. A job may carry several
+turns of the user (coalesced extraction, engine/jobs.py): they are asked
+about in one call, each in a labelled block, and every change names its turn
+(``"turn": "t2"``), so it is recorded with that turn's message and job; an alias it was not given
 (or a raw id, or another user's id) maps to nothing and is rejected, so a
 model can never reach a row it was not shown.
 """
@@ -33,7 +36,14 @@ from engine.models import (
     ToolSpec,
     Usage,
 )
-from engine.models.prompt_blocks import AliasedMemory, memory_alias, render_extraction_request
+from engine.models.prompt_blocks import (
+    AliasedMemory,
+    TurnText,
+    memory_alias,
+    render_extraction_request,
+    render_extraction_turns,
+    turn_label,
+)
 from engine.records import Memory, Message
 from engine.redact import scrub
 from engine.store import UserScope
@@ -69,6 +79,10 @@ _TOPICS_SCHEMA = {
     "items": {"type": "string"},
     "description": "one or two short topic words, e.g. name, interests, plans",
 }
+_TURN_SCHEMA = {
+    "type": "string",
+    "description": "when several turns are shown: the id of the turn this comes from, e.g. t2",
+}
 
 MEMORY_TOOLS: tuple[ToolSpec, ...] = (
     ToolSpec(
@@ -79,6 +93,7 @@ MEMORY_TOOLS: tuple[ToolSpec, ...] = (
             "properties": {
                 "memory": {"type": "string", "description": "short third-person statement"},
                 "topics": _TOPICS_SCHEMA,
+                "turn": _TURN_SCHEMA,
             },
             "required": ["memory"],
         },
@@ -92,6 +107,7 @@ MEMORY_TOOLS: tuple[ToolSpec, ...] = (
                 "id": {"type": "string", "description": "memory id from the list, e.g. m2"},
                 "memory": {"type": "string"},
                 "topics": _TOPICS_SCHEMA,
+                "turn": _TURN_SCHEMA,
             },
             "required": ["id", "memory"],
         },
@@ -101,7 +117,10 @@ MEMORY_TOOLS: tuple[ToolSpec, ...] = (
         "Forget an existing memory (by its id from the list).",
         {
             "type": "object",
-            "properties": {"id": {"type": "string", "description": "memory id, e.g. m2"}},
+            "properties": {
+                "id": {"type": "string", "description": "memory id, e.g. m2"},
+                "turn": _TURN_SCHEMA,
+            },
             "required": ["id"],
         },
     ),
@@ -149,6 +168,15 @@ PROBE_PROMPT = (
     ChatMessage("user", "Call the function memchat_probe with ok set to true."),
 )
 MAX_NOTE_CHARS = 600
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One turn a job extracts from: its messages and the job it was queued as."""
+
+    user_message: Message
+    reply: Message | None
+    job_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,25 +229,36 @@ class ApplyResult:
 
 def build_prompt(
     memories: Sequence[Memory],
-    user_text: str,
-    reply_text: str,
+    turns: Sequence[tuple[str, str]],
     *,
     system: str = SYSTEM_PROMPT,
     budget: int | None = None,
 ) -> tuple[list[ChatMessage], dict[str, uuid.UUID]]:
-    """The extraction request; with a ``budget`` (tokens), the turn is clipped to at
-    most half of it and only the newest memories that fit are shown (and aliased)."""
+    """The extraction request for ``turns`` (user text, reply text), oldest first;
+    with a ``budget`` (tokens), the turns share at most half of it and only the
+    newest memories that fit are shown (and aliased)."""
+    texts = [TurnText(turn_label(i), user, reply) for i, (user, reply) in enumerate(turns)]
     if budget is not None:
-        room = budget - estimate_tokens(system) - estimate_tokens(EXTRACTION_FRAME)
-        user_text = clip_to_tokens(user_text, max(room // 3, 0))
-        reply_text = clip_to_tokens(reply_text, max(room // 6, 0))
-        room -= estimate_tokens(user_text) + estimate_tokens(reply_text)
+        frame = EXTRACTION_FRAME if len(texts) == 1 else render_extraction_turns([], texts)
+        room = budget - estimate_tokens(system) - estimate_tokens(frame)
+        share = max(len(texts), 1)
+        texts = [
+            TurnText(
+                t.label,
+                clip_to_tokens(t.user_message, max(room // 3 // share, 0)),
+                clip_to_tokens(t.assistant_reply, max(room // 6 // share, 0)),
+            )
+            for t in texts
+        ]
+        room -= sum(
+            estimate_tokens(t.user_message) + estimate_tokens(t.assistant_reply) for t in texts
+        )
         # list_memories gives the newest first; fit_newest keeps the end of a list.
         newest_last = [m.content for m in reversed(memories)]
         memories = list(memories[: fit_newest(newest_last, max(room, 0)).kept])
     aliases = {memory_alias(i): m.memory_id for i, m in enumerate(memories)}
     shown = [AliasedMemory(memory_alias(i), m.content) for i, m in enumerate(memories)]
-    request = render_extraction_request(shown, user_text, reply_text)
+    request = render_extraction_turns(shown, texts)
     return [ChatMessage("system", system), ChatMessage("user", request)], aliases
 
 
@@ -304,26 +343,25 @@ class MemoryManager:
         log.info("memory extraction for %s: %s mode, because %s", self.model.endpoint, mode, reason)
         self.modes.remember(self.model.endpoint, mode, reason)
 
-    async def plan(
-        self, memories: Sequence[Memory], user_message: Message, reply: Message | None
-    ) -> ExtractionPlan:
-        """Ask the model; no database access, so no transaction is held meanwhile."""
+    async def plan(self, memories: Sequence[Memory], turns: Sequence[Turn]) -> ExtractionPlan:
+        """Ask the model about ``turns`` (oldest first) in one call; no database
+        access, so no transaction is held meanwhile."""
         mode = await self.mode()
         if mode == "tools":
             try:
-                return await self._plan_with_tools(memories, user_message, reply)
+                return await self._plan_with_tools(memories, turns)
             except ModelToolsUnsupported as exc:
                 if self.settings.extraction != "auto":
                     raise ModelToolsUnsupported(
                         f'{exc.message}; set memory.extraction = "json" (or "auto")'
                     ) from exc
                 self._learn("json", f"the endpoint refuses tools ({exc.message})")
-        return await self._plan_with_json(memories, user_message, reply)
+        return await self._plan_with_json(memories, turns)
 
     async def _plan_with_tools(
-        self, memories: Sequence[Memory], user_message: Message, reply: Message | None
+        self, memories: Sequence[Memory], turns: Sequence[Turn]
     ) -> ExtractionPlan:
-        messages, aliases = self._prompt(SYSTEM_PROMPT, memories, user_message, reply)
+        messages, aliases = self._prompt(SYSTEM_PROMPT, memories, turns)
         response = await self.model.call_tools(messages, MEMORY_TOOLS)
         calls = response.tool_calls
         note = None
@@ -338,9 +376,9 @@ class MemoryManager:
         return ExtractionPlan(calls, aliases, "tools", response.usage, note)
 
     async def _plan_with_json(
-        self, memories: Sequence[Memory], user_message: Message, reply: Message | None
+        self, memories: Sequence[Memory], turns: Sequence[Turn]
     ) -> ExtractionPlan:
-        messages, aliases = self._prompt(JSON_SYSTEM_PROMPT, memories, user_message, reply)
+        messages, aliases = self._prompt(JSON_SYSTEM_PROMPT, memories, turns)
         answer = await self.model.complete(messages, json_object=True)
         found = parse_json_changes(answer.text)
         note = None
@@ -353,15 +391,14 @@ class MemoryManager:
         return ExtractionPlan(found.calls, aliases, "json", answer.usage, note)
 
     def _prompt(
-        self, system: str, memories: Sequence[Memory], user_message: Message, reply: Message | None
+        self, system: str, memories: Sequence[Memory], turns: Sequence[Turn]
     ) -> tuple[list[ChatMessage], dict[str, uuid.UUID]]:
         budget = None
         if self.context_tokens is not None:
             budget = prompt_budget(self.context_tokens, self.settings.max_tokens)
         return build_prompt(
             memories,
-            user_message.content,
-            reply.content if reply else "",
+            [(t.user_message.content, t.reply.content if t.reply else "") for t in turns],
             system=system,
             budget=budget,
         )
@@ -370,18 +407,18 @@ class MemoryManager:
         self,
         scope: UserScope,
         plan: ExtractionPlan,
-        *,
-        source: Message,
-        job_id: int | None,
+        turns: Sequence[Turn],
     ) -> ApplyResult:
         """Apply each call in ``scope`` (the job's transaction); bad calls are rejected.
 
-        At most ``memory.max_calls_per_job`` calls are applied, and no add
-        takes the user past ``memory.max_per_user``: what is refused is
+        Each change is recorded with the turn it names (its message and job);
+        one that names none, or a turn it was not shown, is the newest turn's.
+        At most ``memory.max_calls_per_job`` calls per turn are applied, and no
+        add takes the user past ``memory.max_per_user``: what is refused is
         counted in the result (and so noted on the job), never dropped silently.
         """
         result = ApplyResult()
-        allowed = plan.calls[: self.settings.max_calls_per_job]
+        allowed = plan.calls[: self.settings.max_calls_per_job * max(len(turns), 1)]
         result.over_call_limit = len(plan.calls) - len(allowed)
         room = None
         if any(call.name == "add_memory" for call in allowed):
@@ -393,7 +430,8 @@ class MemoryManager:
                 continue
             try:
                 before = len(result.added) - len(result.deleted)
-                await self._apply_one(scope, plan.aliases, call, source, job_id, result)
+                turn = _turn_of(call, turns)
+                await self._apply_one(scope, plan.aliases, call, turn, result)
                 if room is not None:
                     room -= len(result.added) - len(result.deleted) - before
             except (InvalidInput, NotFound) as exc:
@@ -405,14 +443,14 @@ class MemoryManager:
         scope: UserScope,
         aliases: dict[str, uuid.UUID],
         call: ToolCall,
-        source: Message,
-        job_id: int | None,
+        turn: Turn,
         result: ApplyResult,
     ) -> None:
         if call.error is not None:
             raise InvalidInput(f"unusable arguments ({call.error})")
         args = call.arguments
-        audit: dict[str, Any] = {"job_id": job_id, "source_message_id": source.message_id}
+        source = turn.user_message
+        audit: dict[str, Any] = {"job_id": turn.job_id, "source_message_id": source.message_id}
         if call.name in ("add_memory", "update_memory"):
             _not_the_example(_text(args, "memory"))
         if call.name == "add_memory":
@@ -441,6 +479,14 @@ class MemoryManager:
             )
         else:
             raise InvalidInput(f"unknown tool {printable(call.name)}")
+
+
+def _turn_of(call: ToolCall, turns: Sequence[Turn]) -> Turn:
+    label = call.arguments.get("turn") if call.error is None else None
+    for index, turn in enumerate(turns):
+        if isinstance(label, str) and label.strip() == turn_label(index):
+            return turn
+    return turns[-1]
 
 
 def _not_the_example(text: str) -> None:

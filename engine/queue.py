@@ -18,11 +18,21 @@ Two ways in, as the database's roles allow:
 Which job may run is one rule, in one SQL function (``memchat_queue_head``,
 migration 0007): a job is claimable when no older job of the same user is
 still open, so a user's jobs run one at a time and in order.
+
+Coalescing: the worker that holds a user's head job takes that user's later
+due jobs along (``absorb_turns``, in the user's scope, running under the same
+worker and lease), extracts from all those turns in one model call, and
+settles them in the head's statement: the head ``done``, each absorbed job
+``done`` with the note "coalesced into job N". If the head does not end
+``done``, the absorbed jobs are given back (``release_absorbed``); if the
+worker dies, their leases expire with the head's and all are requeued, so a
+turn is neither lost nor applied twice.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -115,7 +125,86 @@ RELEASE = """
 
 EXTEND_LEASE = """
     UPDATE memory_jobs SET lease_until = clock_timestamp() + make_interval(secs => $3)
-     WHERE job_id = $1 AND worker = $2 AND status = 'running'
+     WHERE job_id = ANY($1::bigint[]) AND worker = $2 AND status = 'running'
+"""
+
+# The held head job's turn and the user's later due jobs, taken along under
+# the same worker and lease, with every message of those turns: one round trip.
+# FOR UPDATE (no SKIP LOCKED): a later job is locked only for a moment (a
+# retry, a requeue), and skipping it would leave a hole in the turns' order.
+_TURN_MESSAGE_COLUMNS = ", ".join(
+    f"msg.{c}"
+    for c in (
+        "message_id",
+        "session_id",
+        "user_id",
+        "role",
+        "content",
+        "status",
+        "error",
+        "created_at",
+        "prompt_tokens",
+        "completion_tokens",
+    )
+)
+ABSORB_TURNS = f"""
+    WITH picked AS (
+        SELECT j.job_id FROM memory_jobs j
+         WHERE j.user_id = $1 AND j.status = 'pending' AND j.job_id > $2
+           AND j.run_after <= clock_timestamp()
+         ORDER BY j.job_id LIMIT greatest($5, 0)
+           FOR UPDATE
+    ), absorbed AS (
+        UPDATE memory_jobs m
+           -- Carried along, a job counts one attempt at most: a head that keeps
+           -- losing its worker must not use up the attempts of the turns it carries.
+           SET status = 'running', attempts = greatest(m.attempts, 1), worker = $3,
+               started_at = clock_timestamp(),
+               lease_until = clock_timestamp() + make_interval(secs => $4)
+          FROM picked
+         WHERE m.job_id = picked.job_id
+           -- Only while this worker still holds the head: else nothing is taken.
+           AND EXISTS (SELECT 1 FROM memory_jobs head WHERE head.job_id = $2
+                          AND head.worker = $3 AND head.status = 'running')
+        RETURNING m.job_id, m.user_message_id, m.assistant_message_id,
+                  pg_notify($8, json_build_object(
+                      'user_id', m.user_id, 'job_id', m.job_id, 'state', 'running')::text)
+    ), turns AS (
+        SELECT $2::bigint AS job_id, $6::bigint AS user_message_id,
+               $7::bigint AS assistant_message_id
+        UNION ALL
+        SELECT job_id, user_message_id, assistant_message_id FROM absorbed
+    )
+    SELECT t.job_id AS turn_job_id, {_TURN_MESSAGE_COLUMNS}
+      FROM turns t
+      LEFT JOIN messages msg
+        ON msg.message_id = t.user_message_id OR msg.message_id = t.assistant_message_id
+     ORDER BY t.job_id, msg.message_id
+"""
+
+RELEASE_ABSORBED = """
+    UPDATE memory_jobs
+       SET status = 'pending', attempts = greatest(attempts - 1, 0), worker = NULL,
+           lease_until = NULL, run_after = clock_timestamp()
+     WHERE job_id = ANY($1::bigint[]) AND worker = $2 AND status = 'running'
+    RETURNING pg_notify($3, json_build_object(
+        'user_id', user_id, 'job_id', job_id, 'state', 'pending')::text)
+"""
+
+# SETTLE for the head ($1..$10) and, in the same statement, its absorbed jobs
+# ($11) done with their note ($12): both counts say whether we still held them.
+SETTLE_WITH_ABSORBED = f"""
+    WITH head AS ({SETTLE}), rest AS (
+        UPDATE memory_jobs
+           SET status = 'done', last_error = NULL,
+               note = concat_ws('; ', $12::text, 'succeeded after: ' || last_error),
+               extraction = COALESCE($8, extraction),
+               finished_at = clock_timestamp(), lease_until = NULL
+         WHERE job_id = ANY($11::bigint[]) AND worker = $2 AND status = 'running'
+        RETURNING pg_notify($6, json_build_object(
+            'user_id', user_id, 'job_id', job_id, 'state', 'done')::text)
+    )
+    SELECT (SELECT count(*) FROM head) AS head, (SELECT count(*) FROM rest) AS rest
 """
 
 GET_JOB = f"SELECT {_JOB_COLUMNS} FROM memory_jobs WHERE job_id = $1"
@@ -168,6 +257,16 @@ class JobOutcome:
     note: str | None = None
     extraction: str | None = None
     usage: Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnMessages:
+    """One turn a job run extracts from: the job it was queued as and its messages
+    (None when deleted since)."""
+
+    job_id: int
+    user_message: Message | None
+    reply: Message | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,16 +359,18 @@ class JobQueue:
         error: str | None = None,
         retry_in: float | None = None,
         outcome: JobOutcome | None = None,
+        absorbed: Sequence[int] = (),
     ) -> bool:
         """Record a job's outcome, if this worker still holds it.
 
         False means the lease was lost (another worker took the job over): the
         caller must roll back what it did, so the job's effect happens once.
-        A job that ends ``done`` keeps no error of an earlier attempt.
+        A job that ends ``done`` keeps no error of an earlier attempt. The
+        ``absorbed`` jobs (only with ``done``) end ``done`` in the same
+        statement, noted as coalesced into this one; False if any was lost.
         """
         outcome = outcome or JobOutcome()
-        row = await scope.conn.fetchrow(
-            SETTLE,
+        args = (
             job_id,
             worker,
             status,
@@ -281,7 +382,54 @@ class JobQueue:
             outcome.usage.prompt_tokens if outcome.usage else None,
             outcome.usage.completion_tokens if outcome.usage else None,
         )
-        return row is not None
+        if absorbed:
+            if status != "done":
+                raise ValueError("only a job that ends done settles the jobs it took along")
+            row = await scope.conn.fetchrow(
+                SETTLE_WITH_ABSORBED, *args, list(absorbed), f"coalesced into job {job_id}"
+            )
+            assert row is not None  # the statement's aggregates always return a row
+            settled: bool = row["head"] == 1 and row["rest"] == len(absorbed)
+            return settled
+        return await scope.conn.fetchrow(SETTLE, *args) is not None
+
+    @staticmethod
+    async def absorb_turns(
+        scope: UserScope, job: ClaimedJob, worker: str, lease_seconds: float, limit: int
+    ) -> list[TurnMessages]:
+        """The held ``job``'s turn, then up to ``limit`` later due jobs of its user,
+        taken along (running, under ``worker``), oldest first, with their messages."""
+        rows = await scope.conn.fetch(
+            ABSORB_TURNS,
+            scope.user_id,
+            job.job_id,
+            worker,
+            lease_seconds,
+            limit,
+            job.user_message_id,
+            job.assistant_message_id,
+            JOB_CHANNEL,
+        )
+        found: dict[int, dict[int, Message]] = {}
+        for row in rows:
+            messages = found.setdefault(row["turn_job_id"], {})
+            if row["message_id"] is not None:
+                fields = {k: v for k, v in row.items() if k != "turn_job_id"}
+                messages[row["message_id"]] = Message(**fields)
+        turns = []
+        for job_id, messages in found.items():
+            users = [m for m in messages.values() if m.role == "user"]
+            replies = [m for m in messages.values() if m.role != "user"]
+            turns.append(
+                TurnMessages(job_id, users[0] if users else None, replies[0] if replies else None)
+            )
+        return turns
+
+    @staticmethod
+    async def release_absorbed(scope: UserScope, job_ids: Sequence[int], worker: str) -> int:
+        """Give back jobs taken along with a head that did not end ``done``."""
+        rows = await scope.conn.fetch(RELEASE_ABSORBED, list(job_ids), worker, JOB_CHANNEL)
+        return len(rows)
 
     @staticmethod
     async def release(scope: UserScope, job_id: int, worker: str) -> bool:
@@ -290,9 +438,12 @@ class JobQueue:
         return row is not None
 
     @staticmethod
-    async def extend_lease(scope: UserScope, job_id: int, worker: str, seconds: float) -> bool:
-        status = await scope.conn.execute(EXTEND_LEASE, job_id, worker, seconds)
-        return status == "UPDATE 1"
+    async def extend_lease(
+        scope: UserScope, job_ids: Sequence[int], worker: str, seconds: float
+    ) -> bool:
+        """Extend the lease of a held job (and the jobs it took along); False if all are lost."""
+        status = await scope.conn.execute(EXTEND_LEASE, list(job_ids), worker, seconds)
+        return status != "UPDATE 0"
 
     @staticmethod
     async def get_job(scope: UserScope, job_id: int) -> MemoryJob | None:

@@ -31,13 +31,14 @@ from engine.models.offline_rules import (
     DELETE_MEMORY,
     UPDATE_MEMORY,
     PlannedCall,
-    plan_memory_calls,
+    plan_turns_memory_calls,
 )
 from engine.models.prompt_blocks import (
     MEMORIES_TAG,
     extract_block,
     parse_extraction_memories,
     parse_extraction_request,
+    parse_extraction_turns,
 )
 
 OFFLINE_LABEL = "offline model"
@@ -101,7 +102,9 @@ class OfflineChatModel:
             elif call.name == UPDATE_MEMORY:
                 changes.setdefault("update", []).append(call.arguments)
             else:
-                changes.setdefault("delete", []).append(call.arguments["id"])
+                # {"id", "turn"} when the request held several turns, else the bare id.
+                entry = call.arguments if "turn" in call.arguments else call.arguments["id"]
+                changes.setdefault("delete", []).append(entry)
         text = json.dumps(changes)
         return Completion(text, Usage(count_words(messages), len(text.split())), "stop")
 
@@ -118,7 +121,8 @@ def _plan(messages: Sequence[ChatMessage], tool_names: set[str]) -> list[Planned
         for message in messages:
             if message.role == "system":
                 memories.extend(parse_extraction_memories(message.content))
-    return plan_memory_calls(request.user_message, memories, tool_names)
+    turns = parse_extraction_turns(request_text)
+    return plan_turns_memory_calls(turns, memories, tool_names)
 
 
 def split_deltas(reply: str) -> list[str]:

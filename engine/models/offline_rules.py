@@ -54,7 +54,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from engine.models.prompt_blocks import AliasedMemory
+from engine.models.prompt_blocks import AliasedMemory, TurnText
 
 FactKind = Literal[
     "name", "like", "dislike", "favorite", "plan", "location", "origin", "work", "age"
@@ -422,6 +422,51 @@ def plan_memory_calls(
             calls.append(PlannedCall(ADD_MEMORY, {"memory": item.memory, "topics": topics}))
             added.add(normalised)
     return [call for call in calls if call.name in offered_tools]
+
+
+def plan_turns_memory_calls(
+    turns: Sequence[TurnText], memories: Sequence[AliasedMemory], offered_tools: Collection[str]
+) -> list[PlannedCall]:
+    """The calls for several turns at once, each naming its ``turn``: the same end
+    state as planning the turns one by one, each on the memories the last one left.
+
+    A change to something an earlier turn of the same request added cannot name
+    an alias (the memory does not exist yet), so it rewrites that earlier add
+    instead, which then names the later turn: the turn that said the final value.
+    """
+    if len(turns) == 1:
+        return plan_memory_calls(turns[0].user_message, memories, offered_tools)
+    current = list(memories)
+    calls: list[PlannedCall] = []
+    pending: dict[str, int] = {}  # a provisional alias -> index of its add in calls
+    for turn in turns:
+        for call in plan_memory_calls(turn.user_message, current, offered_tools):
+            alias = call.arguments.get("id")
+            arguments = {**call.arguments, "turn": turn.label}
+            if call.name == ADD_MEMORY:
+                provisional = f"new{len(calls) + 1}"
+                pending[provisional] = len(calls)
+                calls.append(PlannedCall(ADD_MEMORY, arguments))
+                current.append(AliasedMemory(provisional, call.arguments["memory"]))
+                continue
+            if alias in pending:
+                index = pending.pop(alias)
+                if call.name == UPDATE_MEMORY:
+                    added = {k: v for k, v in arguments.items() if k != "id"}
+                    calls[index] = PlannedCall(ADD_MEMORY, added)
+                    pending[alias] = index
+                else:
+                    calls[index] = PlannedCall("", {})  # added, then forgotten: nothing
+            else:
+                calls.append(PlannedCall(call.name, arguments))
+            if call.name == UPDATE_MEMORY:
+                current = [
+                    AliasedMemory(m.alias, call.arguments["memory"]) if m.alias == alias else m
+                    for m in current
+                ]
+            else:
+                current = [m for m in current if m.alias != alias]
+    return [call for call in calls if call.name]
 
 
 def _same_kind_alias(kind: FactKind, current: dict[str, str]) -> str | None:

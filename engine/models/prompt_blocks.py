@@ -21,21 +21,41 @@ offline model use these functions, so what one side renders the other parses:
       <assistant_reply>
       ...
       </assistant_reply>
+
+* when one job extracts from several turns of a user at once (coalesced
+  extraction), each turn is a ``<turn id="t1">`` block holding those two
+  blocks, oldest first, after a line asking for the turn of each change::
+
+      <memories>
+      ...
+      </memories>
+      Several turns follow, oldest first. ...
+      <turn id="t1">
+      <user_message>
+      ...
+      </assistant_reply>
+      </turn>
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 MEMORIES_TAG = "memories"
 USER_MESSAGE_TAG = "user_message"
 ASSISTANT_REPLY_TAG = "assistant_reply"
+TURN_TAG = "turn"
 NO_MEMORIES = "(none)"
+SEVERAL_TURNS = (
+    "Several turns follow, oldest first. Give every change the id of the turn it "
+    'comes from as its "turn" (for example "t2"); a later turn overrides an earlier one.'
+)
 
-_TAGS = (MEMORIES_TAG, USER_MESSAGE_TAG, ASSISTANT_REPLY_TAG)
+_TAGS = (MEMORIES_TAG, USER_MESSAGE_TAG, ASSISTANT_REPLY_TAG, TURN_TAG)
 _ALIASED_LINE = re.compile(r"^\[(?P<alias>[A-Za-z0-9_-]+)\]\s*(?P<text>.*)$")
+_TURN_BLOCK = re.compile(r'<turn id="(?P<label>t[0-9]+)">(?P<body>.*?)(?:</turn>|\Z)', re.DOTALL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +69,18 @@ class ExtractionRequest:
     memories: tuple[AliasedMemory, ...]
     user_message: str
     assistant_reply: str
+
+
+@dataclass(frozen=True, slots=True)
+class TurnText:
+    label: str  # e.g. "t1"; what a change names as its "turn"
+    user_message: str
+    assistant_reply: str
+
+
+def turn_label(index: int) -> str:
+    """Label of the turn at 0-based ``index`` in a several-turn extraction request."""
+    return f"t{index + 1}"
 
 
 def memory_alias(index: int) -> str:
@@ -79,6 +111,39 @@ def render_extraction_request(
             _block(ASSISTANT_REPLY_TAG, _neutralise_tags(assistant_reply.strip())),
         )
     )
+
+
+def render_extraction_turns(memories: Iterable[AliasedMemory], turns: Sequence[TurnText]) -> str:
+    """An extraction request for one turn (exactly :func:`render_extraction_request`)
+    or for several, each in its own labelled ``<turn>`` block, oldest first."""
+    if len(turns) == 1:
+        return render_extraction_request(memories, turns[0].user_message, turns[0].assistant_reply)
+    parts = [render_extraction_memories(memories), SEVERAL_TURNS]
+    for turn in turns:
+        parts += [
+            f'<{TURN_TAG} id="{turn.label}">',
+            _block(USER_MESSAGE_TAG, _neutralise_tags(turn.user_message.strip())),
+            _block(ASSISTANT_REPLY_TAG, _neutralise_tags(turn.assistant_reply.strip())),
+            f"</{TURN_TAG}>",
+        ]
+    return "\n".join(parts)
+
+
+def parse_extraction_turns(text: str) -> list[TurnText]:
+    """The turns of an extraction request: its ``<turn>`` blocks in order, or, for a
+    one-turn request, that turn as ``t1``."""
+    turns = [
+        TurnText(
+            match["label"],
+            (extract_block(match["body"], USER_MESSAGE_TAG) or "").strip(),
+            (extract_block(match["body"], ASSISTANT_REPLY_TAG) or "").strip(),
+        )
+        for match in _TURN_BLOCK.finditer(text)
+    ]
+    if turns:
+        return turns
+    single = parse_extraction_request(text)
+    return [TurnText(turn_label(0), single.user_message, single.assistant_reply)]
 
 
 def parse_context_memories(text: str) -> list[str]:
@@ -164,4 +229,4 @@ def _neutralise_tags(text: str) -> str:
     # early; a space inside the tag keeps it readable but no longer a tag.
     for tag in _TAGS:
         text = text.replace(f"<{tag}>", f"< {tag}>").replace(f"</{tag}>", f"</ {tag}>")
-    return text
+    return text.replace(f"<{TURN_TAG} id=", f"< {TURN_TAG} id=")
