@@ -20,7 +20,7 @@ so in one line and measures nothing.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import importlib
 import logging
 import os
 import sys
@@ -56,8 +56,14 @@ TARGET_WALL_RATIO = 15.0
 
 
 def missing() -> list[str]:
-    """The optional packages this scenario needs that are not installed."""
-    return [name for name in REQUIRED if importlib.util.find_spec(name) is None]
+    """The optional packages this scenario needs that cannot be imported."""
+    absent = []
+    for name in REQUIRED:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            absent.append(name)
+    return absent
 
 
 async def _fresh_peer_database(server: BenchServer) -> str:
