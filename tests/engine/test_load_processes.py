@@ -19,7 +19,7 @@ import pytest
 from bench.fake_openai import FakeOpenAI
 from engine.admin import AdminReader
 from engine.audit import audit_invariants
-from engine.config import load_settings
+from engine.config import Settings, load_settings
 from engine.db import Database
 from engine.load_processes import LoadProcessError, Share, run_load_processes, shares
 from engine.runtime import open_runtime
@@ -53,9 +53,9 @@ def test_bad_process_counts_are_one_line(memchat: Run) -> None:
 
 
 @pytest.mark.db
-async def test_a_part_that_dies_before_ready_is_reported(settings: object, tmp_path: Path) -> None:
+async def test_a_part_that_dies_before_ready_is_reported(settings: Settings) -> None:
     # A real process that exits at once, as a part whose settings broke would.
-    async with open_runtime(settings, run_workers=False) as rt:  # type: ignore[arg-type]
+    async with open_runtime(settings, run_workers=False) as rt:
         with pytest.raises(LoadProcessError, match=r"exited with 3 before 'ready'"):
             await run_load_processes(
                 rt, 4, 1, 1, 2, memchat=[sys.executable, "-c", "import sys; sys.exit(3)"]
