@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from bench import concurrency, cost, freshness, soak
+from bench import concurrency, cost, freshness, peers, processes, soak
 from bench.harness import REPO, BenchServer, Point, bench_server, machine_info
 from engine import event_loop
 from engine.errors import MemchatError
@@ -26,6 +26,8 @@ SCENARIOS: dict[str, str] = {
     "freshness": "turn completion -> memory visible to a subscriber; the NOTIFY hop",
     "soak": "20,000 runs: RSS and connections stay flat",
     "tui": "keystroke latency while 3 panes stream, opening a long session, RSS",
+    "processes": "the same load in 1 and in 2 memchat processes on one PostgreSQL",
+    "peers": "the agent framework's cookbook workload beside memchat's (needs agno)",
 }
 
 
@@ -47,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         "database 'memchat_bench'); default: the bench's own embedded server",
     )
     parser.add_argument(
-        "--users", help="concurrency: comma-separated user counts (default 10,200,1000)"
+        "--users",
+        help="concurrency, processes, peers: comma-separated user counts "
+        "(default 10,200,1000; processes and peers: 200)",
     )
     parser.add_argument(
         "--soak-runs", type=int, help="soak: total runs (default 20000, a multiple of 1000)"
@@ -139,6 +143,10 @@ async def _scenario(
         return await freshness.run(server, quick=quick)
     if name == "soak":
         return await soak.run(server, quick=quick, runs=args.soak_runs)
+    if name == "processes":
+        return await processes.run(server, quick=quick, users=users)
+    if name == "peers":
+        return await peers.run(server, quick=quick, users=users)
     # In a process of its own, as the app runs for a user: the heap and the
     # garbage collector's state the other scenarios leave behind would
     # otherwise be measured too.
@@ -154,7 +162,15 @@ async def _scenario(
 
 
 # Seconds each scenario took on the 2-core machine of docs/benchmarks.md.
-EXPECTED_S = {"concurrency": 45, "cost": 12, "freshness": 25, "soak": 85, "tui": 35}
+EXPECTED_S = {
+    "concurrency": 45,
+    "cost": 12,
+    "freshness": 25,
+    "soak": 85,
+    "tui": 35,
+    "processes": 40,
+    "peers": 90,
+}
 
 
 def _expected_s(name: str, quick: bool) -> int:

@@ -593,6 +593,11 @@ class _Reply:
             # Any tool but the memory ones (a capability probe): a tool-calling model calls it.
             calls = [{"name": _first_tool_name(body), "arguments": {"ok": True}}]
             return cls(completion_id, model, [], _tool_calls(calls), prompt_tokens)
+        if body.get("tools") and messages and messages[-1].get("role") == "tool":
+            # The tool results of its own calls came back (an agent framework's
+            # loop; memchat applies calls without replying): done, as a real
+            # model says, rather than calling again forever.
+            return cls(completion_id, model, ["Done."], [], prompt_tokens)
         if body.get("tools"):
             # One memory per turn: the user's message itself, naming its turn
             # when the request holds several (memchat's coalesced extraction).

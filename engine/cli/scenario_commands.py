@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 from engine.cli.output import one_line, print_json, say, warn
-from engine.cli.resources import open_full_runtime
+from engine.cli.resources import open_chat_runtime, open_full_runtime
 from engine.config import Settings
 from engine.errors import InvalidInput
+from engine.load_processes import Share, run_load_processes, run_part
 from engine.scenarios import JobReport, SeedResult, run_load, run_seed
 from engine.validation import printable
 
@@ -20,7 +22,8 @@ def register(commands: argparse._SubParsersAction[Any], exit_codes: str) -> None
         "scenario",
         help="run a scripted multi-user conversation (seed) or a load",
         epilog="examples:\n  memchat scenario seed\n"
-        "  memchat scenario load --users 200 --sessions 2 --turns 3\n\n" + exit_codes,
+        "  memchat scenario load --users 200 --sessions 2 --turns 3\n"
+        "  memchat scenario load --users 200 --processes 2\n\n" + exit_codes,
         formatter_class=fmt,
     )
     kinds = scenario.add_subparsers(dest="scenario", metavar="NAME", required=True)
@@ -58,6 +61,24 @@ def register(commands: argparse._SubParsersAction[Any], exit_codes: str) -> None
         default=None,
         help="simulated model latency per call (offline model only)",
     )
+    load.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="spread the users over N memchat processes on the same database, each with "
+        "its own memory workers; one audit across all (the clock starts once every "
+        "process has made its users' sessions)",
+    )
+    load.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="with --processes: also run N `memchat worker` processes on the same queue",
+    )
+    # The protocol of engine/load_processes.py: what each of those processes runs.
+    load.add_argument("--part", action="store_true", help=argparse.SUPPRESS)
+    load.add_argument("--offset", type=int, default=0, help=argparse.SUPPRESS)
+    load.add_argument("--wait-within", type=float, default=600.0, help=argparse.SUPPRESS)
     load.set_defaults(handler=load_command, settings_overrides=load_overrides)
 
 
@@ -118,10 +139,48 @@ async def load_command(args: argparse.Namespace, settings: Settings) -> int:
             raise InvalidInput(f"--{name} must be at least 1")
     if args.latency_ms is not None and settings.model.resolved_provider != "offline":
         raise InvalidInput("--latency-ms simulates latency with the offline model only")
+    if args.part:
+        async with open_full_runtime(settings) as rt:
+            share = Share(args.offset, args.users)
+            return await run_part(
+                rt, share, args.sessions, args.turns, wait_within=args.wait_within
+            )
+    if args.processes < 1 or args.workers < 0:
+        raise InvalidInput("--processes must be at least 1 and --workers at least 0")
+    if args.processes > args.users:
+        raise InvalidInput("--processes must not exceed --users (each process runs a user)")
+    if args.processes > 1 or args.workers:
+        return await _load_processes(args, settings)
     async with open_full_runtime(settings) as rt:
         result = await run_load(rt, args.users, args.sessions, args.turns)
     print_json(result.as_json())
     problem = result.problem()
+    if problem:
+        warn(f"error: load: {problem}")
+    return 1 if problem else 0
+
+
+async def _load_processes(args: argparse.Namespace, settings: Settings) -> int:
+    # The processes load their settings as this one did: same file, environment,
+    # working directory and setting options.
+    memchat = [sys.executable, "-m", "engine.cli"]
+    memchat += ["--config", args.config] if args.config else []
+    memchat += ["-v"] if args.verbose else []
+    options = ["--latency-ms", str(args.latency_ms)] if args.latency_ms is not None else []
+    # Without workers: this process only audits; the turns and jobs are theirs.
+    async with open_chat_runtime(settings) as rt:
+        run = await run_load_processes(
+            rt,
+            args.users,
+            args.sessions,
+            args.turns,
+            args.processes,
+            memchat=memchat,
+            load_options=options,
+            workers=args.workers,
+        )
+    print_json(run.as_json())
+    problem = run.result.problem()
     if problem:
         warn(f"error: load: {problem}")
     return 1 if problem else 0
