@@ -66,7 +66,15 @@ PANE_ACTIONS = frozenset(
 
 # What a single-user app (a `memchat serve` user tab) does not offer.
 MULTI_USER_ACTIONS = frozenset(
-    {"inspector", "add_user", "close_pane", "focus_user", "focus_user_number", "demo"}
+    {
+        "inspector",
+        "add_user",
+        "close_pane",
+        "focus_user",
+        "focus_user_number",
+        "demo",
+        "toggle_layout",
+    }
 )
 
 

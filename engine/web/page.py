@@ -28,6 +28,13 @@ body.-closed .closed { display: block; }
 # textual.js connects on window.onload; the terminal's textarea is where
 # keys go, so it gets focus as soon as it exists (the app started unfocused).
 _FOCUS = """
+// The terminal measures its cells when textual.js builds it on load: with
+// the bundled font not loaded yet, the rows came out too many and the last
+// one (the app's key bar) fell below the window. Build it once the font is in.
+const buildTerminal = window.onload;
+window.onload = (event) => {
+  document.fonts.load('16px "Roboto Mono"').finally(() => buildTerminal(event));
+};
 window.addEventListener("load", () => {
   const started = Date.now();
   const tick = () => {

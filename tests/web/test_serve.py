@@ -12,7 +12,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
+import asyncpg
 import psutil
 import pytest
 
@@ -120,9 +122,32 @@ async def test_two_users_each_see_only_their_own_and_the_refusals_hold(served: S
             await page.close()
 
 
-async def test_tabs_are_small_and_stopping_is_prompt(served: Served) -> None:
+def read_until(stream: IO[str], text: str) -> None:
+    while text not in (line := stream.readline()):
+        assert line, f"never said {text!r}"
+
+
+async def database_backends(dsn: str) -> int:
+    """Client connections to this test's database, but this one."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def test_tabs_are_small_and_stopping_is_prompt(served: Served, database_dsn: str) -> None:
     page = Page(served.base)
     try:
+        # The worker says so once its pools are open: from then on, new backends are the tab's.
+        assert served.process.stderr is not None
+        await asyncio.to_thread(read_until, served.process.stderr, "Ctrl-C to stop")
+        before = await database_backends(database_dsn)
         assert await page.open_link(served.links[ALICE]) == 200
         await page.connect()
         await page.wait_for(lambda t: f"Say hi as {ALICE}" in t)
@@ -133,8 +158,12 @@ async def test_tabs_are_small_and_stopping_is_prompt(served: Served) -> None:
         ]
         assert len(tabs) == 1
         rss_mb = tabs[0].memory_info().rss / 2**20
-        print(f"tab process RSS: {rss_mb:.0f} MB")
+        after = await database_backends(database_dsn)
+        tab_connections = after - before
+        print(f"tab process: RSS {rss_mb:.0f} MB, {tab_connections} database connections")
         assert rss_mb < 200
+        # The pool's minimum (1) and the LISTEN connection; at most pool_max_size (3) + 1.
+        assert 1 <= tab_connections <= 4
         started = time.monotonic()
         served.process.send_signal(signal.SIGINT)
         code = await asyncio.to_thread(served.process.wait, 30)
