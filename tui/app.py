@@ -417,8 +417,8 @@ class MemchatApp(App[None]):
             return False
         return not (action in PANE_ACTIONS and len(self.screen_stack) > 1)
 
-    def _focused_pane(self) -> UserPane | None:
-        node = self.focused
+    def _focused_pane(self, screen: Screen | None = None) -> UserPane | None:
+        node = self.focused if screen is None else screen.focused
         while node is not None and not isinstance(node, UserPane):
             node = node.parent  # type: ignore[assignment]
         return node
@@ -569,7 +569,8 @@ class MemchatApp(App[None]):
                 f"alt+{number} · F8/F9",
                 lambda p=pane: self._focus_pane(p),
             )
-        if (pane := self._focused_pane()) is not None:
+        # The screen the palette was opened over: the palette has the focus now.
+        if (pane := self._focused_pane(screen)) is not None:
             who = pane.user_id
             yield SystemCommand(
                 f"Sessions of {who}", "Pick a session (ctrl+o)", pane.action_pick_session

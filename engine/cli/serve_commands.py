@@ -92,6 +92,7 @@ async def serve_command(args: argparse.Namespace, settings: Settings) -> int:
     if not 0 <= args.port <= 65535:
         raise InvalidInput(f"--port must be 0..65535, not {args.port}")
     users = _users(args, settings)
+    _site(args, args.port)  # a bad --host / --public-url is one line before anything starts
     from aiohttp import web
 
     from engine.web.access import Access

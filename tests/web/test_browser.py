@@ -172,6 +172,17 @@ async def test_two_people_and_the_admin_in_three_browsers(served: Served, browse
     await alice.screenshot(path=str(SCREENSHOTS / "serve-alice.png"))
     await bob.screenshot(path=str(SCREENSHOTS / "serve-bob.png"))
 
+    # Browsers keep ctrl+w / ctrl+t / ctrl+n: the alternatives reach the app.
+    await alice.keyboard.type("kept words gone")
+    await alice_screen.wait_for(lambda t: "kept words gone" in t)
+    await alice.keyboard.press("Alt+Backspace")  # delete a word (ctrl+w's job)
+    await alice_screen.wait_for(lambda t: "kept words" in t and "kept words g" not in t)
+    await alice.keyboard.press("Control+p")  # the palette: New session (ctrl+t's job)
+    await alice.keyboard.type("New session for")
+    await alice_screen.wait_for(lambda t: f"New session for {ALICE}" in t)
+    await alice.keyboard.press("Enter")
+    await alice_screen.wait_for(lambda t: f"{ALICE} · New session" in t)
+
     # The admin link: the full app; the inspector shows both users live.
     admin, admin_screen = await _open(browser, served.links[ADMIN])
     await admin_screen.wait_for(lambda t: f"Say hi as {ALICE}" in t and f"Say hi as {BOB}" in t)
