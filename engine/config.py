@@ -266,6 +266,23 @@ class UISettings(_Section):
         return users
 
 
+class ServeSettings(_Section):
+    """`memchat serve` (engine/web): one app process per browser tab."""
+
+    max_sessions: int = Field(
+        default=8,
+        ge=1,
+        le=1000,
+        description="Concurrent app processes (browser tabs); one more gets a refusal page.",
+    )
+    pool_max_size: int = Field(
+        default=3, ge=1, le=100, description="Database connections per tab (plus one LISTEN)."
+    )
+    shutdown_timeout: float = Field(
+        default=5.0, gt=0, le=600, description="Seconds to stop the tabs and the worker."
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -284,6 +301,7 @@ class Settings(BaseSettings):
     memory: MemorySettings = Field(default_factory=MemorySettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     ui: UISettings = Field(default_factory=UISettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
 
     # Where the settings came from, for `memchat doctor` and error messages.
     config_file: Path | None = Field(default=None, exclude=True)

@@ -34,6 +34,7 @@ from typing import Any, Self, TypeGuard
 import asyncpg
 
 from engine.db import Database
+from engine.db.database import SingleUserRefusal
 from engine.errors import DatabaseError
 from engine.queue import JOB_CHANNEL
 from engine.records import JOB_STATUSES, MEMORY_OPS, JobStatus, MemoryOp
@@ -206,6 +207,8 @@ class EventHub:
         if health_check_interval <= 0 or health_check_timeout <= 0:
             raise ValueError("health check interval and timeout must be positive")
         self._db = db
+        # A single-user process's hub delivers that user's events only.
+        self._only_user: str | None = getattr(db, "only_user", None)
         self._reconnect_delay = reconnect_delay
         self._max_reconnect_delay = max_reconnect_delay
         self._queue_size = queue_size
@@ -294,6 +297,9 @@ class EventHub:
         if user_id is not None:
             # The same normalisation the store applies, so " alice" finds "alice".
             user_id = validate_user_id(user_id)
+        only_user = self._only_user
+        if only_user is not None and user_id not in (None, only_user):
+            raise SingleUserRefusal("this process serves one user only: another user's events")
         size = self._queue_size if queue_size is None else queue_size
         if size < 1:
             raise ValueError("queue_size must be at least 1")
@@ -337,6 +343,8 @@ class EventHub:
             for sub in list(self._subscribers()):
                 sub._deliver(event)
             return
+        if self._only_user is not None and event.user_id != self._only_user:
+            return  # a single-user process hears of its own user only
         subs = self._by_user.get(event.user_id)
         if subs:
             for sub in subs:

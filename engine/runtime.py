@@ -75,9 +75,20 @@ async def _wake_dispatcher_on_new_jobs(events: EventHub, dispatcher: MemoryDispa
 
 @asynccontextmanager
 async def open_runtime(
-    settings: Settings, *, run_workers: bool = True, model: ChatModel | None = None
+    settings: Settings,
+    *,
+    run_workers: bool = True,
+    model: ChatModel | None = None,
+    only_user: str | None = None,
 ) -> AsyncIterator[Runtime]:
-    """Model first (a missing key fails fast), then the database, events and workers."""
+    """Model first (a missing key fails fast), then the database, events and workers.
+
+    ``only_user``: a single-user process (`memchat serve`'s user tabs): the
+    database and event hub are fixed to that user (Database.open) and no
+    memory workers run here (they need the queue login, which is not opened).
+    """
+    if only_user is not None:
+        run_workers = False
     model = model or create_model(settings.model)
     try:
         memory_model = create_model(memory_model_settings(settings.model, settings.memory))
@@ -85,7 +96,7 @@ async def open_runtime(
         await model.aclose()
         raise
     try:
-        db = await Database.open(settings)
+        db = await Database.open(settings, only_user=only_user)
     except BaseException:
         await model.aclose()
         await memory_model.aclose()

@@ -64,6 +64,20 @@ PANE_ACTIONS = frozenset(
 )
 
 
+# What a single-user app (a `memchat serve` user tab) does not offer.
+MULTI_USER_ACTIONS = frozenset(
+    {
+        "inspector",
+        "add_user",
+        "close_pane",
+        "focus_user",
+        "focus_user_number",
+        "demo",
+        "toggle_layout",
+    }
+)
+
+
 class MemchatApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "memchat"
@@ -106,6 +120,8 @@ class MemchatApp(App[None]):
         highlight_seconds: float = 5.0,
         demo_char_delay: float = 0.04,
         tune_gc: bool = True,
+        single_user: str | None = None,
+        run_workers: bool = True,
     ) -> None:
         install_terminal_keys()
         super().__init__()
@@ -115,7 +131,13 @@ class MemchatApp(App[None]):
         script = SCRIPTS.get(play) if play is not None else None
         default_users = list(script) if script is not None else settings.ui.users
         self.initial_users = [validate_user_id(u) for u in (users or default_users)]
-        self.play = play
+        # `memchat serve`'s user tabs: one pane, that user's data only (the
+        # engine enforces it: open_runtime(only_user=...)); no workers here.
+        self.single_user = validate_user_id(single_user) if single_user else None
+        if self.single_user is not None:
+            self.initial_users = [self.single_user]
+        self.run_workers = run_workers and self.single_user is None
+        self.play = play if self.single_user is None else None
         self.animate = animate
         self.pane_options = PaneOptions(highlight_seconds=highlight_seconds, animate=animate)
         self.demo = DemoPlayer(self, char_delay=demo_char_delay)
@@ -174,7 +196,8 @@ class MemchatApp(App[None]):
             ),
             classes="status",
         )
-        yield UserTabs(classes="user-tabs")
+        if self.single_user is None:
+            yield UserTabs(classes="user-tabs")
         yield Horizontal(classes="panes -grid")
         yield Footer()
 
@@ -196,6 +219,8 @@ class MemchatApp(App[None]):
                     markup=False,
                 )
         self._saved_theme = self.theme
+        if self.single_user is not None:
+            return  # a web visitor's theme is theirs, not the server's settings file
         # From here on a change is the user's (ctrl+p: Change theme).
         self.theme_changed_signal.subscribe(self, self._theme_picked)
 
@@ -228,7 +253,11 @@ class MemchatApp(App[None]):
     @work(group="engine", exclusive=True)
     async def open_engine(self) -> None:
         try:
-            self.runtime = await self._stack.enter_async_context(open_runtime(self.settings))
+            self.runtime = await self._stack.enter_async_context(
+                open_runtime(
+                    self.settings, run_workers=self.run_workers, only_user=self.single_user
+                )
+            )
         except MemchatError as exc:
             self.query_one(StatusBar).update(
                 Text(
@@ -245,7 +274,8 @@ class MemchatApp(App[None]):
             panes[0].focus_input()
         await asyncio.gather(*(pane.ready.wait() for pane in panes))
         self._render_status()
-        self.watch_jobs()
+        if self.single_user is None:
+            self.watch_jobs()
         self.watch_database()
         if self.tune_gc:
             tune_garbage_collection()
@@ -278,6 +308,8 @@ class MemchatApp(App[None]):
     async def flag_look_alikes(self, user_id: str) -> None:
         """Warn when this id reads like another (aIice / alice): likely the wrong person."""
         assert self.runtime is not None
+        if self.single_user is not None:
+            return  # other users' ids are not this process's to read
         try:
             others = await AdminReader(self.runtime.db).look_alikes(user_id)
         except MemchatError:
@@ -313,8 +345,9 @@ class MemchatApp(App[None]):
         text.append("  ·  database: ")
         db_label = self.runtime.db.info.label
         text.append(db_label if self.database_ok else f"{db_label} UNREACHABLE, retrying…")
-        text.append("  ·  memory jobs running: ")
-        text.append(str(self.running_jobs), style="bold")
+        if self.single_user is None:  # the count is across users
+            text.append("  ·  memory jobs running: ")
+            text.append(str(self.running_jobs), style="bold")
         # query, not query_one: during shutdown the bar may already be gone.
         for bar in self.query(StatusBar).results(StatusBar):
             bar.update(text)
@@ -380,10 +413,12 @@ class MemchatApp(App[None]):
         self._render_user_tabs()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if self.single_user is not None and action in MULTI_USER_ACTIONS:
+            return False
         return not (action in PANE_ACTIONS and len(self.screen_stack) > 1)
 
-    def _focused_pane(self) -> UserPane | None:
-        node = self.focused
+    def _focused_pane(self, screen: Screen | None = None) -> UserPane | None:
+        node = self.focused if screen is None else screen.focused
         while node is not None and not isinstance(node, UserPane):
             node = node.parent  # type: ignore[assignment]
         return node
@@ -474,7 +509,7 @@ class MemchatApp(App[None]):
         self.push_screen(HelpScreen())
 
     def action_inspector(self) -> None:
-        if self.runtime is None:
+        if self.runtime is None or self.single_user is not None:
             return
         from tui.screens.inspector import InspectorScreen
 
@@ -492,6 +527,23 @@ class MemchatApp(App[None]):
         self.demo.stop()
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        commands = self._system_commands(screen)
+        if self.single_user is not None:
+            # The palette calls methods directly, past check_action.
+            blocked = (
+                self.action_inspector,
+                self.action_add_user,
+                self.action_close_pane,
+                self.action_toggle_layout,
+            )
+            commands = (
+                c
+                for c in commands
+                if c.callback not in blocked and not c.title.startswith(("Demo", "Focus user"))
+            )
+        yield from commands
+
+    def _system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         yield SystemCommand("Help: every key", "Show all keys (F1)", self.action_help)
         yield SystemCommand(
@@ -517,7 +569,8 @@ class MemchatApp(App[None]):
                 f"alt+{number} · F8/F9",
                 lambda p=pane: self._focus_pane(p),
             )
-        if (pane := self._focused_pane()) is not None:
+        # The screen the palette was opened over: the palette has the focus now.
+        if (pane := self._focused_pane(screen)) is not None:
             who = pane.user_id
             yield SystemCommand(
                 f"Sessions of {who}", "Pick a session (ctrl+o)", pane.action_pick_session

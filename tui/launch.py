@@ -32,6 +32,10 @@ def add_tui_options(parser: argparse.ArgumentParser) -> None:
         choices=["seed"],
         help="start the app playing a demo script (seed), F4 pauses",
     )
+    # `memchat serve`'s per-tab processes (engine/web): one user only, enforced
+    # by the engine; memory jobs left to serve's own `memchat worker`.
+    parser.add_argument("--as-user", metavar="USER", help=argparse.SUPPRESS)
+    parser.add_argument("--no-workers", action="store_true", help=argparse.SUPPRESS)
 
 
 def run_tui(args: argparse.Namespace, settings: Settings) -> int:
@@ -50,7 +54,14 @@ def run_tui(args: argparse.Namespace, settings: Settings) -> int:
         settings = load_settings(args.config, overrides=delay)
     from tui.app import MemchatApp
 
-    MemchatApp(settings, users, play=args.play).run()
+    single_user = validate_user_id(args.as_user) if args.as_user is not None else None
+    MemchatApp(
+        settings,
+        users,
+        play=args.play,
+        single_user=single_user,
+        run_workers=not args.no_workers,
+    ).run()
     return 0
 
 

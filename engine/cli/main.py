@@ -19,6 +19,7 @@ from engine.cli import (
     jobs_commands,
     memory_commands,
     scenario_commands,
+    serve_commands,
     worker_commands,
 )
 from engine.cli.output import warn
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor_commands.register(commands, EXIT_CODES)
     bench_commands.register(commands, EXIT_CODES)
     db_commands.register(commands, EXIT_CODES)
+    serve_commands.register(commands, EXIT_CODES)
     return parser
 
 

@@ -39,7 +39,7 @@ from engine.db.dsn import check_dsn, redact_dsn, with_database, with_login
 from engine.db.embedded import DATABASE_NAME, EmbeddedServer, start_embedded
 from engine.db.migrate import migrate
 from engine.db.roles import KINDS, RoleNames, role_names
-from engine.errors import DatabaseError
+from engine.errors import DatabaseError, MemchatError
 from engine.text import reason_of
 from engine.validation import validate_user_id
 
@@ -60,6 +60,12 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     # A backend killed between commit and the pool's reset on release.
     asyncpg.exceptions.InternalClientError,
 )
+
+
+class SingleUserRefusal(MemchatError):
+    """What a single-user process (a `memchat serve` user tab) may not do."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,10 +96,15 @@ class Database:
         dsns: dict[str, str],
         settings: Settings,
         query_loggers: list[QueryLogger] | None = None,
+        only_user: str | None = None,
     ) -> None:
         self.pool = pools["app"]
-        self._admin_pool = pools["admin"]
-        self._queue_pool = pools["worker"]
+        # A single-user process opens the app pool only: no login here can
+        # read across users or touch the queue (engine/web, docs/security.md).
+        self._admin_pool = pools.get("admin")
+        self._queue_pool = pools.get("worker")
+        self.only_user = only_user
+        """Set: the one user this process may scope to (`memchat serve`'s user tabs)."""
         self._query_loggers = query_loggers if query_loggers is not None else []
         self.info = info
         self._embedded = embedded
@@ -111,8 +122,11 @@ class Database:
         callback sees all of their statements from then on.
         """
         self._query_loggers.append(callback)
-        for pool in (self.pool, self._admin_pool, self._queue_pool):
+        for pool in self._pools():
             await pool.expire_connections()
+
+    def _pools(self) -> list[asyncpg.Pool]:
+        return [p for p in (self.pool, self._admin_pool, self._queue_pool) if p is not None]
 
     async def connect_dedicated(self) -> asyncpg.Connection:
         """A connection outside the pool (for LISTEN), as the app login.
@@ -132,25 +146,36 @@ class Database:
             ) from None
 
     @classmethod
-    async def open(cls, settings: Settings) -> Database:
-        """Start the embedded server if needed, migrate, and open the pools."""
+    async def open(cls, settings: Settings, *, only_user: str | None = None) -> Database:
+        """Start the embedded server if needed, migrate, and open the pools.
+
+        ``only_user``: a single-user process. Only the app pool is opened,
+        ``scoped()`` accepts that user alone, and ``admin()``, ``queue()`` and
+        ``unscoped()`` raise :class:`SingleUserRefusal`.
+        """
+        if only_user is not None:
+            only_user = validate_user_id(only_user)
         db_settings = settings.database
         if db_settings.url is not None:
             url = db_settings.url.get_secret_value()
             check_dsn(url)  # one line for a DSN the driver would misread, not its traceback
-            return await cls._open_at(url, settings, None)
+            return await cls._open_at(url, settings, None, only_user)
         embedded = await asyncio.to_thread(start_embedded, settings.data_dir())
         try:
             await _ensure_database(embedded, db_settings.connect_timeout)
             dsn = with_database(embedded.dsn, DATABASE_NAME)
-            return await cls._open_at(dsn, settings, embedded)
+            return await cls._open_at(dsn, settings, embedded, only_user)
         except BaseException:
             await asyncio.to_thread(embedded.release)
             raise
 
     @classmethod
     async def _open_at(
-        cls, dsn: str, settings: Settings, embedded: EmbeddedServer | None
+        cls,
+        dsn: str,
+        settings: Settings,
+        embedded: EmbeddedServer | None,
+        only_user: str | None = None,
     ) -> Database:
         db_settings = settings.database
         shown = redact_dsn(dsn)
@@ -197,8 +222,8 @@ class Database:
                 conn.add_query_logger(callback)
 
         # The three logins in parallel: each is a SCRAM exchange and a round trip or two.
-        created = await asyncio.gather(
-            cls._pool(
+        openers = {
+            "app": cls._pool(
                 dsns["app"],
                 db_settings,
                 min_size=min(db_settings.pool_min_size, db_settings.pool_max_size),
@@ -206,8 +231,10 @@ class Database:
                 name="memchat",
                 init=init,
             ),
+        }
+        if only_user is None:
             # The admin and queue paths are used a few times a second at most.
-            cls._pool(
+            openers["admin"] = cls._pool(
                 dsns["admin"],
                 db_settings,
                 min_size=0,
@@ -218,16 +245,16 @@ class Database:
                 # open-job count wait_idle polls), so PostgreSQL would soon switch them
                 # to generic plans; for `user_id = ANY($1)` that plan reads every job.
                 settings={"plan_cache_mode": "force_custom_plan"},
-            ),
-            cls._pool(
+            )
+            openers["worker"] = cls._pool(
                 dsns["worker"], db_settings, min_size=0, max_size=4, name="memchat-queue", init=init
-            ),
-            return_exceptions=True,
-        )
+            )
+        kinds = list(openers)
+        created = await asyncio.gather(*openers.values(), return_exceptions=True)
         failed = [result for result in created if isinstance(result, BaseException)]
         pools = {
             kind: result
-            for kind, result in zip(KINDS, created, strict=True)
+            for kind, result in zip(kinds, created, strict=True)
             if isinstance(result, asyncpg.Pool)
         }
         if failed:
@@ -241,7 +268,7 @@ class Database:
             roles=names,
             socket_dir=str(embedded.socket_dir) if embedded else None,
         )
-        return cls(pools, info, embedded, dsns, settings, query_loggers)
+        return cls(pools, info, embedded, dsns, settings, query_loggers, only_user)
 
     @staticmethod
     async def _pool(
@@ -276,7 +303,7 @@ class Database:
         return pool
 
     async def close(self) -> None:
-        for pool in (self.pool, self._admin_pool, self._queue_pool):
+        for pool in self._pools():
             await pool.close()
         if self._embedded is not None:
             # Stopping takes a moment and must not block the event loop.
@@ -303,6 +330,13 @@ class Database:
                 return
             raise DatabaseError(f"lost the database connection: {reason_of(exc)}") from None
 
+    def _refuse_if_single_user(
+        self, what: str, pool: asyncpg.Pool | None = None
+    ) -> asyncpg.Pool | None:
+        if self.only_user is not None:
+            raise SingleUserRefusal(f"{what} is not available in a single-user process")
+        return pool
+
     @asynccontextmanager
     async def scoped(self, user_id: str) -> AsyncIterator[asyncpg.Connection]:
         """A transaction that can see and write ``user_id``'s rows only.
@@ -313,6 +347,9 @@ class Database:
         blocks use :func:`savepoint`.
         """
         user_id = validate_user_id(user_id)
+        if self.only_user is not None and user_id != self.only_user:
+            # No id in the message: it may reach that user's screen.
+            raise SingleUserRefusal("this process serves one user only: another user's scope")
         begin = f"BEGIN; SELECT set_config('memchat.user_id', {_literal(user_id)}, true)"
         async with self._connection() as conn, _block(conn, begin, "COMMIT", "ROLLBACK"):
             yield conn
@@ -324,6 +361,7 @@ class Database:
         For audits that check exactly that (engine/admin.py); the job queue
         has :meth:`queue`.
         """
+        self._refuse_if_single_user("the unscoped path")
         async with self._connection() as conn:
             yield conn
 
@@ -334,14 +372,16 @@ class Database:
         Those are SECURITY DEFINER (they look across users), return ids and
         counts only, and refuse to run inside a user scope.
         """
-        async with self._connection(self._queue_pool) as conn:
+        pool = self._refuse_if_single_user("the job queue", self._queue_pool)
+        async with self._connection(pool) as conn:
             yield conn
 
     @asynccontextmanager
     async def admin(self) -> AsyncIterator[asyncpg.Connection]:
         """A read-only transaction across all users, as the SELECT-only admin login."""
+        pool = self._refuse_if_single_user("the admin reader", self._admin_pool)
         async with (
-            self._connection(self._admin_pool) as conn,
+            self._connection(pool) as conn,
             conn.transaction(readonly=True),
         ):
             yield conn
