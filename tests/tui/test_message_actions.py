@@ -101,6 +101,8 @@ async def test_enter_offers_actions_copy_code_blocks_and_raw_view(make_app: AppF
         # Literal: fences and [bold] as written, the escape sequence visible.
         assert "```python" in shown and "[bold]not markup[/bold]" in shown
         assert "\\x1b[2J" in shown and "\x1b" not in shown
+        await pilot.press("ctrl+c")
+        assert app.clipboard == REPLY.replace("\x1b", "\\x1b")
         await pilot.press("escape")
         assert not isinstance(app.screen, RawMarkdownScreen)
         await pilot.press("enter", "c")
@@ -191,3 +193,19 @@ async def test_the_prompt_keeps_its_keys(make_app: AppFactory) -> None:
         assert not any(isinstance(s, ActionMenu) for s in app.screen_stack)
         assert pane.messages.highlighted is None
         assert isinstance(pane.messages, MessageList)
+
+
+async def test_up_on_the_first_message_loads_older_ones(make_app: AppFactory) -> None:
+    app = make_app([USER])
+    async with app.run_test(size=(160, 48)) as pilot:
+        pane = await open_with_messages(app, *(("user", f"message {n}") for n in range(60)))
+        listing = pane.messages
+        assert len(listing.shown_messages) == 50  # one page
+        await pilot.press("shift+tab", "home")
+        first = listing.highlighted
+        assert isinstance(first, UserMessage) and first.raw_text == "message 10"
+        await pilot.press("up")
+        await wait_until(lambda: len(listing.shown_messages) == 60)
+        await pilot.press("up")
+        assert listing.highlighted is not None
+        assert listing.highlighted.raw_text == "message 9"
