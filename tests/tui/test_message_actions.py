@@ -209,3 +209,20 @@ async def test_up_on_the_first_message_loads_older_ones(make_app: AppFactory) ->
         await pilot.press("up")
         assert listing.highlighted is not None
         assert listing.highlighted.raw_text == "message 9"
+
+
+async def test_the_palette_exports_the_focused_users_session(
+    make_app: AppFactory, tmp_path: Path
+) -> None:
+    app = make_app([USER])
+    app.export_directory = tmp_path / "palette"
+    app.export_directory.mkdir()
+    async with app.run_test(size=(160, 48)):
+        await open_with_messages(app, ("user", "from the palette"))
+        (command,) = [
+            c for c in app.get_system_commands(app.screen) if c.title == f"Export session of {USER}"
+        ]
+        command.callback()
+        await wait_until(lambda: any(n.startswith("Exported 1 message ") for n in notified(app)))
+        (written,) = app.export_directory.iterdir()
+        assert "from the palette" in written.read_text()

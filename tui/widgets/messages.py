@@ -304,16 +304,21 @@ class MessageList(VerticalScroll):
         # The prompt follows the list in its pane.
         self.screen.focus_next(Prompt)
 
+    def _current(self) -> _Labelled | None:
+        """The highlighted message, if it is still shown (a session switch removes it)."""
+        shown = self.highlighted
+        return shown if shown is not None and shown.parent is self else None
+
     def action_copy(self) -> None:
-        if self.highlighted is not None:
-            copy_text(self, self.highlighted.raw_text, "")
+        if (message := self._current()) is not None:
+            copy_text(self, message.raw_text, "")
 
     def action_actions(self) -> None:
-        if self.highlighted is None:
+        message = self._current()
+        if message is None:
             return
         from tui.screens.message_actions import ActionMenu
 
-        message = self.highlighted
         self.app.push_screen(
             ActionMenu(message.label, has_code=bool(code_blocks(message.raw_text))),
             lambda choice: self._act(message, choice),
