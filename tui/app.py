@@ -7,10 +7,11 @@ import contextlib
 import gc
 from collections.abc import Iterable
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 from rich.text import Text
 from textual import events, work
-from textual.app import App, ComposeResult, SystemCommand
+from textual.app import App, ComposeResult, RenderResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.reactive import reactive
@@ -29,6 +30,7 @@ from tui.demo import SCRIPTS, DemoPlayer
 from tui.keys import install_terminal_keys
 from tui.screens.dialogs import PromptDialog
 from tui.screens.help import HelpScreen
+from tui.widgets.messages import DEFAULT_CLOCK, MessageClock, MessageList
 from tui.widgets.pane import PaneOptions, UserPane
 from tui.widgets.prompt import Prompt
 
@@ -50,7 +52,32 @@ def tune_garbage_collection() -> None:
 
 
 class StatusBar(Static):
-    """Model, database and memory jobs, in one line at the top."""
+    """Model, database and memory jobs, in one line at the top.
+
+    The job count is the tail: a narrow terminal cuts the model and database
+    names (with …), never the count.
+    """
+
+    def __init__(self, content: Text, *, classes: str = "") -> None:
+        super().__init__(content, classes=classes)
+        self._main = Text()
+        self._tail: Text | None = None
+
+    def show(self, main: Text, tail: Text) -> None:
+        self._main, self._tail = main, tail
+        self.refresh()
+
+    def update(self, content: object = "", *, layout: bool = True) -> None:
+        self._tail = None  # a whole-line message (starting, cannot start, quitting)
+        super().update(content, layout=layout)  # type: ignore[arg-type]
+
+    def render(self) -> RenderResult:
+        if self._tail is None:
+            return super().render()
+        room = max(self.size.width - self._tail.cell_len, 0)
+        main = self._main.copy()
+        main.truncate(room, overflow="ellipsis", pad=True)
+        return Text.assemble(main, self._tail, no_wrap=True)
 
 
 class UserTabs(Static):
@@ -89,11 +116,8 @@ class MemchatApp(App[None]):
         Binding("ctrl+q", "quit", "Quit", priority=True),
         Binding("f1", "help", "Help"),
         Binding("question_mark", "help", "Help", show=False),
-        Binding("f2", "toggle_layout", "Layout"),
-        Binding("f3", "inspector", "Inspector"),
-        Binding("f4", "demo", "Demo"),
-        Binding("shift+f4", "stop_demo", "Stop demo", show=False),
-        Binding("ctrl+n", "add_user", "Add user"),
+        # The footer lists keys in this order and a narrow one cuts the end:
+        # quit, help and the next user come first.
         # Switching users: F8/F9 arrive as themselves in every common
         # terminal (ESC[19~ / ESC[20~), alt+1…9 as ESC digit (tui/keys.py
         # keeps those out of the text). ctrl+left/right and ctrl+w stay
@@ -104,6 +128,11 @@ class MemchatApp(App[None]):
             Binding(f"alt+{n}", f"focus_user_number({n})", f"User {n}", show=False, priority=True)
             for n in range(1, 10)
         ),
+        Binding("f2", "toggle_layout", "Layout"),
+        Binding("f3", "inspector", "Inspector"),
+        Binding("f4", "demo", "Demo"),
+        Binding("shift+f4", "stop_demo", "Stop demo", show=False),
+        Binding("ctrl+n", "add_user", "Add user"),
     ]
 
     layout_mode: reactive[str] = reactive("grid")
@@ -122,10 +151,15 @@ class MemchatApp(App[None]):
         tune_gc: bool = True,
         single_user: str | None = None,
         run_workers: bool = True,
+        clock: MessageClock = DEFAULT_CLOCK,
     ) -> None:
         install_terminal_keys()
         super().__init__()
         self.tune_gc = tune_gc
+        # The time on each message (a fixed one makes pictures repeatable).
+        self.message_clock = clock
+        # Where the session export writes (None: Downloads, else the current directory).
+        self.export_directory: Path | None = None
         self.settings = settings
         # Playing a demo without --users opens the demo's own users only.
         script = SCRIPTS.get(play) if play is not None else None
@@ -204,6 +238,12 @@ class MemchatApp(App[None]):
     def on_mount(self) -> None:
         self._apply_saved_theme()
         self.open_engine()
+
+    def on_resize(self, event: events.Resize) -> None:
+        # Narrow: keys closer together, so the important ones (listed first)
+        # still fit in 80 columns.
+        for footer in self.query(Footer).results(Footer):
+            footer.compact = event.size.width < 100
 
     # -- theme -------------------------------------------------------------
 
@@ -345,12 +385,14 @@ class MemchatApp(App[None]):
         text.append("  ·  database: ")
         db_label = self.runtime.db.info.label
         text.append(db_label if self.database_ok else f"{db_label} UNREACHABLE, retrying…")
+        tail = Text()
         if self.single_user is None:  # the count is across users
-            text.append("  ·  memory jobs running: ")
-            text.append(str(self.running_jobs), style="bold")
+            tail.append("  ·  memory jobs running: ")
+            tail.append(str(self.running_jobs), style="bold")
+            tail.append(" ")
         # query, not query_one: during shutdown the bar may already be gone.
         for bar in self.query(StatusBar).results(StatusBar):
-            bar.update(text)
+            bar.show(text, tail)
             bar.set_class(not self.database_ok, "-error")
 
     def watch_running_jobs(self) -> None:
@@ -487,8 +529,6 @@ class MemchatApp(App[None]):
         Textual's own saved into ~/Downloads and failed without a word when
         that directory did not exist.
         """
-        from pathlib import Path
-
         from platformdirs import user_downloads_dir
 
         target = Path(path) if path else Path(user_downloads_dir())
@@ -579,6 +619,11 @@ class MemchatApp(App[None]):
             yield SystemCommand(f"Rename session of {who}", "(f6)", pane.action_rename_session)
             yield SystemCommand(
                 f"Delete session of {who}", "Asks first (f7)", pane.action_delete_session
+            )
+            yield SystemCommand(
+                f"Export session of {who}",
+                "To a Markdown file (also Enter on a message, then e)",
+                lambda p=pane: p.messages.post_message(MessageList.ExportRequested()),
             )
             yield SystemCommand(f"Cancel reply of {who}", "(Esc)", pane.action_cancel)
             yield SystemCommand(f"Retry failed reply of {who}", "(ctrl+r)", pane.action_retry)

@@ -15,6 +15,7 @@ from engine.cli import (
     chat_commands,
     db_commands,
     doctor_commands,
+    export_commands,
     info_commands,
     jobs_commands,
     memory_commands,
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     chat_commands.register(commands, EXIT_CODES)
+    export_commands.register(commands, EXIT_CODES)
     memory_commands.register(commands, EXIT_CODES)
     scenario_commands.register(commands, EXIT_CODES)
     worker_commands.register(commands, EXIT_CODES)

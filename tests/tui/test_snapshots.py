@@ -1,9 +1,10 @@
 """Snapshot tests: what the app looks like, pixel for pixel (SVG), deterministic.
 
 Deterministic because: the offline model (no delay), a fresh database per
-test, no ids or clock times on screen, no cursor blink, no spinner animation,
-no "new" highlight timers, notifications cleared, and every stream and memory
-job finished before the picture is taken. Textual is pinned in pyproject.
+test, no ids on screen, every message's time from a fixed clock, no cursor
+blink, no spinner animation, no "new" highlight timers, notifications
+cleared, and every stream and memory job finished before the picture is
+taken. Textual is pinned in pyproject.
 
 Update after an intended change: ``pytest tests/tui/test_snapshots.py --snapshot-update``.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -21,6 +23,7 @@ from bench.fake_openai import FakeOpenAI
 from engine.config import Settings
 from tests.tui.conftest import AppFactory, wait_until
 from tui.app import MemchatApp
+from tui.widgets.messages import FixedClock
 
 # The status bar names the database server; the pictures are of the embedded one.
 pytestmark = pytest.mark.skipif(
@@ -32,6 +35,17 @@ DEFAULT_USERS = ["user_1@example.com", "user_2@example.com", "user_3@example.com
 FAKE_PORT = 47321
 
 RunBefore = Callable[[Pilot[Any]], Awaitable[None]]
+
+# Every message's label shows this time, whenever the picture is taken.
+SNAPSHOT_CLOCK = FixedClock(datetime(2026, 1, 1, 9, 41, tzinfo=UTC))
+
+
+@pytest.fixture
+def make_app(make_app: AppFactory) -> AppFactory:
+    def factory(users: list[str] | None = None, **options: object) -> MemchatApp:
+        return make_app(users, **{"clock": SNAPSHOT_CLOCK, **options})
+
+    return factory
 
 
 async def settle(pilot: Pilot[Any]) -> None:
@@ -170,3 +184,63 @@ def test_small_terminal_shows_one_user_and_the_list(
     assert snap_compare(
         app, terminal_size=(60, 15), run_before=send_then_settle(DEFAULT_USERS[0], "hello")
     )
+
+
+CODE_REPLY = (
+    "Two ways to greet:\n\n```python\nprint('hello')\n```\n\nor in a shell:\n\n"
+    "```sh\necho hello\n```\n\n**Both** print one line. [red]not markup[/red]"
+)
+
+
+async def _stored_conversation(pilot: Pilot[Any]) -> None:
+    """A question and a reply with two code blocks, shown as a reader opens them."""
+    app = pilot.app
+    await settle(pilot)
+    assert isinstance(app, MemchatApp) and app.runtime is not None
+    pane = app.pane_of(DEFAULT_USERS[0])
+    assert pane is not None and pane.session is not None
+    async with app.runtime.store.scope(pane.user_id) as s:
+        await s.append_message(pane.session.session_id, "user", "How do I print hello?")
+        await s.append_message(pane.session.session_id, "assistant", CODE_REPLY)
+    pane.ready.clear()
+    pane.load_session(pane.session.session_id)
+    await pane.ready.wait()
+    await settle(pilot)
+
+
+@pytest.mark.parametrize("size", [(160, 48), (80, 24)])
+def test_highlighted_message(
+    snap_compare: Any, make_app: AppFactory, size: tuple[int, int]
+) -> None:
+    """shift+tab from the prompt, then ↑: the question is highlighted; the footer lists the keys."""
+
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await _stored_conversation(pilot)
+        await pilot.press("shift+tab", "up")
+        await pilot.pause()
+
+    assert snap_compare(make_app(DEFAULT_USERS), terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", [(160, 48), (80, 24)])
+def test_message_action_menu(
+    snap_compare: Any, make_app: AppFactory, size: tuple[int, int]
+) -> None:
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await _stored_conversation(pilot)
+        await pilot.press("shift+tab", "enter")
+        await pilot.pause()
+
+    assert snap_compare(make_app(DEFAULT_USERS), terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", [(160, 48), (80, 24)])
+def test_raw_markdown_view(snap_compare: Any, make_app: AppFactory, size: tuple[int, int]) -> None:
+    """The reply as written: fences, ** and [red] literal."""
+
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await _stored_conversation(pilot)
+        await pilot.press("shift+tab", "enter", "r")
+        await pilot.pause()
+
+    assert snap_compare(make_app(DEFAULT_USERS), terminal_size=size, run_before=run_before)

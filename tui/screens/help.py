@@ -26,6 +26,11 @@ HELP = """\
 | **ctrl+t** | start a new session |
 | **f6** | rename the session |
 | **f7** | delete the session (asks first) |
+| **shift+tab** | from the prompt: into the messages (the last one highlighted) |
+| **↑ / ↓ / Home / End** | messages: highlight previous / next / first / last |
+| **ctrl+c** | messages: copy the highlighted message |
+| **Enter, then c / b / r / e** | messages: copy / copy code / raw Markdown / export session |
+| **Esc or a letter** | messages: back to the prompt |
 | **tab** | move between input and memory list |
 | **Enter / Delete** | memory list: edit / forget (asks; only the button confirms) |
 | **f5 / shift+f5** | memory list, while a memory job failed: retry it / dismiss the line |

@@ -1,11 +1,23 @@
-"""The conversation: user messages as literal text, replies as streamed Markdown."""
+"""The conversation: user messages as literal text, replies as streamed Markdown.
+
+Each message carries a dim label (who, and when) in its top edge. The list is
+focusable (shift+tab from the prompt): ↑/↓/Home/End highlight a message,
+Enter offers what can be done with it (copy it or a code block, view its raw
+Markdown, export the session), ctrl+c copies it, Esc goes back to the prompt.
+Printable keys never act here: the app hands them to the prompt.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime
+
 from markdown_it import MarkdownIt
 from rich.text import Text
+from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.message import Message as TextualMessage
+from textual.widget import Widget
 from textual.widgets import Markdown, Static
 
 from engine.records import Message
@@ -31,28 +43,132 @@ def literal(text: str | None, style: str = "") -> Text:
     return Text(terminal_safe(text or ""), style=style)
 
 
-class UserMessage(Static):
+def code_blocks(markdown: str) -> list[str]:
+    """The fenced (and indented) code blocks of a message, in order, as written."""
+    return [
+        token.content
+        for token in _PARSER.parse(markdown)
+        if token.type in ("fence", "code_block") and token.content.strip()
+    ]
+
+
+class MessageClock:
+    """Now, and when a message was written as its label shows it.
+
+    Local time: HH:MM for today, the date too for an earlier day.
+    """
+
+    def __init__(self, now: Callable[[], datetime] | None = None) -> None:
+        self._now = now or (lambda: datetime.now().astimezone())
+
+    def now(self) -> datetime:
+        return self._now()
+
+    def label(self, moment: datetime | None) -> str:
+        now = self.now().astimezone()
+        moment = (moment or now).astimezone()
+        if moment.date() == now.date():
+            return f"{moment:%H:%M}"
+        return f"{moment:%Y-%m-%d %H:%M}"
+
+
+class FixedClock(MessageClock):
+    """Every message written at one moment: pictures that do not depend on the day."""
+
+    def __init__(self, moment: datetime) -> None:
+        super().__init__(lambda: moment)
+        self.moment = moment
+
+    def label(self, moment: datetime | None) -> str:
+        # Its own time zone, not the machine's: the same picture everywhere.
+        return f"{self.moment:%H:%M}"
+
+
+DEFAULT_CLOCK = MessageClock()
+
+
+class _Labelled(Widget):
+    """A message: its author and time in the dim label above it."""
+
+    author = "assistant"
+    created_at: datetime | None = None
+
+    @property
+    def raw_text(self) -> str:
+        raise NotImplementedError
+
+    def _label(self) -> None:
+        clock = getattr(self.app, "message_clock", DEFAULT_CLOCK)
+        if not isinstance(clock, MessageClock):
+            clock = DEFAULT_CLOCK
+        if self.created_at is None:
+            # Written now (a live turn): the time it appeared.
+            self.created_at = clock.now()
+        self.border_title = f"{terminal_safe(self.author)} · {clock.label(self.created_at)}"
+
+    @property
+    def label(self) -> str:
+        return str(self.border_title or "")
+
+
+class UserMessage(Static, _Labelled):
     """What a user typed, verbatim."""
 
-    def __init__(self, content: str, *, message_id: int | None = None) -> None:
+    def __init__(
+        self,
+        content: str,
+        *,
+        message_id: int | None = None,
+        created_at: datetime | None = None,
+        author: str | None = None,
+    ) -> None:
         super().__init__(literal(content), classes="message user-message")
         self.message_id = message_id
+        self.content_text = content
+        self.created_at = created_at
+        self._author = author
+
+    @property
+    def raw_text(self) -> str:
+        return self.content_text
+
+    def on_mount(self) -> None:
+        # Who typed it: the pane's user (the pane has a user_id), else "you".
+        owners = (getattr(a, "user_id", None) for a in self.ancestors)
+        self.author = self._author or next((o for o in owners if isinstance(o, str)), "you")
+        self._label()
 
 
-class AssistantMessage(Markdown):
+class AssistantMessage(Markdown, _Labelled):
     """A reply: Markdown, streamed while it arrives, then rendered once in full.
 
     Control characters are made visible before Markdown sees them; Markdown
     itself never interprets Rich markup, so "[bold]" stays literal.
     """
 
-    def __init__(self, content: str = "", *, message_id: int | None = None) -> None:
+    def __init__(
+        self,
+        content: str = "",
+        *,
+        message_id: int | None = None,
+        created_at: datetime | None = None,
+    ) -> None:
         super().__init__(
             terminal_safe(content),
             classes="message assistant-message",
             parser_factory=_reply_parser,
         )
         self.message_id = message_id
+        self.created_at = created_at
+
+    @property
+    def raw_text(self) -> str:
+        # What the widget shows (control characters made visible): a copy
+        # never carries an escape sequence the reader did not see.
+        return self.source
+
+    def on_mount(self) -> None:
+        self._label()
 
     def mark_outcome(self, status: str, error: str | None = None) -> None:
         self.set_class(status == "cancelled", "-cancelled")
@@ -86,10 +202,28 @@ class OlderMessages(Static):
 
 
 class MessageList(VerticalScroll):
-    """A stream-layout scroll container that follows the bottom while you are there."""
+    """A stream-layout scroll container that follows the bottom while you are there.
+
+    Focused, it highlights one message at a time and acts on it.
+    """
+
+    BINDINGS = [
+        Binding("up", "move(-1)", "Previous", show=False),
+        Binding("down", "move(1)", "Next", show=False),
+        Binding("home", "move_to(0)", "First", show=False),
+        Binding("end", "move_to(-1)", "Last", show=False),
+        Binding("enter", "actions", "Actions"),
+        Binding("ctrl+c", "copy", "Copy"),
+        Binding("escape", "leave", "Prompt"),
+    ]
 
     class ReachedTop(TextualMessage):
         """Scrolled to the top: time to load older messages, if any."""
+
+    class ExportRequested(TextualMessage):
+        """Export this session to a Markdown file (the pane knows user and session)."""
+
+    highlighted: _Labelled | None = None
 
     def watch_scroll_y(self, old_value: float, new_value: float) -> None:
         super().watch_scroll_y(old_value, new_value)
@@ -100,11 +234,123 @@ class MessageList(VerticalScroll):
         widgets: list[Static | Markdown] = []
         for message in messages:
             if message.role == "user":
-                widgets.append(UserMessage(message.content, message_id=message.message_id))
+                widgets.append(
+                    UserMessage(
+                        message.content,
+                        message_id=message.message_id,
+                        created_at=message.created_at,
+                    )
+                )
                 continue
-            reply = AssistantMessage(message.content, message_id=message.message_id)
+            reply = AssistantMessage(
+                message.content, message_id=message.message_id, created_at=message.created_at
+            )
             reply.mark_outcome(message.status, message.error)
             widgets.append(reply)
             if message.status == "failed" and message.error:
                 widgets.append(TurnError(message.error))
         return widgets
+
+    # -- the highlighted message ------------------------------------------
+
+    @property
+    def shown_messages(self) -> list[_Labelled]:
+        return [c for c in self.children if isinstance(c, _Labelled)]
+
+    def on_focus(self) -> None:
+        shown = self.shown_messages
+        if self.highlighted not in shown:
+            self.highlighted = None
+        self._highlight(self.highlighted or (shown[-1] if shown else None))
+
+    def on_blur(self) -> None:
+        # Remembered for the next visit, shown only while the list has focus.
+        if self.highlighted is not None:
+            self.highlighted.remove_class("-highlight")
+
+    def _highlight(self, widget: _Labelled | None) -> None:
+        if self.highlighted is not None:
+            self.highlighted.remove_class("-highlight")
+        self.highlighted = widget
+        if widget is not None:
+            widget.add_class("-highlight")
+            self.scroll_to_widget(widget, animate=False, immediate=True)
+
+    def action_move(self, step: int) -> None:
+        shown = self.shown_messages
+        if not shown:
+            return
+        if self.highlighted not in shown:
+            self._highlight(shown[-1])
+            return
+        assert self.highlighted is not None
+        index = shown.index(self.highlighted) + step
+        if index < 0:
+            # At the first message shown: older ones load, as when scrolling up.
+            self.scroll_home(animate=False)
+            if self.query(OlderMessages).first().count:
+                self.post_message(self.ReachedTop())
+            return
+        self._highlight(shown[min(index, len(shown) - 1)])
+
+    def action_move_to(self, index: int) -> None:
+        shown = self.shown_messages
+        if shown:
+            self._highlight(shown[index])
+
+    def action_leave(self) -> None:
+        from tui.widgets.prompt import Prompt
+
+        # The prompt follows the list in its pane.
+        self.screen.focus_next(Prompt)
+
+    def _current(self) -> _Labelled | None:
+        """The highlighted message, if it is still shown (a session switch removes it)."""
+        shown = self.highlighted
+        return shown if shown is not None and shown.parent is self else None
+
+    def action_copy(self) -> None:
+        if (message := self._current()) is not None:
+            copy_text(self, message.raw_text, "")
+
+    def action_actions(self) -> None:
+        message = self._current()
+        if message is None:
+            return
+        from tui.screens.message_actions import ActionMenu
+
+        self.app.push_screen(
+            ActionMenu(message.label, has_code=bool(code_blocks(message.raw_text))),
+            lambda choice: self._act(message, choice),
+        )
+
+    def _act(self, message: _Labelled, choice: str | None) -> None:
+        from tui.screens.message_actions import CodeBlockPicker, RawMarkdownScreen
+
+        match choice:
+            case "copy":
+                copy_text(self, message.raw_text, "")
+            case "code":
+                blocks = code_blocks(message.raw_text)
+                if len(blocks) == 1:
+                    copy_text(self, blocks[0], " (code block)")
+                elif blocks:
+                    self.app.push_screen(
+                        CodeBlockPicker(blocks),
+                        lambda n: (
+                            None if n is None else copy_text(self, blocks[n], " (code block)")
+                        ),
+                    )
+                else:
+                    self.app.notify("No code block in this message.")
+            case "raw":
+                self.app.push_screen(RawMarkdownScreen(message.raw_text, message.label))
+            case "export":
+                self.post_message(self.ExportRequested())
+
+
+def copy_text(widget: Widget, text: str, what: str) -> None:
+    """To the clipboard (OSC 52: works over ssh and in tmux with set-clipboard)."""
+    widget.app.copy_to_clipboard(text)
+    count = len(text)
+    widget.app.notify(f"Copied {count:,} character{'' if count == 1 else 's'}{what}")

@@ -599,3 +599,21 @@ class UserPane(Vertical):
         ):
             return
         await self._in_scope(lambda s: s.delete_memory(event.memory.memory_id))
+
+    # -- export (asked by the message list: Enter on a message, then e) ------
+
+    @work(group="export")
+    async def on_message_list_export_requested(self, event: MessageList.ExportRequested) -> None:
+        event.stop()
+        if self.session is None:
+            self.app.notify("This pane is still loading.")
+            return
+        from tui.export import export_to_file
+
+        await export_to_file(
+            self.app,
+            self.runtime.store,
+            self.user_id,
+            self.session.session_id,
+            getattr(self.app, "export_directory", None),
+        )
