@@ -190,7 +190,8 @@ def test_ctrl_r_regenerates_the_reply_in_place(term: Terminal, database_dsn: str
     """Bug 13: ctrl+r (byte 0x12) sent the message again; the transcript showed it twice."""
     term.send("regenerate me", "enter")
     wait_stored(database_dsn, 1)
-    term.wait_for("Tell me more")
+    # The turn is over on screen too (ctrl+r while a reply streams is refused).
+    term.wait_for(lambda s: "Tell me more" in s and "replying" not in s)
     before = stored(database_dsn)
     term.send(b"\x12")  # ctrl+r, as every terminal sends it
 
@@ -207,9 +208,11 @@ def test_ctrl_r_regenerates_the_reply_in_place(term: Terminal, database_dsn: str
     before_ids = [row[0] for row in stored_with_ids(database_dsn)]
     after = replaced()
     assert after == before, "one user message, one reply: the same text, regenerated"
-    # On screen: the pane's title, the message and the reply quoting it; no second copy.
+    # On screen one reply (a second copy of the turn would show two), the message
+    # once (the title and the reply quote it too; a narrow reply may wrap it).
     screen = term.wait_for(lambda s: "replying" not in s and "Tell me more" in s)
-    assert screen.count("regenerate me") == 3, screen
+    assert screen.count("Tell me more") == 1, screen
+    assert screen.count("regenerate me") <= 3, screen
 
 
 def stored_with_ids(dsn: str) -> list[tuple[int, str, str, str]]:
