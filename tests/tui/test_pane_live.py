@@ -9,15 +9,18 @@ subprocess.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from bench.fake_openai import FakeOpenAI
 from engine.config import Settings
 from engine.errors import MemchatError
+from engine.store import MESSAGE_CHANNEL
 from tests.tui.conftest import AppFactory, wait_until
 from tui.app import MemchatApp
 from tui.screens.inspector import InspectorScreen
@@ -207,3 +210,45 @@ async def test_the_inspector_refreshes_itself(make_app: AppFactory) -> None:
             return any("Plays the oboe" in m.content for u in users for m in u.memories)
 
         await wait_until(shows_it)  # no r pressed
+
+
+async def test_forged_message_notifications_change_nothing_shown(
+    make_app: AppFactory, database_dsn: str
+) -> None:
+    """A NOTIFY only says "look again": the pane believes what the user's scope reads."""
+    app = make_app([USER])
+    async with app.run_test(size=(160, 48)):
+        await app.ready.wait()
+        alice = pane(app)
+        worker = alice.send("hello")
+        assert worker is not None
+        await worker.wait()
+        assert alice.session is not None
+        sid = str(alice.session.session_id)
+        reply_id = alice.query(AssistantMessage).last().message_id
+        forger = await asyncpg.connect(database_dsn)
+        try:
+            for payload in (
+                {"user_id": USER, "session_id": sid, "message_id": reply_id, "op": "delete"},
+                {
+                    "user_id": USER,
+                    "session_id": sid,
+                    "message_id": 10**9,
+                    "op": "insert",
+                    "content": "EVIL",
+                },
+            ):
+                await forger.execute(
+                    "SELECT pg_notify($1, $2)", MESSAGE_CHANNEL, json.dumps(payload)
+                )
+        finally:
+            await forger.close()
+        # A real message written after the forged ones: once it shows, they were handled.
+        assert app.runtime is not None
+        async with app.runtime.store.scope(USER) as s:
+            await s.append_message(sid, "user", "a real one")
+        await wait_until(lambda: ("user", "a real one") in texts(alice))
+        shown = texts(alice)
+        assert [k for k, _ in shown] == ["user", "assistant", "user"], shown
+        assert alice.query(AssistantMessage).last().message_id == reply_id
+        assert not any("EVIL" in text for _, text in shown)
