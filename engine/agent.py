@@ -145,8 +145,12 @@ class Agent:
         text = self.check_text(text)
         sid = parse_session_id(session_id)
         user_message, prompt = await self._begin(user_id, sid, text)
-        async for event in self._answer(user_id, user_message, prompt, replaces=None):
-            yield event
+        # aclosing: a consumer that stops early closes the answer at once, so the
+        # partial reply is stored (cancelled) now, not when the generator is collected.
+        answer = self._answer(user_id, user_message, prompt, replaces=None)
+        async with contextlib.aclosing(answer) as events:
+            async for event in events:
+                yield event
 
     async def regenerate(
         self, user_id: str, session_id: str | uuid.UUID
@@ -160,8 +164,10 @@ class Agent:
         sid = parse_session_id(session_id)
         user_message, old_reply, prompt = await self._begin_again(user_id, sid)
         replaces = (old_reply.message_id,) if old_reply is not None else ()
-        async for event in self._answer(user_id, user_message, prompt, replaces=replaces):
-            yield event
+        answer = self._answer(user_id, user_message, prompt, replaces=replaces)
+        async with contextlib.aclosing(answer) as events:
+            async for event in events:
+                yield event
 
     async def _answer(
         self,

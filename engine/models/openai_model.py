@@ -105,6 +105,9 @@ _TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _CODE_FENCE = re.compile(r"^```[A-Za-z0-9_-]*\s*(.*?)\s*```$", re.DOTALL)
 
 
+_Started = tuple[AsyncGenerator[StreamEvent, None], StreamEvent | None]
+"""A streamed reply under way: its events and the first of them (None: it sent none)."""
+
 _RETRY_LISTENER: contextvars.ContextVar[Callable[[int], None] | None] = contextvars.ContextVar(
     "memchat_retry_listener", default=None
 )
@@ -205,37 +208,61 @@ class OpenAIChatModel:
         # block would otherwise hold the turn forever. Visible text re-arms it.
         # The request itself (connect, headers) keeps the client's own timeout
         # and retries; the deadline starts with the body.
-        response: httpx2.Response | None = None
+        started: _Started | None = None
         sending = self._send_reporting_retries(self._request(messages))
         async with contextlib.aclosing(sending) as attempts:
             async for attempt in attempts:
                 if isinstance(attempt, RetryingRequest):
                     yield attempt
                 else:
-                    response = attempt
-        assert response is not None  # the sender yields it last, or raises
+                    started = attempt
+        assert started is not None  # the sender yields it last, or raises
+        events, first = started
         loop = asyncio.get_running_loop()
         deadline = asyncio.timeout(self._timeout)
         try:
-            async with deadline, contextlib.aclosing(self._read_stream(response)) as events:
-                async for event in events:
+            async with deadline, contextlib.aclosing(events):
+                if first is None:
+                    return
+                event: StreamEvent | None = first
+                while event is not None:
                     if isinstance(event, TextDelta) and event.text.strip():
                         deadline.reschedule(loop.time() + self._timeout)
                     yield event
+                    event = await anext(events, None)
         except TimeoutError as exc:
             raise ModelTimeout(
                 self._message(f"no reply text came for {self._timeout:g}s (model.timeout)")
             ) from exc
 
+    async def _send_and_start(self, request: dict[str, Any]) -> _Started:
+        """Send the request and read its first event, in the same step as the answer
+        comes: a stream cut right after its first chunks still delivers them (the
+        transport drops what it buffered once it sees the connection gone)."""
+        response = await self._send(request, stream=True)
+        events = self._read_stream(response)
+        try:
+            async with asyncio.timeout(self._timeout):
+                first = await anext(events, None)
+        except TimeoutError as exc:
+            await events.aclose()
+            raise ModelTimeout(
+                self._message(f"no reply text came for {self._timeout:g}s (model.timeout)")
+            ) from exc
+        except BaseException:
+            await events.aclose()
+            raise
+        return events, first
+
     async def _send_reporting_retries(
         self, request: dict[str, Any]
-    ) -> AsyncGenerator[RetryingRequest | httpx2.Response, None]:
-        """``RetryingRequest`` for each retry the client sends, then the response."""
+    ) -> AsyncGenerator[RetryingRequest | _Started, None]:
+        """``RetryingRequest`` for each retry the client sends, then the started stream."""
         retries: asyncio.Queue[int] = asyncio.Queue()
         context = contextvars.copy_context()
         context.run(_RETRY_LISTENER.set, retries.put_nowait)
         # Its own task, so that retries can be told while the client still waits.
-        send = asyncio.create_task(self._send(request, stream=True), context=context)
+        send = asyncio.create_task(self._send_and_start(request), context=context)
         handed = False
         try:
             while not send.done():
@@ -248,16 +275,16 @@ class OpenAIChatModel:
                     yield RetryingRequest(retry.result(), self._max_retries)
             while not retries.empty():  # told in the same step as the answer came
                 yield RetryingRequest(retries.get_nowait(), self._max_retries)
-            response = send.result()
+            started = send.result()
             handed = True
-            yield response
+            yield started
         finally:
             if not send.done():
                 send.cancel()
                 await asyncio.wait({send})
             elif not handed and not send.cancelled() and send.exception() is None:
                 # The caller left between the answer and taking it: close it here.
-                await send.result().aclose()
+                await send.result()[0].aclose()
 
     async def _read_stream(self, response: httpx2.Response) -> AsyncGenerator[StreamEvent, None]:
         parts: list[str] = []

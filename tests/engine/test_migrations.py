@@ -107,7 +107,7 @@ async def test_0007_grants_its_functions_to_roles_granted_before_it(
                 migrate_module, "available_migrations", lambda: [m for m in every if m.version < 7]
             )
             await migrate(conn)
-        assert await migrate(conn) == [7]
+        assert await migrate(conn) == [m.version for m in every if m.version >= 7]
         roles = dict(await conn.fetch("SELECT kind, rolname FROM memchat_runtime_roles"))
         for role, function, allowed in (
             (roles["app"], "memchat_queue_head(text, bigint)", True),
@@ -142,7 +142,7 @@ async def test_0008_lets_the_app_replace_replies_only(
         app = await conn.fetchval("SELECT rolname FROM memchat_runtime_roles WHERE kind = 'app'")
         may = "SELECT has_table_privilege($1, 'messages', $2)"
         assert await conn.fetchval(may, app, "DELETE") is False
-        assert await migrate(conn) == [8]
+        assert await migrate(conn) == [m.version for m in every if m.version >= 8]
         assert await conn.fetchval(may, app, "DELETE") is True
         assert await conn.fetchval(may, app, "UPDATE") is False, "messages are never rewritten"
         policy = await conn.fetchrow(
