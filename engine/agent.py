@@ -1,5 +1,9 @@
 """One agent, many users: a turn is ``stream(user_id, session_id, text)``.
 
+``regenerate(user_id, session_id)`` answers the session's last user message
+again: the same events, and the new reply replaces the old one (in one
+transaction with its memory job), so the transcript keeps one reply.
+
 The agent keeps no per-call state on itself: everything a turn needs lives in
 the generator's frame, so one instance serves any number of concurrent turns.
 A turn:
@@ -35,6 +39,7 @@ from engine.models import (
     ModelContextTooLong,
     ModelError,
     ModelResponseError,
+    RetryingRequest,
     StreamEnd,
     TextDelta,
     Usage,
@@ -53,6 +58,14 @@ STORE_ATTEMPTS = 3
 @dataclass(frozen=True, slots=True)
 class TurnStarted:
     user_message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRetrying:
+    """The model request failed and the client sends it again: retry ``attempt`` of ``of``."""
+
+    attempt: int
+    of: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +91,7 @@ class TurnCancelled:
     reply: Message
 
 
-TurnEvent = TurnStarted | TurnDelta | TurnCompleted | TurnFailed | TurnCancelled
+TurnEvent = TurnStarted | TurnRetrying | TurnDelta | TurnCompleted | TurnFailed | TurnCancelled
 TurnEnd = TurnCompleted | TurnFailed | TurnCancelled
 
 
@@ -132,6 +145,43 @@ class Agent:
         text = self.check_text(text)
         sid = parse_session_id(session_id)
         user_message, prompt = await self._begin(user_id, sid, text)
+        # aclosing: a consumer that stops early closes the answer at once, so the
+        # partial reply is stored (cancelled) now, not when the generator is collected.
+        answer = self._answer(user_id, user_message, prompt, replaces=None)
+        async with contextlib.aclosing(answer) as events:
+            async for event in events:
+                yield event
+
+    async def regenerate(
+        self, user_id: str, session_id: str | uuid.UUID
+    ) -> AsyncIterator[TurnEvent]:
+        """Answer the session's last user message again; the new reply replaces its reply.
+
+        The same events as ``stream`` (``TurnStarted`` names the message being
+        answered again). Failed, cancelled and complete replies can all be
+        regenerated; a message left without a reply gets one.
+        """
+        sid = parse_session_id(session_id)
+        user_message, old_reply, prompt = await self._begin_again(user_id, sid)
+        replaces = (old_reply.message_id,) if old_reply is not None else ()
+        answer = self._answer(user_id, user_message, prompt, replaces=replaces)
+        async with contextlib.aclosing(answer) as events:
+            async for event in events:
+                yield event
+
+    async def _answer(
+        self,
+        user_id: str,
+        user_message: Message,
+        prompt: list[ChatMessage] | str,
+        *,
+        replaces: tuple[int, ...] | None,
+    ) -> AsyncIterator[TurnEvent]:
+        """Stream the model's reply to ``user_message`` and store it with its outcome.
+
+        ``replaces``: None appends the reply; otherwise the reply replaces the
+        message's earlier reply (these ids, when it had one).
+        """
         yield TurnStarted(user_message)
 
         parts: list[str] = []
@@ -147,7 +197,9 @@ class Agent:
             async with contextlib.aclosing(self.model.stream(prompt)) as stream:
                 with self.priority.replying():
                     async for event in stream:
-                        if isinstance(event, TextDelta):
+                        if isinstance(event, RetryingRequest):
+                            yield TurnRetrying(event.attempt, event.of)
+                        elif isinstance(event, TextDelta):
                             text = event.text[: max(limit - length, 0)]
                             if text:
                                 parts.append(text)
@@ -183,19 +235,23 @@ class Agent:
             outcome, error = "failed", f"internal error: {type(exc).__name__}: {exc}"
         finally:
             if outcome == "cancelled":
-                await self._store_cancelled(user_id, user_message, "".join(parts))
-        reply = await self._finish(user_id, user_message, "".join(parts), outcome, error, usage)
+                await self._store_cancelled(user_id, user_message, "".join(parts), replaces)
+        reply = await self._finish(
+            user_id, user_message, "".join(parts), outcome, error, usage, replaces=replaces
+        )
         if outcome == "complete":
             yield TurnCompleted(reply, usage)
         else:
             yield TurnFailed(reply, error or "failed")
 
-    async def _store_cancelled(self, user_id: str, user_message: Message, partial: str) -> None:
+    async def _store_cancelled(
+        self, user_id: str, user_message: Message, partial: str, replaces: tuple[int, ...] | None
+    ) -> None:
         # We are unwinding a cancellation (or the consumer closed us): store the
         # partial reply even if the task is cancelled again meanwhile, and let
         # the original exception, not a storage error, propagate.
         task = asyncio.ensure_future(
-            self._finish(user_id, user_message, partial, "cancelled", None)
+            self._finish(user_id, user_message, partial, "cancelled", None, replaces=replaces)
         )
         self._storing.add(task)
         task.add_done_callback(self._storing.discard)
@@ -225,6 +281,18 @@ class Agent:
             history = await s.last_messages(session_id, history_limit + 1)
             memories = await s.list_memories() if self.settings.memory.add_to_context else []
         return user_message, self._fit_prompt(user_message, history, memories)
+
+    async def _begin_again(
+        self, user_id: str, session_id: uuid.UUID
+    ) -> tuple[Message, Message | None, list[ChatMessage] | str]:
+        history_limit = self.settings.history.max_messages
+        async with self.store.scope(user_id) as s:
+            user_message, old_reply = await s.last_turn(session_id)
+            history = await s.messages_before(
+                session_id, user_message.message_id + 1, history_limit + 1
+            )
+            memories = await s.list_memories() if self.settings.memory.add_to_context else []
+        return user_message, old_reply, self._fit_prompt(user_message, history, memories)
 
     def _fit_prompt(
         self, user_message: Message, history: list[Message], memories: list[Memory]
@@ -285,6 +353,8 @@ class Agent:
         status: MessageStatus,
         error: str | None,
         usage: Usage | None = None,
+        *,
+        replaces: tuple[int, ...] | None = None,
     ) -> Message:
         # A dropped connection (server restart, killed backend) while storing
         # the reply: the pool reconnects, so try again, a few times, unless an
@@ -296,9 +366,18 @@ class Agent:
                         after = await s.messages_after(
                             user_message.session_id, user_message.message_id, 1
                         )
-                    if after and after[0].role == "assistant":
+                    # A replaced reply is deleted in the transaction that
+                    # stores the new one: an assistant message there now is
+                    # the new one unless it is the reply we began to replace.
+                    if (
+                        after
+                        and after[0].role == "assistant"
+                        and after[0].message_id not in (replaces or ())
+                    ):
                         return after[0]
-                return await self._write_reply(user_id, user_message, content, status, error, usage)
+                return await self._write_reply(
+                    user_id, user_message, content, status, error, usage, replaces is not None
+                )
             except DatabaseError:
                 if attempt == STORE_ATTEMPTS - 1:
                     raise
@@ -313,16 +392,29 @@ class Agent:
         status: MessageStatus,
         error: str | None,
         usage: Usage | None,
+        replacing: bool = False,
     ) -> Message:
         async with self.store.scope(user_id) as s:
-            reply = await s.append_message(
-                user_message.session_id,
-                "assistant",
-                content,
-                status=status,
-                error=error,
-                usage=usage,
-            )
+            if replacing:
+                reply = await s.replace_reply(
+                    user_message, content, status=status, error=error, usage=usage
+                )
+            else:
+                reply = await s.append_message(
+                    user_message.session_id,
+                    "assistant",
+                    content,
+                    status=status,
+                    error=error,
+                    usage=usage,
+                )
+            # A regenerated reply gets a memory job like any completed reply
+            # (the audit holds every completed reply to one): the old reply's
+            # job keeps its row (its reply reference becomes NULL), and what it
+            # learnt stays, since it was learnt from the user's own message,
+            # which is unchanged. The new job sees the new reply beside the
+            # memories already there, so it adds what the new exchange says
+            # and duplicates nothing (content_key).
             if status == "complete" and self.after_reply is not None:
                 await self.after_reply(s, user_message, reply)
         return reply

@@ -1,7 +1,8 @@
 """Live change events: PostgreSQL LISTEN/NOTIFY relayed to in-process subscribers.
 
 The store and the job queue ``pg_notify`` on every memory change and job state
-change, so any process sharing the database (another TUI, the CLI, a headless
+change, and a trigger on every message written or replaced (migration 0008),
+so any process sharing the database (another TUI, the CLI, a headless
 worker) can react within a fraction of a second. ``EventHub`` holds one
 dedicated LISTEN connection per process and fans each notification out to
 subscribers, each with its own bounded queue::
@@ -29,7 +30,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self, TypeGuard
+from typing import Any, Literal, Self, TypeGuard, get_args
 
 import asyncpg
 
@@ -38,7 +39,7 @@ from engine.db.database import SingleUserRefusal
 from engine.errors import DatabaseError
 from engine.queue import JOB_CHANNEL
 from engine.records import JOB_STATUSES, MEMORY_OPS, JobStatus, MemoryOp
-from engine.store import MEMORY_CHANNEL
+from engine.store import MEMORY_CHANNEL, MESSAGE_CHANNEL
 from engine.text import reason_of
 from engine.validation import validate_user_id
 
@@ -49,6 +50,7 @@ __all__ = [
     "EventHub",
     "JobChanged",
     "MemoryChanged",
+    "MessageChanged",
     "Resync",
     "Subscription",
 ]
@@ -72,13 +74,27 @@ class JobChanged:
     """"pending", "running", "done" or "failed"."""
 
 
+MessageOp = Literal["insert", "update", "delete"]
+MESSAGE_OPS: tuple[MessageOp, ...] = get_args(MessageOp)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageChanged:
+    """A message of this session was written, or a reply replaced (deleted)."""
+
+    user_id: str
+    session_id: uuid.UUID
+    message_id: int
+    op: MessageOp
+
+
 @dataclass(frozen=True, slots=True)
 class Resync:
     """The listener reconnected (or a subscriber's queue overflowed): changes may
     have been missed; re-read state."""
 
 
-EngineEvent = MemoryChanged | JobChanged | Resync
+EngineEvent = MemoryChanged | JobChanged | MessageChanged | Resync
 
 _RESYNC = Resync()
 # Longest payload excerpt put in a debug line: payloads are small, but a
@@ -223,6 +239,7 @@ class EventHub:
         self._parsers: dict[str, Callable[[dict[str, Any]], EngineEvent | None]] = {
             MEMORY_CHANNEL: _memory_changed,
             JOB_CHANNEL: _job_changed,
+            MESSAGE_CHANNEL: _message_changed,
         }
 
     @property
@@ -381,6 +398,7 @@ class EventHub:
             async with asyncio.timeout(self._health_timeout):
                 await conn.add_listener(MEMORY_CHANNEL, self._on_notification)
                 await conn.add_listener(JOB_CHANNEL, self._on_notification)
+                await conn.add_listener(MESSAGE_CHANNEL, self._on_notification)
         except BaseException:
             conn.terminate()
             raise
@@ -481,6 +499,26 @@ def _job_changed(data: dict[str, Any]) -> JobChanged | None:
     ):
         return None
     return JobChanged(user_id, job_id, state)
+
+
+def _message_changed(data: dict[str, Any]) -> MessageChanged | None:
+    user_id = data.get("user_id")
+    message_id = data.get("message_id")
+    op = data.get("op")
+    raw_session = data.get("session_id")
+    if (
+        not isinstance(user_id, str)
+        or not user_id
+        or not _is_int(message_id)
+        or op not in MESSAGE_OPS
+        or not isinstance(raw_session, str)
+    ):
+        return None
+    try:
+        session_id = uuid.UUID(raw_session)
+    except ValueError:
+        return None
+    return MessageChanged(user_id, session_id, message_id, op)
 
 
 def _is_int(value: object) -> TypeGuard[int]:

@@ -44,6 +44,8 @@ from engine.validation import (
 )
 
 MEMORY_CHANNEL = "memchat_memory"
+MESSAGE_CHANNEL = "memchat_messages"
+"""Where a trigger (migration 0008) announces every message written or replaced: ids only."""
 MAX_TOPICS = 10
 MAX_TOPIC_CHARS = 40
 
@@ -223,6 +225,77 @@ class UserScope:
         if row is None:
             raise self._no_session(sid)
         return Message(**row)
+
+    async def last_turn(self, session_id: str | uuid.UUID) -> tuple[Message, Message | None]:
+        """The session's last user message and its reply (None when unanswered).
+
+        What regenerating answers again; InvalidInput when nobody wrote yet.
+        """
+        sid = parse_session_id(session_id)
+        rows = await self.conn.fetch(
+            f"""
+            WITH last_user AS (
+                SELECT message_id FROM messages
+                 WHERE session_id = $1 AND role = 'user'
+                 ORDER BY message_id DESC LIMIT 1
+            )
+            SELECT {_MESSAGE_COLUMNS} FROM messages
+             WHERE session_id = $1 AND message_id >= (SELECT message_id FROM last_user)
+             ORDER BY message_id LIMIT 2
+            """,
+            sid,
+        )
+        if not rows:
+            await self.get_session(sid)  # NotFound for a session that is not there
+            raise InvalidInput("nothing to regenerate: this session has no message yet")
+        user_message = Message(**rows[0])
+        reply = Message(**rows[1]) if len(rows) > 1 else None
+        return user_message, reply
+
+    async def replace_reply(
+        self,
+        user_message: Message,
+        content: str,
+        *,
+        status: MessageStatus = "complete",
+        error: str | None = None,
+        usage: Usage | None = None,
+    ) -> Message:
+        """Store a new reply to ``user_message`` in place of the one(s) it had.
+
+        The old reply is deleted and the new one appended in this transaction,
+        so the session shows one reply at every moment (and a crash leaves the
+        old one). Only the last turn can be answered again: a user message
+        written after it (another process) refuses the change.
+        """
+        sid = user_message.session_id
+        # The session's row lock: appends (which update that row) wait for
+        # this transaction, so nothing lands between the check and the insert.
+        locked = await self.conn.fetchval(
+            "SELECT true FROM sessions WHERE session_id = $1 FOR UPDATE", sid
+        )
+        if locked is None:
+            raise self._no_session(sid)
+        moved_on = await self.conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM messages WHERE session_id = $1 AND role = 'user' "
+            "AND message_id > $2)",
+            sid,
+            user_message.message_id,
+        )
+        if moved_on:
+            raise InvalidInput(
+                "a newer message was written in this session meanwhile: "
+                "only the last reply can be regenerated"
+            )
+        # Every reply after the session's last user message answers it.
+        await self.conn.execute(
+            "DELETE FROM messages WHERE session_id = $1 AND role = 'assistant' AND message_id > $2",
+            sid,
+            user_message.message_id,
+        )
+        return await self.append_message(
+            sid, "assistant", content, status=status, error=error, usage=usage
+        )
 
     async def last_messages(self, session_id: str | uuid.UUID, limit: int) -> list[Message]:
         """The last ``limit`` messages of a session, oldest first."""

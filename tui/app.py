@@ -454,6 +454,18 @@ class MemchatApp(App[None]):
     def on_user_pane_busy_changed(self) -> None:
         self._render_user_tabs()
 
+    def on_user_pane_worker_failed(self, event: UserPane.WorkerFailed) -> None:
+        """The one place a pane's failed read or change is told: a toast for its user."""
+        if not isinstance(event.error, MemchatError):
+            raise event.error  # a bug: stop the app with its traceback, as Textual would
+        # markup=False: error messages quote user and model text.
+        self.notify(
+            terminal_safe(event.error.message),
+            title=event.pane.user_id,
+            severity="error",
+            markup=False,
+        )
+
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if self.single_user is not None and action in MULTI_USER_ACTIONS:
             return False
@@ -553,7 +565,7 @@ class MemchatApp(App[None]):
             return
         from tui.screens.inspector import InspectorScreen
 
-        self.push_screen(InspectorScreen(AdminReader(self.runtime.db)))
+        self.push_screen(InspectorScreen(AdminReader(self.runtime.db), events=self.runtime.events))
 
     def action_demo(self) -> None:
         if not self.ready.is_set():

@@ -8,15 +8,22 @@ import logging
 import sys
 from typing import Any
 
-from engine.agent import TurnCancelled, TurnCompleted, TurnDelta, TurnFailed, TurnStarted
+from engine.agent import (
+    TurnCancelled,
+    TurnCompleted,
+    TurnDelta,
+    TurnFailed,
+    TurnRetrying,
+    TurnStarted,
+)
 from engine.cli.output import print_json, say, table, tokens_cell, warn, when
 from engine.cli.resources import open_chat_runtime, open_store_only
 from engine.config import Settings
+from engine.conversation import Conversations
 from engine.errors import InvalidInput
 from engine.queue import JobQueue
 from engine.records import Message, Session
 from engine.runtime import Runtime
-from engine.store import Store
 
 
 def register(commands: argparse._SubParsersAction[Any], exit_codes: str) -> None:
@@ -73,16 +80,6 @@ def _read_text(text: str) -> str:
     return data.decode("utf-8", errors="replace").removesuffix("\n").removesuffix("\r")
 
 
-async def _pick_session(store: Store, user_id: str, session: str | None, new: bool) -> Session:
-    async with store.scope(user_id) as s:
-        await s.ensure_user()
-        if session is not None:
-            return await s.get_session(session)
-        if not new and (existing := await s.list_sessions()):
-            return existing[0]
-        return await s.create_session()
-
-
 async def chat_command(args: argparse.Namespace, settings: Settings) -> int:
     text = _read_text(args.text)
     if not args.verbose:
@@ -91,10 +88,11 @@ async def chat_command(args: argparse.Namespace, settings: Settings) -> int:
     # No dispatcher: this process learns from its own turn only.
     async with open_chat_runtime(settings) as rt:
         text = rt.agent.check_text(text)
-        session = await _pick_session(rt.store, args.user, args.session, args.new_session)
+        chats = Conversations.of(rt)
+        session = await chats.pick_session(args.user, args.session, new=args.new_session)
         result: dict[str, Any] = {"user_id": session.user_id, "session_id": session.session_id}
         try:
-            await _stream_turn(rt, args, session, text, result)
+            await _stream_turn(chats, args, session, text, result)
         except asyncio.CancelledError:
             # Ctrl-C (SIGINT cancels this task): the agent stored the partial
             # reply as cancelled; report it like any other outcome, exit 130.
@@ -159,13 +157,20 @@ async def _interrupted(rt: Runtime, args: argparse.Namespace, result: dict[str, 
 
 
 async def _stream_turn(
-    rt: Runtime, args: argparse.Namespace, session: Session, text: str, result: dict[str, Any]
+    chats: Conversations,
+    args: argparse.Namespace,
+    session: Session,
+    text: str,
+    result: dict[str, Any],
 ) -> dict[str, Any]:
     streamed = False
-    async for event in rt.agent.stream(session.user_id, session.session_id, text):
+    async for event in chats.send(session.user_id, session.session_id, text):
         match event:
             case TurnStarted(user_message=message):
                 result["user_message_id"] = message.message_id
+            case TurnRetrying(attempt=attempt, of=of):
+                if not args.json:
+                    warn(f"the model request failed; retrying {attempt}/{of}…")
             case TurnDelta(text=delta):
                 if not args.json:
                     say(delta, end="")

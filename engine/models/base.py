@@ -42,7 +42,18 @@ class StreamEnd:
     finish_reason: str | None
 
 
-StreamEvent = TextDelta | StreamEnd
+@dataclass(frozen=True, slots=True)
+class RetryingRequest:
+    """The request failed and is sent again (the client's retries): retry ``attempt`` of ``of``.
+
+    Comes before any text; a caller may say so ("retrying 1/2…").
+    """
+
+    attempt: int
+    of: int
+
+
+StreamEvent = TextDelta | StreamEnd | RetryingRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +107,8 @@ class ChatModel(Protocol):
     what an extraction mode learnt about one endpoint is remembered under it."""
 
     def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[StreamEvent]:
-        """Yield ``TextDelta`` events, then exactly one ``StreamEnd``.
+        """Yield ``TextDelta`` events, then exactly one ``StreamEnd``; before the
+        first text a ``RetryingRequest`` for each retry of the request.
 
         On failure a :class:`ModelError` is raised, possibly after some deltas;
         the caller keeps whatever partial text it has accumulated.

@@ -1,7 +1,9 @@
 """Chat model over any OpenAI-compatible endpoint, through ``openai.AsyncOpenAI``.
 
-Retries and timeouts are the client's own (``max_retries``, ``timeout``);
-this module adds no retry loop of its own except one-time fallbacks for
+Retries and timeouts are the client's own (``max_retries``, ``timeout``); a
+streamed reply reports each retry as it is sent (``RetryingRequest``, read off
+the retry count the client puts on every attempt). This module adds no retry
+loop of its own except one-time fallbacks for
 servers that reject a request field (``stream_options``, ``response_format``,
 ``max_tokens``, a named ``tool_choice``): each is dropped or changed once and
 remembered for the life of the instance. Every failure leaves as a
@@ -20,9 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
@@ -44,6 +47,7 @@ from engine.models.base import (
     ModelTimeout,
     ModelToolsUnsupported,
     ModelUnavailable,
+    RetryingRequest,
     StreamEnd,
     StreamEvent,
     TextDelta,
@@ -99,6 +103,31 @@ _CONTEXT_EXCEEDED = re.compile(
 )
 _TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _CODE_FENCE = re.compile(r"^```[A-Za-z0-9_-]*\s*(.*?)\s*```$", re.DOTALL)
+
+
+_Started = tuple[AsyncGenerator[StreamEvent, None], StreamEvent | None]
+"""A streamed reply under way: its events and the first of them (None: it sent none)."""
+
+_RETRY_LISTENER: contextvars.ContextVar[Callable[[int], None] | None] = contextvars.ContextVar(
+    "memchat_retry_listener", default=None
+)
+"""Who hears of this request's retries: set for one streamed request's task only."""
+
+
+class _RetryReportingClient(openai.AsyncOpenAI):
+    """The openai client, telling the request's listener of each retry it sends.
+
+    ``_prepare_request`` is the client's documented hook for every attempt it
+    builds; the client numbers them in ``x-stainless-retry-count``. Retries
+    stay the client's own (its back-off, Retry-After, which errors it retries).
+    """
+
+    async def _prepare_request(self, request: httpx2.Request) -> None:
+        await super()._prepare_request(request)
+        listener = _RETRY_LISTENER.get()
+        taken = request.headers.get("x-stainless-retry-count", "0")
+        if listener is not None and taken.isdigit() and int(taken) > 0:
+            listener(int(taken))
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +194,7 @@ class OpenAIChatModel:
         # connection pool is shared by every turn and memory job. aiohttp is
         # the client's documented transport for many concurrent requests; it
         # costs about half the CPU per request of the default one.
-        self._client = openai.AsyncOpenAI(
+        self._client = _RetryReportingClient(
             api_key=api_key or PLACEHOLDER_API_KEY,
             base_url=base_url,
             timeout=settings.timeout,
@@ -179,19 +208,83 @@ class OpenAIChatModel:
         # block would otherwise hold the turn forever. Visible text re-arms it.
         # The request itself (connect, headers) keeps the client's own timeout
         # and retries; the deadline starts with the body.
-        response = await self._send(self._request(messages), stream=True)
+        started: _Started | None = None
+        sending = self._send_reporting_retries(self._request(messages))
+        async with contextlib.aclosing(sending) as attempts:
+            async for attempt in attempts:
+                if isinstance(attempt, RetryingRequest):
+                    yield attempt
+                else:
+                    started = attempt
+        assert started is not None  # the sender yields it last, or raises
+        events, first = started
         loop = asyncio.get_running_loop()
         deadline = asyncio.timeout(self._timeout)
         try:
-            async with deadline, contextlib.aclosing(self._read_stream(response)) as events:
-                async for event in events:
+            async with deadline, contextlib.aclosing(events):
+                if first is None:
+                    return
+                event: StreamEvent | None = first
+                while event is not None:
                     if isinstance(event, TextDelta) and event.text.strip():
                         deadline.reschedule(loop.time() + self._timeout)
                     yield event
+                    event = await anext(events, None)
         except TimeoutError as exc:
             raise ModelTimeout(
                 self._message(f"no reply text came for {self._timeout:g}s (model.timeout)")
             ) from exc
+
+    async def _send_and_start(self, request: dict[str, Any]) -> _Started:
+        """Send the request and read its first event, in the same step as the answer
+        comes: a stream cut right after its first chunks still delivers them (the
+        transport drops what it buffered once it sees the connection gone)."""
+        response = await self._send(request, stream=True)
+        events = self._read_stream(response)
+        try:
+            async with asyncio.timeout(self._timeout):
+                first = await anext(events, None)
+        except TimeoutError as exc:
+            await events.aclose()
+            raise ModelTimeout(
+                self._message(f"no reply text came for {self._timeout:g}s (model.timeout)")
+            ) from exc
+        except BaseException:
+            await events.aclose()
+            raise
+        return events, first
+
+    async def _send_reporting_retries(
+        self, request: dict[str, Any]
+    ) -> AsyncGenerator[RetryingRequest | _Started, None]:
+        """``RetryingRequest`` for each retry the client sends, then the started stream."""
+        retries: asyncio.Queue[int] = asyncio.Queue()
+        context = contextvars.copy_context()
+        context.run(_RETRY_LISTENER.set, retries.put_nowait)
+        # Its own task, so that retries can be told while the client still waits.
+        send = asyncio.create_task(self._send_and_start(request), context=context)
+        handed = False
+        try:
+            while not send.done():
+                retry = asyncio.ensure_future(retries.get())
+                try:
+                    await asyncio.wait({send, retry}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    retry.cancel()
+                if retry.done() and not retry.cancelled():
+                    yield RetryingRequest(retry.result(), self._max_retries)
+            while not retries.empty():  # told in the same step as the answer came
+                yield RetryingRequest(retries.get_nowait(), self._max_retries)
+            started = send.result()
+            handed = True
+            yield started
+        finally:
+            if not send.done():
+                send.cancel()
+                await asyncio.wait({send})
+            elif not handed and not send.cancelled() and send.exception() is None:
+                # The caller left between the answer and taking it: close it here.
+                await send.result()[0].aclose()
 
     async def _read_stream(self, response: httpx2.Response) -> AsyncGenerator[StreamEvent, None]:
         parts: list[str] = []

@@ -107,7 +107,7 @@ async def test_0007_grants_its_functions_to_roles_granted_before_it(
                 migrate_module, "available_migrations", lambda: [m for m in every if m.version < 7]
             )
             await migrate(conn)
-        assert await migrate(conn) == [7]
+        assert await migrate(conn) == [m.version for m in every if m.version >= 7]
         roles = dict(await conn.fetch("SELECT kind, rolname FROM memchat_runtime_roles"))
         for role, function, allowed in (
             (roles["app"], "memchat_queue_head(text, bigint)", True),
@@ -119,5 +119,38 @@ async def test_0007_grants_its_functions_to_roles_granted_before_it(
                 "SELECT has_function_privilege($1, $2, 'EXECUTE')", role, function
             )
             assert may is allowed, (role, function)
+    finally:
+        await conn.close()
+
+
+async def test_0008_lets_the_app_replace_replies_only(
+    empty_database_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A database at 0007 whose roles were granted then: 0008 grants DELETE on
+    # messages to that app role itself, and the restrictive policy keeps user
+    # messages out of its reach.
+    import engine.db.migrate as migrate_module
+
+    every = available_migrations()
+    conn = await asyncpg.connect(empty_database_dsn)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(
+                migrate_module, "available_migrations", lambda: [m for m in every if m.version < 8]
+            )
+            await migrate(conn)
+        app = await conn.fetchval("SELECT rolname FROM memchat_runtime_roles WHERE kind = 'app'")
+        may = "SELECT has_table_privilege($1, 'messages', $2)"
+        assert await conn.fetchval(may, app, "DELETE") is False
+        assert await migrate(conn) == [m.version for m in every if m.version >= 8]
+        assert await conn.fetchval(may, app, "DELETE") is True
+        assert await conn.fetchval(may, app, "UPDATE") is False, "messages are never rewritten"
+        policy = await conn.fetchrow(
+            "SELECT permissive, cmd, qual FROM pg_policies "
+            "WHERE tablename = 'messages' AND policyname = 'messages_delete_replies'"
+        )
+        assert policy is not None
+        assert (policy["permissive"], policy["cmd"]) == ("RESTRICTIVE", "DELETE")
+        assert "assistant" in policy["qual"]
     finally:
         await conn.close()

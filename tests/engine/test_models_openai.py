@@ -22,6 +22,7 @@ from engine.models import (
     ModelTimeout,
     ModelUnavailable,
     OfflineChatModel,
+    RetryingRequest,
     StreamEnd,
     TextDelta,
     ToolSpec,
@@ -90,7 +91,7 @@ async def collect(chat_model: OpenAIChatModel) -> tuple[list[str], StreamEnd]:
     async for event in chat_model.stream(MESSAGES):
         if isinstance(event, TextDelta):
             deltas.append(event.text)
-        else:
+        elif isinstance(event, StreamEnd):
             return deltas, event
     raise AssertionError("stream ended without StreamEnd")
 
@@ -178,6 +179,9 @@ async def test_429_is_retried_by_the_client(model: OpenAIChatModel, server: Fake
 
     assert end.text == "Echo: tell me about the sea"
     assert server.request_count == 3
+    server.fail_next("429", count=1, retry_after=0.001)
+    told = [e async for e in model.stream(MESSAGES) if isinstance(e, RetryingRequest)]
+    assert told == [RetryingRequest(1, 2)], "each retry is told, before any text"
 
 
 async def test_persistent_429_is_rate_limited(model: OpenAIChatModel, server: FakeOpenAI) -> None:

@@ -245,6 +245,9 @@ async def test_failed_turn_shows_error_and_retries(make_app: AppFactory, tui_set
             await pilot.press("ctrl+r")
             await finish_turns(app)
             assert replies(alice)[-1].source == "Echo: hello"
+            # Regenerated in place (bug 13): the message once, one reply, no error line.
+            assert [str(m.render()) for m in alice.query(UserMessage)] == ["hello"]
+            assert len(replies(alice)) == 1 and not alice.query(TurnError)
 
 
 async def test_long_session_mounts_only_its_end(make_app: AppFactory) -> None:

@@ -184,3 +184,48 @@ def test_small_terminals_keep_the_chat(term: Terminal, database_dsn: str) -> Non
 def test_ctrl_q_quits(term: Terminal) -> None:
     term.send("ctrl+q")
     assert term.wait_exit() == 0
+
+
+def test_ctrl_r_regenerates_the_reply_in_place(term: Terminal, database_dsn: str) -> None:
+    """Bug 13: ctrl+r (byte 0x12) sent the message again; the transcript showed it twice."""
+    term.send("regenerate me", "enter")
+    wait_stored(database_dsn, 1)
+    # The turn is over on screen too (ctrl+r while a reply streams is refused).
+    term.wait_for(lambda s: "Tell me more" in s and "replying" not in s)
+    before = stored(database_dsn)
+    term.send(b"\x12")  # ctrl+r, as every terminal sends it
+
+    def replaced() -> list[tuple[str, str, str]]:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            rows = stored_with_ids(database_dsn)
+            replies = [r for r in rows if r[1] == "assistant"]
+            if replies and replies[0][0] != before_ids[1]:
+                return [(u, role, c) for _, role, u, c in rows]
+            time.sleep(0.05)
+        raise AssertionError(f"the reply was not replaced: {stored(database_dsn)}")
+
+    before_ids = [row[0] for row in stored_with_ids(database_dsn)]
+    after = replaced()
+    assert after == before, "one user message, one reply: the same text, regenerated"
+    # On screen one reply (a second copy of the turn would show two), the message
+    # once (the title and the reply quote it too; a narrow reply may wrap it).
+    screen = term.wait_for(lambda s: "replying" not in s and "Tell me more" in s)
+    assert screen.count("Tell me more") == 1, screen
+    assert screen.count("regenerate me") <= 3, screen
+
+
+def stored_with_ids(dsn: str) -> list[tuple[int, str, str, str]]:
+    """(message_id, role, user, content) of every message, oldest first."""
+
+    async def read() -> list[tuple[int, str, str, str]]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT message_id, role, user_id, content FROM messages ORDER BY message_id"
+            )
+        finally:
+            await conn.close()
+        return [(r["message_id"], r["role"], r["user_id"], r["content"]) for r in rows]
+
+    return asyncio.run(read())

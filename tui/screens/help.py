@@ -18,7 +18,7 @@ HELP = """\
 | **↑** | in an empty prompt: recall earlier messages of this user |
 | **ctrl+w / ctrl+left / ctrl+right** | delete word / move by word |
 | **Esc** | cancel the reply being streamed |
-| **ctrl+r** | retry the last failed reply |
+| **ctrl+r** | regenerate the last reply (replaces it) |
 | **F8 / F9** | focus the previous / next user |
 | **alt+1 … alt+9** | focus user 1 … 9 |
 | **ctrl+n** | add a user (a new pane); close one from the palette |

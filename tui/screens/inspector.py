@@ -4,10 +4,13 @@ Per user also what the model spent (tokens, where the endpoint reported them)
 and what went wrong with memory jobs (failed jobs' errors, jobs' notes).
 
 Read-only. Everything comes from ``engine.admin.AdminReader`` (the admin path);
-this screen runs no SQL. It is shown in demos to prove isolation by eye, so it
-shows no UUIDs or clock times (session titles and counts instead), orders by
-stable keys, and renders all text from users and models literally: escaped by
-``terminal_safe`` and wrapped in ``rich.text.Text``, never parsed as markup.
+this screen runs no SQL. Given the event hub it refreshes itself when anything
+changes (any user's messages, memories, jobs), at most once per
+``REFRESH_DELAY``; ``r`` still refreshes at once. It is shown in demos to
+prove isolation by eye, so it shows no UUIDs or clock times (session titles
+and counts instead), orders by stable keys, and renders all text from users
+and models literally: escaped by ``terminal_safe`` and wrapped in
+``rich.text.Text``, never parsed as markup.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.geometry import Size
 from textual.screen import Screen
+from textual.timer import Timer
 from textual.visual import visualize
 from textual.widget import Widget
 from textual.widgets import Footer, LoadingIndicator, Static
@@ -43,6 +47,7 @@ from engine.admin import (
     TokenUsage,
     UserOverview,
 )
+from engine.events import EventHub
 from engine.text import plural
 from tui.widgets.messages import literal
 
@@ -60,6 +65,10 @@ FINDINGS_SHOWN = 3
 
 USER_CHECKS = (CHECK_SOURCES, CHECK_NAMES)
 """Checks whose findings are about a user (the others are about tables and roles)."""
+
+REFRESH_DELAY = 0.5
+"""Seconds between an event and the refresh it causes: a burst of changes (a demo
+turn writes messages, a job, memories) costs one read of the overview."""
 
 OK_MARK = "✓"
 FAIL_MARK = "✗"
@@ -436,9 +445,19 @@ class InspectorScreen(Screen[None]):
         Binding("end", "scroll('end')", "Bottom", show=False),
     ]
 
-    def __init__(self, reader: AdminReader, *, title: str = "Isolation inspector") -> None:
+    def __init__(
+        self,
+        reader: AdminReader,
+        *,
+        title: str = "Isolation inspector",
+        events: EventHub | None = None,
+    ) -> None:
         super().__init__()
         self.reader = reader
+        self.events = events
+        self._refresh_timer: Timer | None = None
+        self._loading = False
+        self._stale = False
         self.inspector_title = title
         self.title = title
         self.overview: list[UserOverview] | None = None
@@ -459,6 +478,27 @@ class InspectorScreen(Screen[None]):
     def on_mount(self) -> None:
         self.watch(self.query_one("#users"), "scroll_y", self._on_users_scrolled, init=False)
         self.load()
+        if self.events is not None:
+            self.follow_changes(self.events)
+
+    @work(group="inspector-events", exit_on_error=False)
+    async def follow_changes(self, events: EventHub) -> None:
+        """Any user's change (events carry ids only) makes a refresh due."""
+        async with events.subscribe(None) as subscription:
+            async for _event in subscription:
+                self.refresh_soon()
+
+    def refresh_soon(self) -> None:
+        """Refresh after REFRESH_DELAY, once for every change in between; a refresh
+        under way is never cancelled by a new change (it runs again after it)."""
+        if self._loading:
+            self._stale = True
+        elif self._refresh_timer is None:
+            self._refresh_timer = self.set_timer(REFRESH_DELAY, self._refresh_due)
+
+    def _refresh_due(self) -> None:
+        self._refresh_timer = None
+        self.load()
 
     def _title_text(self, status: str) -> Text:
         return Text.assemble((self.inspector_title, "bold"), ("  ·  ", "dim"), (status, "dim"))
@@ -471,6 +511,8 @@ class InspectorScreen(Screen[None]):
         """Read the overview and the audit off the UI's critical path, then show them."""
         if self.overview is not None:
             self._set_status("refreshing…")
+        self._loading = True
+        self._stale = False
         try:
             # One after the other: the screen need not hold two pool connections.
             overview = await self.reader.overview()
@@ -481,8 +523,12 @@ class InspectorScreen(Screen[None]):
             log.exception("inspector: loading failed")
             self._show_error(exc)
             return
+        finally:
+            self._loading = False
         self.overview, self.audit = overview, audit
         await self._show(overview, audit)
+        if self._stale:
+            self.refresh_soon()
 
     def _show_error(self, exc: Exception) -> None:
         self._set_status("could not load")

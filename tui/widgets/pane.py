@@ -1,16 +1,20 @@
 """One user's column: title, conversation, input and memory sidebar.
 
-Each pane streams its replies in its own worker, so every pane can stream at
-once and typing in one is never blocked by another. It follows its user's
-memory and job events from the engine's event hub (LISTEN/NOTIFY), so changes
-made by the background job, the CLI or another memchat show up by themselves.
+A thin widget over ``engine.conversation.Conversations``: every read and change
+is one call there (one scoped transaction). Each pane streams its replies in
+its own worker, so every pane can stream at once and typing in one is never
+blocked by another. It follows its user's events from the engine's event hub
+(LISTEN/NOTIFY): memories, jobs and messages written by the background job,
+the CLI or another memchat show up by themselves.
+
+Errors: a ``MemchatError`` in any of this pane's workers is shown as a toast by
+the app (``UserPane.WorkerFailed``), so the methods here do not catch it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from rich.text import Text
@@ -21,17 +25,26 @@ from textual.containers import Horizontal, Vertical
 from textual.css.query import NoMatches
 from textual.message import Message as TextualMessage
 from textual.reactive import reactive
+from textual.widget import Widget
 from textual.widgets import Markdown, Static
 from textual.worker import Worker, WorkerState
 
-from engine.agent import TurnCancelled, TurnCompleted, TurnDelta, TurnFailed, TurnStarted
+from engine.agent import (
+    TurnCancelled,
+    TurnCompleted,
+    TurnDelta,
+    TurnEvent,
+    TurnFailed,
+    TurnRetrying,
+    TurnStarted,
+)
+from engine.conversation import PAGE_SIZE, Conversations, ConversationView
 from engine.errors import MemchatError, NotFound
-from engine.events import JobChanged, MemoryChanged, Resync
-from engine.queue import JobQueue
-from engine.records import Memory, Session
+from engine.events import JobChanged, MemoryChanged, MessageChanged, Resync
+from engine.records import Memory, Message, Session
 from engine.runtime import Runtime
-from engine.store import UserScope
 from engine.terminal import terminal_safe
+from tui.export import export_to_file
 from tui.screens.dialogs import ConfirmDialog, PromptDialog, SessionPicker
 from tui.widgets.messages import (
     AssistantMessage,
@@ -44,7 +57,8 @@ from tui.widgets.prompt import Prompt
 from tui.widgets.sidebar import MemorySidebar
 from tui.widgets.stream_batch import BatchedStream, TypingClock
 
-PAGE_SIZE = 50
+__all__ = ["PAGE_SIZE", "PaneOptions", "UserPane"]
+
 # Messages mounted before the first paint of a session: more than a tall pane shows.
 FIRST_PAINT = 12
 
@@ -62,7 +76,7 @@ class UserPane(Vertical):
         # Hidden from the footer so that F1–F3 fit in 80 columns: the title
         # says "Esc cancels" while replying, a failed reply says "ctrl+r".
         Binding("escape", "cancel", "Cancel reply", show=False),
-        Binding("ctrl+r", "retry", "Retry", show=False),
+        Binding("ctrl+r", "retry", "Regenerate", show=False),
         Binding("ctrl+o", "pick_session", "Sessions"),
         Binding("ctrl+t", "new_session", "New session", show=False),
         Binding("f6", "rename_session", "Rename", show=False),
@@ -71,6 +85,8 @@ class UserPane(Vertical):
 
     session: reactive[Session | None] = reactive(None)
     busy: reactive[bool] = reactive(False)
+    retrying: reactive[str] = reactive("")
+    """"2/3" while the model request is retried; empty otherwise."""
 
     class TurnFinished(TextualMessage):
         """A turn of this pane ended (completed, failed or cancelled)."""
@@ -80,15 +96,34 @@ class UserPane(Vertical):
             self.pane = pane
             self.status = status
 
+    class WorkerFailed(TextualMessage):
+        """A worker of this pane raised: the app shows a MemchatError as a toast."""
+
+        def __init__(self, pane: UserPane, error: BaseException) -> None:
+            super().__init__()
+            self.pane = pane
+            self.error = error
+
+    class BusyChanged(TextualMessage):
+        """A reply started or ended streaming (the user list marks it)."""
+
     def __init__(self, runtime: Runtime, user_id: str, options: PaneOptions) -> None:
         super().__init__(classes="pane")
         self.runtime = runtime
+        self.chats = Conversations.of(runtime)
         self.user_id = user_id
         self.options = options
-        self.last_failed_text: str | None = None
+        self.unsent_text: str | None = None
+        """A message the engine never stored (it failed before): ctrl+r sends it."""
         # Messages sent while a reply streams go out, in order, after it.
         self.queued: list[str] = []
         self._oldest_id: int | None = None
+        self._synced_id = 0
+        """Every message of the open session up to this id is shown (or was replaced)."""
+        self._view = asyncio.Lock()
+        """Held while the message list changes: a load, a live sync."""
+        self._sync_wanted = False
+        self._maybe_gone: set[int] = set()
         self._loading_older = False
         self._reads_started = 0
         self._read_shown = 0
@@ -140,12 +175,12 @@ class UserPane(Vertical):
     def watch_session(self) -> None:
         self._render_title()
 
-    class BusyChanged(TextualMessage):
-        """A reply started or ended streaming (the user list marks it)."""
-
     def watch_busy(self) -> None:
         self._render_title()
         self.post_message(self.BusyChanged())
+
+    def watch_retrying(self) -> None:
+        self._render_title()
 
     def _render_title(self) -> None:
         if not self.is_mounted:
@@ -153,7 +188,9 @@ class UserPane(Vertical):
         title = Text(terminal_safe(self.user_id), style="bold")
         session = self.session.title if self.session else None
         title.append(f" · {terminal_safe(session or 'New session')}", style="")
-        if self.busy:
+        if self.busy and self.retrying:
+            title.append(f"  ● retrying {self.retrying}… (Esc cancels)", style="italic")
+        elif self.busy:
             title.append("  ● replying (Esc cancels)", style="italic")
         if self.queued:
             title.append(f"  {len(self.queued)} queued", style="italic")
@@ -161,53 +198,50 @@ class UserPane(Vertical):
         for widget in self.query(".pane-title").results(Static):
             widget.update(title)
 
-    async def _in_scope(self, action: Callable[[UserScope], Awaitable[object]]) -> bool:
-        """Run one change in this user's scope; report a failure instead of raising."""
-        try:
-            async with self.runtime.store.scope(self.user_id) as s:
-                await action(s)
-        except MemchatError as exc:
-            self._report(exc)
-            return False
-        return True
-
-    def _report(self, exc: MemchatError) -> None:
-        # markup=False: error messages quote user and model text.
-        self.app.notify(
-            terminal_safe(exc.message), title=self.user_id, severity="error", markup=False
-        )
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.worker.group == "turn" and event.state in (
+            WorkerState.CANCELLED,
+            WorkerState.ERROR,
+        ):
+            self.busy = False
+            self.retrying = ""
+        if event.state == WorkerState.ERROR and event.worker.error is not None:
+            # Worker state changes do not bubble: hand the error to the app's one handler.
+            self.post_message(self.WorkerFailed(self, event.worker.error))
 
     # -- loading -----------------------------------------------------------
 
-    @work(group="load", exclusive=True)
+    @work(group="load", exclusive=True, exit_on_error=False)
     async def load_session(self, session_id: uuid.UUID | None = None) -> None:
+        """Open a session (None: the latest, or a new one) with its memories and job state."""
         read = self._begin_memory_read()
         try:
-            async with self.runtime.store.scope(self.user_id) as s:
-                await s.ensure_user()
-                if session_id is not None:
-                    session = await s.get_session(session_id)
-                else:
-                    sessions = await s.list_sessions()
-                    session = sessions[0] if sessions else await s.create_session()
-                history = await s.last_messages(session.session_id, PAGE_SIZE)
-                total = await s.count_messages(session.session_id)
-                memories = await s.list_memories()
-                jobs = await JobQueue.list_jobs(s, limit=1)
-        except MemchatError as exc:
-            self._report(exc)
+            async with self._view:
+                view = await self.chats.open_view(self.user_id, session_id)
+                await self._show_view(view)
+            self._show_memories(read, view.memories)
+            if view.job.state == "failed":
+                self.sidebar.job_error = view.job.error or ""
+            self.sidebar.job_state = view.job.state
+        finally:
             # Loaded as far as it goes: whoever waits for the pane (the app's
             # start, the demo) must not wait forever.
             self.ready.set()
-            return
-        self.session = session
+        self._send_queued()
+
+    async def _show_view(self, view: ConversationView) -> None:
+        """Replace the message list with ``view``'s last page (holding ``_view``)."""
+        history = view.messages
+        self.session = view.session
         self._oldest_id = history[0].message_id if history else None
+        self._synced_id = history[-1].message_id if history else 0
+        self._maybe_gone.clear()
         messages = self.messages
         await messages.remove_children(
             [child for child in messages.children if not isinstance(child, OlderMessages)]
         )
         marker = messages.query_one(OlderMessages)
-        marker.set_count(total - len(history))
+        marker.set_count(view.total - len(history))
         widgets = messages.message_widgets(history)
         # A screenful first, painted, then the rest of the page above it:
         # mounting a whole page of Markdown replies before the first paint
@@ -219,14 +253,6 @@ class UserPane(Vertical):
             self.call_after_refresh(painted.set)
             await painted.wait()
             await messages.mount_all(widgets[:-FIRST_PAINT], after=marker)
-        self._show_memories(read, memories)
-        if jobs and jobs[0].status == "failed":
-            self.sidebar.job_error = jobs[0].last_error or ""
-            self.sidebar.job_state = "failed"
-        elif jobs and jobs[0].status == "running":
-            self.sidebar.job_state = "running"
-        self.ready.set()
-        self._send_queued()
 
     async def load_older(self) -> None:
         """Mount the page of messages before the oldest one shown."""
@@ -234,8 +260,7 @@ class UserPane(Vertical):
             return
         self._loading_older = True
         try:
-            async with self.runtime.store.scope(self.user_id) as s:
-                page = await s.messages_before(self.session.session_id, self._oldest_id, PAGE_SIZE)
+            page = await self.chats.older(self.user_id, self.session.session_id, self._oldest_id)
             if not page:
                 return
             self._oldest_id = page[0].message_id
@@ -258,11 +283,10 @@ class UserPane(Vertical):
                 messages.call_after_refresh(
                     messages.scroll_to_widget, reading, top=True, animate=False
                 )
-        except MemchatError as exc:
-            self._report(exc)
         finally:
             self._loading_older = False
 
+    @work(group="older", exit_on_error=False)
     async def on_message_list_reached_top(self, event: MessageList.ReachedTop) -> None:
         event.stop()
         await self.load_older()
@@ -281,46 +305,106 @@ class UserPane(Vertical):
 
     async def reload_memories(self) -> None:
         read = self._begin_memory_read()
-        try:
-            async with self.runtime.store.scope(self.user_id) as s:
-                memories = await s.list_memories()
-        except MemchatError as exc:
-            self._report(exc)
-            return
-        self._show_memories(read, memories)
-
-    @work(group="events")
-    async def follow_events(self) -> None:
-        async with self.runtime.events.subscribe(self.user_id) as subscription:
-            async for event in subscription:
-                try:
-                    await self._on_engine_event(event)
-                except MemchatError as exc:
-                    self._report(exc)
-                except NoMatches:
-                    # The app is closing and the pane's widgets are already
-                    # gone: a late event has nothing left to update.
-                    return
-
-    async def _on_engine_event(self, event: object) -> None:
-        match event:
-            case MemoryChanged():
-                await self.reload_memories()
-            case JobChanged():
-                await self.reload_job_state()
-            case Resync():
-                await self.reload_memories()
-                await self.reload_job_state()
+        self._show_memories(read, await self.chats.memories(self.user_id))
 
     async def reload_job_state(self) -> None:
         # NOTIFY payloads are database-wide and anyone connected may send
         # one: an event only says "look again". What the sidebar shows is
         # what this user's scope reads, never the payload's state.
-        async with self.runtime.store.scope(self.user_id) as s:
-            state, error = await JobQueue.job_state(s)
-        if state == "failed":
-            self.sidebar.job_error = error or ""
-        self.sidebar.job_state = state
+        job = await self.chats.job_state(self.user_id)
+        if job.state == "failed":
+            self.sidebar.job_error = job.error or ""
+        self.sidebar.job_state = job.state
+
+    # -- live updates ------------------------------------------------------
+
+    @work(group="events", exit_on_error=False)
+    async def follow_events(self) -> None:
+        async with self.runtime.events.subscribe(self.user_id) as subscription:
+            async for first in subscription:
+                # Whatever else is queued is taken with it: a burst (a script
+                # writing 2,000 messages) costs one read, not one per event.
+                batch: list[object] = [first]
+                while (more := subscription.get_nowait()) is not None:
+                    batch.append(more)
+                try:
+                    await self._on_engine_events(batch)
+                except MemchatError as exc:
+                    # This loop must outlive one failed read: report it and go on.
+                    self.post_message(self.WorkerFailed(self, exc))
+                except NoMatches:
+                    # The app is closing and the pane's widgets are already
+                    # gone: a late event has nothing left to update.
+                    return
+
+    async def _on_engine_events(self, batch: list[object]) -> None:
+        resync = any(isinstance(e, Resync) for e in batch)
+        current = self.session.session_id if self.session is not None else None
+        ours = [e for e in batch if isinstance(e, MessageChanged) and e.session_id == current]
+        self._maybe_gone.update(e.message_id for e in ours if e.op == "delete")
+        if resync or any(isinstance(e, MemoryChanged) for e in batch):
+            await self.reload_memories()
+        if resync or any(isinstance(e, JobChanged) for e in batch):
+            await self.reload_job_state()
+        if resync or ours:
+            await self.sync_messages()
+
+    def _shown_ids(self) -> set[int]:
+        return {
+            message_id
+            for child in self.messages.children
+            if (message_id := getattr(child, "message_id", None)) is not None
+        }
+
+    async def sync_messages(self) -> None:
+        """Show what was written to the open session elsewhere; drop replaced replies.
+
+        Read back through the user's scope: an event only says "look again".
+        While this pane's own reply streams it waits, then catches up.
+        """
+        if self.busy or self.session is None:
+            self._sync_wanted = True
+            return
+        self._sync_wanted = False
+        async with self._view:
+            session = self.session
+            if session is None:
+                return
+            shown = self._shown_ids()
+            gone = self._maybe_gone & shown
+            self._maybe_gone.clear()
+            if gone:
+                still = await self.chats.existing(self.user_id, sorted(gone))
+                await self._remove_replies(gone - still)
+            new = await self.chats.messages_after(
+                self.user_id, session.session_id, self._synced_id, limit=PAGE_SIZE + 1
+            )
+            if self.session is not session:
+                return  # another session was opened meanwhile
+            if len(new) > PAGE_SIZE:
+                # More than a page came at once (a script, an import): open it afresh.
+                await self._show_view(await self.chats.open_view(self.user_id, session.session_id))
+                return
+            fresh = [m for m in new if m.message_id not in shown]
+            if new:
+                self._synced_id = new[-1].message_id
+            if fresh:
+                await self.messages.mount_all(self.messages.message_widgets(fresh))
+                self.messages.anchor()
+                await self._refresh_session()
+
+    async def _remove_replies(self, message_ids: set[int]) -> None:
+        """Remove these replies' widgets, with the error line under each."""
+        doomed: list[Widget] = []
+        children = list(self.messages.children)
+        for index, child in enumerate(children):
+            if isinstance(child, AssistantMessage) and child.message_id in message_ids:
+                doomed.append(child)
+                following = children[index + 1] if index + 1 < len(children) else None
+                if isinstance(following, TurnError):
+                    doomed.append(following)
+        if doomed:
+            await self.messages.remove_children(doomed)
 
     def on_resize(self) -> None:
         # A smaller terminal must still show the end of the conversation:
@@ -357,22 +441,34 @@ class UserPane(Vertical):
         if self.send(event.text) is None:
             event.prompt.restore(event.text)
 
-    def send(self, text: str) -> Worker[None] | None:
-        """Start a turn; returns its worker (None when refused)."""
+    def _refuse_turn(self) -> bool:
         if self.busy:
             self.app.notify("A reply is still streaming: wait, or Esc to cancel it.")
-            return None
+            return True
         if self.session is None:
             self.app.notify("This pane is still loading.")
+            return True
+        return False
+
+    def send(self, text: str) -> Worker[None] | None:
+        """Start a turn; returns its worker (None when refused)."""
+        if self._refuse_turn():
             return None
         try:
-            text = self.runtime.agent.check_text(text)
+            text = self.chats.check_text(text)
         except MemchatError as exc:
-            self._report(exc)
+            self.post_message(self.WorkerFailed(self, exc))
             return None
         self.input.remember(text)
         self.busy = True
-        return self.run_worker(self._turn(text), group="turn", exclusive=True)
+        return self.run_worker(self._turn(text), group="turn", exclusive=True, exit_on_error=False)
+
+    def regenerate(self) -> Worker[None] | None:
+        """A new reply to the session's last message, in place of its reply."""
+        if self._refuse_turn():
+            return None
+        self.busy = True
+        return self.run_worker(self._turn(None), group="turn", exclusive=True, exit_on_error=False)
 
     def _send_queued(self) -> None:
         # Not while loading: the message waits for the session to be there.
@@ -382,38 +478,44 @@ class UserPane(Vertical):
                 break
         self._render_title()
 
-    async def _turn(self, text: str) -> None:
+    async def _turn(self, text: str | None) -> None:
+        """One turn: ``text`` sent, or (None) the last reply regenerated."""
         assert self.session is not None
+        session_id = self.session.session_id
         messages = self.messages
-        await messages.mount(UserMessage(text))
-        reply = AssistantMessage()
-        await messages.mount(reply)
-        messages.anchor()
-        stream = BatchedStream(Markdown.get_stream(reply), typing=self.options.typing)
+        user_widget: UserMessage | None = None
+        reply: AssistantMessage | None = None
+        if text is not None:
+            user_widget = UserMessage(text)
+            reply = AssistantMessage()
+            await messages.mount_all([user_widget, reply])
+            messages.anchor()
+            turn = self.chats.send(self.user_id, session_id, text)
+        else:
+            turn = self.chats.regenerate(self.user_id, session_id)
+        stream: BatchedStream | None = None
         parts: list[str] = []
         status = "failed"
+        self.unsent_text = text
         try:
-            async for event in self.runtime.agent.stream(
-                self.user_id, self.session.session_id, text
-            ):
-                match event:
-                    case TurnStarted():
-                        self.last_failed_text = None
-                    case TurnDelta(text=delta):
-                        parts.append(delta)
-                        await stream.write(terminal_safe(delta))
-                    case TurnCompleted(reply=message) | TurnCancelled(reply=message):
-                        status = message.status
-                        parts = [message.content]
-                    case TurnFailed(reply=message, error=error):
-                        status = "failed"
-                        parts = [message.content]
-                        self.last_failed_text = text
-                        await messages.mount(TurnError(error))
+            async for event in turn:
+                if isinstance(event, TurnStarted):
+                    self.unsent_text = None
+                    if user_widget is not None:
+                        user_widget.message_id = event.user_message.message_id
+                    else:
+                        reply = await self._replace_reply_of(event.user_message)
+                    assert reply is not None
+                    stream = BatchedStream(Markdown.get_stream(reply), typing=self.options.typing)
+                else:
+                    assert reply is not None and stream is not None
+                    status = await self._show_event(event, reply, stream, parts)
         except asyncio.CancelledError:
             status = "cancelled"
             raise
         except NotFound as exc:
+            if text is None:
+                raise
             # The session was deleted elsewhere (another memchat, the CLI):
             # open a fresh one and send the message there instead of failing
             # the same way on every retry.
@@ -424,22 +526,82 @@ class UserPane(Vertical):
                 severity="warning",
                 markup=False,
             )
+            self.unsent_text = None
             self.queued.insert(0, text)
             self.session = None
             self.load_session()
         except MemchatError as exc:
-            self.last_failed_text = text
+            if reply is None:
+                raise  # nothing regenerated (no message yet, ...): the app's toast says why
+            if self.unsent_text is not None and user_widget is not None:
+                # The message was never stored: it leaves the transcript and
+                # ctrl+r sends it, so it is never shown twice.
+                await messages.remove_children([user_widget, reply])
+                reply = None
             await messages.mount(TurnError(exc.message))
         finally:
-            await stream.stop()
-            # One full render at the end: streamed fragments can leave code
-            # fences half-drawn.
-            await reply.update(terminal_safe("".join(parts)))
-            reply.mark_outcome(status)
+            self.retrying = ""
+            if stream is not None:
+                await stream.stop()
+            if reply is not None:
+                # One full render at the end: streamed fragments can leave code
+                # fences half-drawn.
+                await reply.update(terminal_safe("".join(parts)))
+                reply.mark_outcome(status)
             self.busy = False
             self.post_message(self.TurnFinished(self, status))
         await self._refresh_session()
+        if self._sync_wanted:
+            await self.sync_messages()
         self._send_queued()
+
+    async def _show_event(
+        self, event: TurnEvent, reply: AssistantMessage, stream: BatchedStream, parts: list[str]
+    ) -> str:
+        """Show one event of a streaming turn; returns the turn's status so far."""
+        match event:
+            case TurnRetrying(attempt=attempt, of=of):
+                self.retrying = f"{attempt}/{of}"
+            case TurnDelta(text=delta):
+                self.retrying = ""
+                parts.append(delta)
+                await stream.write(terminal_safe(delta))
+            case TurnCompleted(reply=message) | TurnCancelled(reply=message):
+                reply.message_id = message.message_id
+                parts[:] = [message.content]
+                return message.status
+            case TurnFailed(reply=message, error=error):
+                reply.message_id = message.message_id
+                parts[:] = [message.content]
+                await self.messages.mount(TurnError(error))
+        return "failed"
+
+    async def _replace_reply_of(self, user_message: Message) -> AssistantMessage:
+        """Regenerating: the old reply (and its error line) goes, a new one takes its place."""
+        messages = self.messages
+        children = list(messages.children)
+        start = next(
+            (
+                i
+                for i, child in enumerate(children)
+                if isinstance(child, UserMessage) and child.message_id == user_message.message_id
+            ),
+            None,
+        )
+        if start is None:
+            # Not shown (a session switched under it): show the message being answered.
+            await messages.mount(
+                UserMessage(user_message.content, message_id=user_message.message_id)
+            )
+        else:
+            doomed = [
+                c for c in children[start + 1 :] if isinstance(c, AssistantMessage | TurnError)
+            ]
+            await messages.remove_children(doomed)
+        reply = AssistantMessage()
+        await messages.mount(reply)
+        messages.anchor()
+        return reply
 
     async def _refresh_session(self) -> None:
         """Re-read the session: its first message gave it a title."""
@@ -447,79 +609,50 @@ class UserPane(Vertical):
             return
         session_id = self.session.session_id
         try:
-            async with self.runtime.store.scope(self.user_id) as s:
-                session = await s.get_session(session_id)
+            session = await self.chats.session(self.user_id, session_id)
         except MemchatError:
             return  # gone or unreachable: the next turn says so
         if self.session is not None and self.session.session_id == session_id:
             self.session = session
-
-    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        if event.worker.group == "turn" and event.state in (
-            WorkerState.CANCELLED,
-            WorkerState.ERROR,
-        ):
-            self.busy = False
 
     def action_cancel(self) -> None:
         if self.busy:
             self.workers.cancel_group(self, "turn")
 
     def action_retry(self) -> None:
-        if self.last_failed_text is None:
-            self.app.notify("Nothing to retry in this pane.")
-            return
-        self.send(self.last_failed_text)
+        """ctrl+r: send a message that never got stored, else regenerate the last reply."""
+        if self.unsent_text is not None:
+            self.send(self.unsent_text)
+        else:
+            self.regenerate()
 
     # -- sessions ----------------------------------------------------------
 
-    @work(group="sessions")
+    @work(group="sessions", exit_on_error=False)
     async def action_pick_session(self) -> None:
-        try:
-            async with self.runtime.store.scope(self.user_id) as s:
-                sessions = await s.list_sessions()
-        except MemchatError as exc:
-            self._report(exc)
-            return
+        sessions = await self.chats.list_sessions(self.user_id)
         chosen = await self.app.push_screen_wait(
             SessionPicker(self.user_id, sessions, self.session)
         )
         if chosen is not None:
             self.load_session(chosen.session_id)
 
-    @work(group="sessions")
+    @work(group="sessions", exit_on_error=False)
     async def action_new_session(self, title: str | None = None) -> None:
         if self.busy:
             self.app.notify("Wait for the reply (or Esc) before switching sessions.")
             return
-        try:
-            async with self.runtime.store.scope(self.user_id) as s:
-                session = await s.create_session(title)
-        except MemchatError as exc:
-            self._report(exc)
-            return
+        session = await self.chats.create_session(self.user_id, title)
         self.load_session(session.session_id)
 
     async def switch_to_titled(self, title: str) -> None:
         """Show the session with this title, creating it if needed (demo mode)."""
-        async with self.runtime.store.scope(self.user_id) as s:
-            found = [x for x in await s.list_sessions() if x.title == title]
-            if found:
-                session = found[0]
-            elif (
-                self.session is not None
-                and self.session.title is None
-                and await s.count_messages(self.session.session_id) == 0
-            ):
-                # The empty session the pane opened with becomes the named one.
-                session = await s.rename_session(self.session.session_id, title)
-            else:
-                session = await s.create_session(title)
+        session = await self.chats.switch_to_titled(self.user_id, title, self.session)
         self.ready.clear()
         self.load_session(session.session_id)
         await self.ready.wait()
 
-    @work(group="sessions")
+    @work(group="sessions", exit_on_error=False)
     async def action_rename_session(self) -> None:
         if self.session is None:
             return
@@ -528,15 +661,11 @@ class UserPane(Vertical):
                 "Rename this session to:", value=self.session.title or "", who=self.user_id
             )
         )
-        if title is None:
+        if title is None or self.session is None:
             return
-        try:
-            async with self.runtime.store.scope(self.user_id) as s:
-                self.session = await s.rename_session(self.session.session_id, title)
-        except MemchatError as exc:
-            self._report(exc)
+        self.session = await self.chats.rename_session(self.user_id, self.session.session_id, title)
 
-    @work(group="sessions")
+    @work(group="sessions", exit_on_error=False)
     async def action_delete_session(self) -> None:
         if self.busy:
             self.app.notify("Wait for the reply (or Esc) before deleting the session.")
@@ -550,47 +679,41 @@ class UserPane(Vertical):
             ConfirmDialog(f"Delete “{name}” and all its messages?", yes="Delete", who=self.user_id)
         ):
             return
-        session_id = self.session.session_id
-        if await self._in_scope(lambda s: s.delete_session(session_id)):
-            self.load_session()
+        await self.chats.delete_session(self.user_id, self.session.session_id)
+        self.load_session()
 
     # -- memories ----------------------------------------------------------
 
-    @work(group="memories")
+    @work(group="memories", exit_on_error=False)
     async def on_memory_sidebar_retry_job_requested(
         self, event: MemorySidebar.RetryJobRequested
     ) -> None:
         event.stop()
         await self.retry_memory_job()
 
-    @work(group="jobs")
+    @work(group="jobs", exit_on_error=False)
     async def action_retry_memory_job(self) -> None:
         await self.retry_memory_job()
 
     async def retry_memory_job(self) -> None:
         """Queue this user's newest failed memory job again (attempts start over)."""
-        try:
-            async with self.runtime.store.scope(self.user_id) as s:
-                job = await JobQueue.retry_failed_job(s)
-        except MemchatError as exc:
-            self._report(exc)
-            return
+        job = await self.chats.retry_failed_job(self.user_id)
         if job is None:
             self.app.notify("No failed memory job to retry.", title=self.user_id, markup=False)
             return
-        self.runtime.dispatcher.wake()
         self.app.notify(f"Memory job {job.job_id} queued again.", title=self.user_id, markup=False)
         await self.reload_job_state()
 
+    @work(group="memories", exit_on_error=False)
     async def on_memory_sidebar_edit_requested(self, event: MemorySidebar.EditRequested) -> None:
         text = await self.app.push_screen_wait(
             PromptDialog("Edit this memory:", value=event.memory.content, who=self.user_id)
         )
         if text is None or text == event.memory.content:
             return
-        await self._in_scope(lambda s: s.update_memory(event.memory.memory_id, text))
+        await self.chats.edit_memory(self.user_id, event.memory.memory_id, text)
 
-    @work(group="memories")
+    @work(group="memories", exit_on_error=False)
     async def on_memory_sidebar_delete_requested(
         self, event: MemorySidebar.DeleteRequested
     ) -> None:
@@ -598,18 +721,16 @@ class UserPane(Vertical):
             ConfirmDialog(f"Forget “{event.memory.content}”?", yes="Forget", who=self.user_id)
         ):
             return
-        await self._in_scope(lambda s: s.delete_memory(event.memory.memory_id))
+        await self.chats.forget_memory(self.user_id, event.memory.memory_id)
 
     # -- export (asked by the message list: Enter on a message, then e) ------
 
-    @work(group="export")
+    @work(group="export", exit_on_error=False)
     async def on_message_list_export_requested(self, event: MessageList.ExportRequested) -> None:
         event.stop()
         if self.session is None:
             self.app.notify("This pane is still loading.")
             return
-        from tui.export import export_to_file
-
         await export_to_file(
             self.app,
             self.runtime.store,
