@@ -69,7 +69,9 @@ async def test_start_shows_a_pane_per_user_and_focuses_the_first_input(
 async def test_two_panes_stream_at_once_and_both_complete(
     make_app: AppFactory, tui_settings
 ) -> None:
-    tui_settings.model.offline_token_delay_ms = 400  # a reply lasts seconds: overlap is certain
+    # A reply lasts seconds, so the two overlap even on a loaded machine
+    # (400 ms a token was not enough with the cores busy elsewhere).
+    tui_settings.model.offline_token_delay_ms = 900
     app = make_app(USERS[:2])
     async with app.run_test(size=(160, 48)) as pilot:
         await app.ready.wait()
