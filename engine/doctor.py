@@ -39,6 +39,7 @@ from engine.models.base import (
     TextDelta,
 )
 from engine.queue import JobQueue
+from engine.recall import describe_retrieval
 from engine.redact import key_variants, scrub
 from engine.text import one_line
 
@@ -58,6 +59,7 @@ MEMORY_JOBS = "memory jobs"
 MODEL = "model"
 STREAM = "model stream"
 EXTRACTION = "memory extraction"
+RETRIEVAL = "memory retrieval"
 
 REDACTED = "***"
 
@@ -95,6 +97,7 @@ async def diagnose(
             return [settings_problem(exc)]
     results = [settings_ok(settings)]
     results += await database_checks(settings)
+    results.append(CheckResult(RETRIEVAL, True, describe_retrieval(settings.memory)))
     model = await model_check(settings, probe_seconds=model_timeout)
     results.append(model)
     if model.ok and probe:

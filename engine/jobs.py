@@ -35,6 +35,7 @@ from engine.memory import ApplyResult, MemoryManager
 from engine.models import ModelError
 from engine.priority import ReplyPriority
 from engine.queue import ClaimedJob, JobOutcome, JobQueue
+from engine.recall import extraction_memories
 from engine.records import JobCounts, JobStatus, MemoryJob
 from engine.store import Store
 
@@ -302,7 +303,8 @@ class MemoryDispatcher:
         wanted = [i for i in (job.user_message_id, job.assistant_message_id) if i is not None]
         async with self.store.scope(job.user_id) as s:
             messages = await s.get_messages(wanted)
-            memories = await s.list_memories()
+            turn = [m.content for m in messages.values()]
+            memories = await extraction_memories(s, self.settings, *turn)
         user_message = messages.get(job.user_message_id or -1)
         if user_message is None:
             # The session was deleted meanwhile: nothing left to learn from.

@@ -214,7 +214,7 @@ def build_prompt(
         user_text = clip_to_tokens(user_text, max(room // 3, 0))
         reply_text = clip_to_tokens(reply_text, max(room // 6, 0))
         room -= estimate_tokens(user_text) + estimate_tokens(reply_text)
-        # list_memories gives the newest first; fit_newest keeps the end of a list.
+        # engine/recall.py gives the most related first; fit_newest keeps a list's end.
         newest_last = [m.content for m in reversed(memories)]
         memories = list(memories[: fit_newest(newest_last, max(room, 0)).kept])
     aliases = {memory_alias(i): m.memory_id for i, m in enumerate(memories)}

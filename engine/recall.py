@@ -1,0 +1,142 @@
+"""Which memories a prompt carries: a bounded, relevant few, never the whole list.
+
+A user may have thousands of memories; a chat or extraction prompt carries at
+most ``memory.context_limit`` of them, chosen in one statement, in the user's
+scope (row-level security applies as to any other read):
+
+* relevance: PostgreSQL full-text search on ``memories.search`` (a generated
+  tsvector, 'simple' configuration: any language, no stemming, migration 0009)
+  with OR semantics, so any word the turn shares with a memory counts. Words
+  found in many of the user's memories (``COMMON_HITS`` or more: "the", "is",
+  the user's own name) say little about which memory the turn is about, so they
+  count only when the turn has no rarer word: a stop list learnt from the
+  user's own memories, in whatever language they are written;
+* recency: the newest memories fill what relevance leaves, and a fifth of the
+  places are always theirs (what was just learnt stays in view).
+
+The most relevant come first, then the newest: the prompt builders keep a
+prefix of the list when tokens run short.
+"""
+
+from __future__ import annotations
+
+from engine.config import MemorySettings
+from engine.records import Memory
+from engine.store import UserScope
+from engine.validation import storable
+
+SEARCH_CHARS = 4000
+"""Characters of the turn searched: its start and its end, half each. A 100,000
+character message is not 100,000 characters of search terms."""
+
+MAX_TERMS = 16
+"""Distinct words searched for, longest first (longer words tend to be rarer)."""
+
+COMMON_HITS = 64
+"""A word in this many of the user's memories is too common to pick one out."""
+
+_COLUMNS = (
+    "memory_id, user_id, content, topics, source_session_id, source_message_id, "
+    "created_at, updated_at"
+)
+
+# $1 user, $2 turn text, $3 limit, $4 places reserved for the newest.
+_PICK = f"""
+WITH words AS (
+    SELECT word
+    FROM unnest(tsvector_to_array(to_tsvector('simple', $2))) AS word
+    WHERE length(word) > 1
+    ORDER BY length(word) DESC, word
+    LIMIT {MAX_TERMS}
+), counted AS (
+    SELECT word,
+           (SELECT count(*) FROM (
+                SELECT 1 FROM memories
+                WHERE user_id = $1 AND search @@ plainto_tsquery('simple', word)
+                LIMIT {COMMON_HITS}) AS hit) AS hits
+    FROM words
+), query AS (
+    SELECT websearch_to_tsquery('simple', coalesce(
+               string_agg(word, ' or ') FILTER (WHERE hits < {COMMON_HITS}),
+               string_agg(word, ' or '))) AS q
+    FROM counted
+    WHERE hits > 0
+), relevant AS (
+    SELECT m.memory_id, ts_rank(m.search, query.q) AS rank
+    FROM memories AS m, query
+    WHERE m.user_id = $1 AND m.search @@ query.q
+    ORDER BY rank DESC, m.updated_at DESC, m.memory_id
+    LIMIT $3::int - $4::int
+), recent AS (
+    SELECT memory_id
+    FROM memories
+    WHERE user_id = $1
+    ORDER BY updated_at DESC, created_at DESC, memory_id
+    LIMIT $3
+), picked AS (
+    SELECT memory_id, max(rank) AS rank
+    FROM (SELECT memory_id, rank FROM relevant
+          UNION ALL
+          SELECT memory_id, NULL FROM recent) AS both_kinds
+    GROUP BY memory_id
+)
+SELECT {", ".join("m." + column for column in _COLUMNS.split(", "))}
+FROM picked JOIN memories AS m USING (memory_id)
+ORDER BY picked.rank DESC NULLS LAST, m.updated_at DESC, m.created_at DESC, m.memory_id
+LIMIT $3
+"""
+
+
+def search_text(text: str) -> str:
+    """The part of a turn that is searched: storable, at most SEARCH_CHARS."""
+    text = storable(text)
+    if len(text) > SEARCH_CHARS:
+        half = SEARCH_CHARS // 2
+        text = f"{text[:half]} {text[-half:]}"
+    return text
+
+
+async def relevant_memories(scope: UserScope, text: str, limit: int) -> list[Memory]:
+    """At most ``limit`` of the user's memories: relevant to ``text`` first, then newest."""
+    if limit <= 0:
+        return []
+    rows = await scope.conn.fetch(_PICK, scope.user_id, search_text(text), limit, limit // 5)
+    return [
+        Memory(
+            memory_id=row["memory_id"],
+            user_id=row["user_id"],
+            content=row["content"],
+            topics=tuple(row["topics"] or ()),
+            source_session_id=row["source_session_id"],
+            source_message_id=row["source_message_id"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+        for row in rows
+    ]
+
+
+async def chat_memories(scope: UserScope, settings: MemorySettings, text: str) -> list[Memory]:
+    """The memories of a chat prompt for a turn that says ``text``."""
+    return await relevant_memories(scope, text, settings.context_limit)
+
+
+async def extraction_memories(
+    scope: UserScope, settings: MemorySettings, *turn_texts: str
+) -> list[Memory]:
+    """The memories an extraction prompt shows (and aliases): those related to the
+    turn(s), so that a fact already known is updated rather than added again, and
+    the newest."""
+    return await relevant_memories(scope, "\n".join(turn_texts), settings.context_limit)
+
+
+def describe_retrieval(settings: MemorySettings) -> str:
+    """`memchat doctor`'s line on how prompt memories are chosen."""
+    if not settings.add_to_context:
+        chat = "chat prompts carry no memories (memory.add_to_context = false)"
+    else:
+        chat = f"at most {settings.context_limit} memories a prompt (memory.context_limit)"
+    return (
+        f"full-text search ('simple' tsvector, GIN index) plus recency; {chat}; "
+        "embeddings (pgvector) are not used"
+    )
