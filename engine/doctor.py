@@ -97,7 +97,8 @@ async def diagnose(
             return [settings_problem(exc)]
     results = [settings_ok(settings)]
     results += await database_checks(settings)
-    results.append(CheckResult(RETRIEVAL, True, describe_retrieval(settings.memory)))
+    if results[1].ok:  # the database opened: say how prompt memories are chosen from it
+        results.append(CheckResult(RETRIEVAL, True, describe_retrieval(settings.memory)))
     model = await model_check(settings, probe_seconds=model_timeout)
     results.append(model)
     if model.ok and probe:
