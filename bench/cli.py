@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from bench import concurrency, cost, freshness, soak
+from bench import concurrency, cost, freshness, recall, soak
 from bench.harness import REPO, BenchServer, Point, bench_server, machine_info
 from engine import event_loop
 from engine.errors import MemchatError
@@ -25,6 +25,7 @@ SCENARIOS: dict[str, str] = {
     "cost": "CPU ms per run of memchat and PostgreSQL, SQL statements per run",
     "freshness": "turn completion -> memory visible to a subscriber; the NOTIFY hop",
     "soak": "20,000 runs: RSS and connections stay flat",
+    "recall": "10,000 memories vs 50: prompt size, turn CPU; retrieval p95 (1 M rows)",
     "tui": "keystroke latency while 3 panes stream, opening a long session, RSS",
 }
 
@@ -139,6 +140,8 @@ async def _scenario(
         return await freshness.run(server, quick=quick)
     if name == "soak":
         return await soak.run(server, quick=quick, runs=args.soak_runs)
+    if name == "recall":
+        return await recall.run(server, quick=quick)
     # In a process of its own, as the app runs for a user: the heap and the
     # garbage collector's state the other scenarios leave behind would
     # otherwise be measured too.
@@ -154,7 +157,7 @@ async def _scenario(
 
 
 # Seconds each scenario took on the 2-core machine of docs/benchmarks.md.
-EXPECTED_S = {"concurrency": 45, "cost": 12, "freshness": 25, "soak": 85, "tui": 35}
+EXPECTED_S = {"concurrency": 45, "cost": 12, "freshness": 25, "soak": 85, "tui": 35, "recall": 120}
 
 
 def _expected_s(name: str, quick: bool) -> int:

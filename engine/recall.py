@@ -8,9 +8,9 @@ scope (row-level security applies as to any other read):
   tsvector, 'simple' configuration: any language, no stemming, migration 0009)
   with OR semantics, so any word the turn shares with a memory counts. Words
   found in many of the user's memories (``COMMON_HITS`` or more: "the", "is",
-  the user's own name) say little about which memory the turn is about, so they
-  count only when the turn has no rarer word: a stop list learnt from the
-  user's own memories, in whatever language they are written;
+  the user's own name) say little about which memory the turn is about and
+  would make every memory a match to rank, so they do not count: a stop list
+  learnt from the user's own memories, in whatever language they are written;
 * recency: the newest memories fill what relevance leaves, and a fifth of the
   places are always theirs (what was just learnt stays in view).
 
@@ -48,23 +48,22 @@ WITH words AS (
     WHERE length(word) > 1
     ORDER BY length(word) DESC, word
     LIMIT {MAX_TERMS}
-), counted AS (
+), counted AS MATERIALIZED (
     SELECT word,
            (SELECT count(*) FROM (
                 SELECT 1 FROM memories
                 WHERE user_id = $1 AND search @@ plainto_tsquery('simple', word)
                 LIMIT {COMMON_HITS}) AS hit) AS hits
     FROM words
-), query AS (
-    SELECT websearch_to_tsquery('simple', coalesce(
-               string_agg(word, ' or ') FILTER (WHERE hits < {COMMON_HITS}),
-               string_agg(word, ' or '))) AS q
+), query AS MATERIALIZED (
+    SELECT websearch_to_tsquery('simple', string_agg(word, ' or ')) AS q
     FROM counted
-    WHERE hits > 0
+    WHERE hits BETWEEN 1 AND {COMMON_HITS - 1}
 ), relevant AS (
-    SELECT m.memory_id, ts_rank(m.search, query.q) AS rank
-    FROM memories AS m, query
-    WHERE m.user_id = $1 AND m.search @@ query.q
+    -- The query as a scalar subquery: a parameter the GIN index can take.
+    SELECT m.memory_id, ts_rank(m.search, (SELECT q FROM query)) AS rank
+    FROM memories AS m
+    WHERE m.user_id = $1 AND m.search @@ (SELECT q FROM query)
     ORDER BY rank DESC, m.updated_at DESC, m.memory_id
     LIMIT $3::int - $4::int
 ), recent AS (

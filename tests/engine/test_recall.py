@@ -103,7 +103,7 @@ async def test_recency_fills_what_relevance_leaves_and_keeps_a_fifth(store: Stor
     assert picked == [f"Fact {i}" for i in range(29, 19, -1)]
 
     # A turn matching many memories still leaves the newest a fifth of the places.
-    await _add(store, "bo", _filler(100, "tiger"), newest_last=True)
+    await _add(store, "bo", _filler(COMMON_HITS - 4, "tiger"), newest_last=True)
     await _add(store, "bo", [f"Newest fact {i}" for i in range(5)], newest_last=True, later_s=1000)
     picked = await _pick(store, "bo", "tiger", limit=20)
     assert len(picked) == 20
@@ -111,14 +111,19 @@ async def test_recency_fills_what_relevance_leaves_and_keeps_a_fifth(store: Stor
     assert sum(p.startswith("Likes the tiger") for p in picked) == 16
 
 
-async def test_common_words_count_only_when_nothing_rarer_is_there(store: Store) -> None:
+async def test_words_common_among_the_users_memories_do_not_count(store: Store) -> None:
     await _add(store, "ann", _filler(COMMON_HITS + 10), newest_last=False)
     await _add(store, "ann", ["Hates the dentist"], newest_last=False)
-    # Only common words: they still rank the memories that have them.
-    picked = await _pick(store, "ann", "colour", limit=5)
-    assert all("colour" in p for p in picked[:4])
-    # A rarer word in the turn wins over the common one.
+    # "colour" is in more than COMMON_HITS memories: it picks none out, recency decides.
+    by_recency = await _pick(store, "ann", "nothing shared", limit=5)
+    assert await _pick(store, "ann", "colour", limit=5) == by_recency
+    # A rarer word in the turn is what counts.
     assert (await _pick(store, "ann", "colour dentist", limit=5))[0] == "Hates the dentist"
+    # For a user with few memories no word is common.
+    await _add(
+        store, "bo", ["Likes the colour red", "Works at night", "Reads a lot"], newest_last=True
+    )
+    assert (await _pick(store, "bo", "my colour", limit=3))[0] == "Likes the colour red"
 
 
 async def test_another_users_memories_never_come_back(store: Store) -> None:

@@ -13,6 +13,9 @@
 --   create it). A server without btree_gin (contrib not installed, or no right
 --   to create it) gets a GIN index on search alone: the same results, with the
 --   user's rows filtered after the index.
+--   fastupdate is off: a search would otherwise scan the index's pending list
+--   of recent inserts (up to 4 MB) every time, and memories are read at every
+--   turn but written only a few at a time.
 --
 -- The column is part of memories, so row-level security and the existing
 -- grants cover it: nothing new to grant.
@@ -28,9 +31,10 @@ BEGIN
         RAISE NOTICE 'btree_gin unavailable (%): memories_search indexes search alone', SQLERRM;
     END;
     IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'btree_gin') THEN
-        CREATE INDEX memories_search ON memories USING gin (user_id, search);
+        CREATE INDEX memories_search ON memories USING gin (user_id, search)
+            WITH (fastupdate = off);
     ELSE
-        CREATE INDEX memories_search ON memories USING gin (search);
+        CREATE INDEX memories_search ON memories USING gin (search) WITH (fastupdate = off);
     END IF;
 END
 $$;
