@@ -7,8 +7,8 @@ scope (row-level security applies as to any other read):
 * relevance: PostgreSQL full-text search on ``memories.search`` (a generated
   tsvector, 'simple' configuration: any language, no stemming, migration 0009)
   with OR semantics, so any word the turn shares with a memory counts. Words
-  found in many of the user's memories (``COMMON_HITS`` or more: "the", "is",
-  the user's own name) say little about which memory the turn is about and
+  found in many of the user's memories (``COMMON_HITS`` or more of the
+  ``COMMON_SAMPLE`` newest: "the", "is", the user's own name) say little about which memory the turn is about and
   would make every memory a match to rank, so they do not count: a stop list
   learnt from the user's own memories, in whatever language they are written;
 * recency: the newest memories fill what relevance leaves, and a fifth of the
@@ -30,59 +30,28 @@ SEARCH_CHARS = 4000
 character message is not 100,000 characters of search terms."""
 
 MAX_TERMS = 16
-"""Distinct words searched for, longest first (longer words tend to be rarer)."""
+"""Distinct words searched for, longest first (longer words tend to be rarer);
+memchat_recall's LIMIT."""
 
 COMMON_HITS = 64
-"""A word in this many of the user's memories is too common to pick one out."""
+COMMON_SAMPLE = 256
+"""A word in COMMON_HITS of the user's COMMON_SAMPLE newest memories is too common
+to pick one out (memchat_recall's figures). Judged on a sample, so that it costs
+the same at 100 memories and at 100,000."""
 
 _COLUMNS = (
     "memory_id, user_id, content, topics, source_session_id, source_message_id, "
     "created_at, updated_at"
 )
 
-# $1 user, $2 turn text, $3 limit, $4 places reserved for the newest.
+# The search is the database's (memchat_recall, migration 0009: it sees only
+# the scope's user); the rows come through row-level security as always.
+# $1 turn text, $2 limit, $3 places kept for the newest.
 _PICK = f"""
-WITH words AS (
-    SELECT word
-    FROM unnest(tsvector_to_array(to_tsvector('simple', $2))) AS word
-    WHERE length(word) > 1
-    ORDER BY length(word) DESC, word
-    LIMIT {MAX_TERMS}
-), counted AS MATERIALIZED (
-    SELECT word,
-           (SELECT count(*) FROM (
-                SELECT 1 FROM memories
-                WHERE user_id = $1 AND search @@ plainto_tsquery('simple', word)
-                LIMIT {COMMON_HITS}) AS hit) AS hits
-    FROM words
-), query AS MATERIALIZED (
-    SELECT websearch_to_tsquery('simple', string_agg(word, ' or ')) AS q
-    FROM counted
-    WHERE hits BETWEEN 1 AND {COMMON_HITS - 1}
-), relevant AS (
-    -- The query as a scalar subquery: a parameter the GIN index can take.
-    SELECT m.memory_id, ts_rank(m.search, (SELECT q FROM query)) AS rank
-    FROM memories AS m
-    WHERE m.user_id = $1 AND m.search @@ (SELECT q FROM query)
-    ORDER BY rank DESC, m.updated_at DESC, m.memory_id
-    LIMIT $3::int - $4::int
-), recent AS (
-    SELECT memory_id
-    FROM memories
-    WHERE user_id = $1
-    ORDER BY updated_at DESC, created_at DESC, memory_id
-    LIMIT $3
-), picked AS (
-    SELECT memory_id, max(rank) AS rank
-    FROM (SELECT memory_id, rank FROM relevant
-          UNION ALL
-          SELECT memory_id, NULL FROM recent) AS both_kinds
-    GROUP BY memory_id
-)
 SELECT {", ".join("m." + column for column in _COLUMNS.split(", "))}
-FROM picked JOIN memories AS m USING (memory_id)
+FROM memchat_recall($1, $2, $3) AS picked JOIN memories AS m USING (memory_id)
 ORDER BY picked.rank DESC NULLS LAST, m.updated_at DESC, m.created_at DESC, m.memory_id
-LIMIT $3
+LIMIT $2
 """
 
 
@@ -99,7 +68,7 @@ async def relevant_memories(scope: UserScope, text: str, limit: int) -> list[Mem
     """At most ``limit`` of the user's memories: relevant to ``text`` first, then newest."""
     if limit <= 0:
         return []
-    rows = await scope.conn.fetch(_PICK, scope.user_id, search_text(text), limit, limit // 5)
+    rows = await scope.conn.fetch(_PICK, search_text(text), limit, limit // 5)
     return [
         Memory(
             memory_id=row["memory_id"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from bench.fake_openai import FakeOpenAI
@@ -19,8 +20,9 @@ from engine.config import MemorySettings, ModelSettings, Settings
 from engine.models import OpenAIChatModel
 from engine.models.prompt_blocks import parse_context_memories
 from engine.recall import (
-    _PICK,
     COMMON_HITS,
+    COMMON_SAMPLE,
+    MAX_TERMS,
     chat_memories,
     describe_retrieval,
     extraction_memories,
@@ -126,15 +128,43 @@ async def test_words_common_among_the_users_memories_do_not_count(store: Store) 
     assert (await _pick(store, "bo", "my colour", limit=3))[0] == "Likes the colour red"
 
 
-async def test_another_users_memories_never_come_back(store: Store) -> None:
+async def test_another_users_memories_never_come_back(store: Store, database_dsn: str) -> None:
     await _add(store, "bob", ["Bob keeps a secret iguana", *_filler(100)], newest_last=True)
     await _add(store, "ann", ["Likes tea"], newest_last=True)
     assert await _pick(store, "ann", "secret iguana Bob colour number") == ["Likes tea"]
-    # The statement itself, pointed at bob from ann's scope: row-level security
-    # hides bob's rows whatever the query asks for.
+    # The search function itself (SECURITY DEFINER) answers for the scope's user
+    # only: bob's words from ann's scope find nothing of bob's.
     async with store.scope("ann") as s:
-        rows = await s.conn.fetch(_PICK, "bob", "secret iguana", 50, 10)
-    assert rows == []
+        ids = await s.conn.fetch("SELECT memory_id FROM memchat_recall('secret iguana', 50, 0)")
+        anns = {m.memory_id for m in await s.list_memories()}
+    assert {row["memory_id"] for row in ids} == anns
+    owner = await asyncpg.connect(database_dsn)
+    try:
+        # Outside any scope it finds nothing, even for the owner.
+        assert await owner.fetch("SELECT * FROM memchat_recall('secret iguana', 50, 10)") == []
+        roles = dict(await owner.fetch("SELECT kind, rolname FROM memchat_runtime_roles"))
+        granted = {
+            kind: await owner.fetchval(
+                "SELECT has_function_privilege($1, 'memchat_recall(text, integer, integer)', "
+                "'EXECUTE')",
+                role,
+            )
+            for kind, role in roles.items()
+        }
+        public = await owner.fetchval(
+            "SELECT count(*) FROM pg_proc p, aclexplode(p.proacl) a "
+            "WHERE p.proname = 'memchat_recall' AND a.grantee = 0"
+        )
+    finally:
+        await owner.close()
+    assert granted == {"app": True, "admin": False, "worker": False} and public == 0
+
+
+async def test_the_limits_in_python_are_the_functions(store: Store) -> None:
+    async with store.scope("ann") as s:
+        body = await s.conn.fetchval("SELECT prosrc FROM pg_proc WHERE proname = 'memchat_recall'")
+    assert f"LIMIT {MAX_TERMS}\n" in body and f"LIMIT {COMMON_SAMPLE}\n" in body
+    assert f"HAVING count(*) >= {COMMON_HITS}\n" in body
 
 
 async def test_any_script_is_searchable(store: Store) -> None:
