@@ -1,16 +1,17 @@
 """Which memories a prompt carries: a bounded, relevant few, never the whole list.
 
 A user may have thousands of memories; a chat or extraction prompt carries at
-most ``memory.context_limit`` of them, chosen in one statement, in the user's
-scope (row-level security applies as to any other read):
+most ``memory.context_limit`` of them, chosen in one statement in the user's
+scope. The search is memchat_recall() (migration 0009), which answers for the
+scope's user only; the rows then come through row-level security as always.
 
 * relevance: PostgreSQL full-text search on ``memories.search`` (a generated
-  tsvector, 'simple' configuration: any language, no stemming, migration 0009)
-  with OR semantics, so any word the turn shares with a memory counts. Words
-  found in many of the user's memories (``COMMON_HITS`` or more of the
-  ``COMMON_SAMPLE`` newest: "the", "is", the user's own name) say little about which memory the turn is about and
-  would make every memory a match to rank, so they do not count: a stop list
-  learnt from the user's own memories, in whatever language they are written;
+  tsvector, 'simple' configuration: any language, no stemming) with OR
+  semantics, so any word the turn shares with a memory counts. A word found in
+  ``COMMON_HITS`` or more of the user's ``COMMON_SAMPLE`` newest memories
+  ("the", "is", the user's own name) says little about which memory the turn
+  is about and would make every memory a match to rank, so it does not count:
+  a stop list learnt from the user's own memories, in whatever language;
 * recency: the newest memories fill what relevance leaves, and a fifth of the
   places are always theirs (what was just learnt stays in view).
 
