@@ -2,14 +2,14 @@
 
 The database is filled in bulk (one INSERT ... SELECT generate_series, as the
 owner: the bench is loading, not measuring, here) with ``BIG_USERS`` users of
-``BIG`` memories each, plus one user with ``SMALL``. Memories are short
+10,000 memories each, plus one user with ``SMALL`` (50). Memories are short
 statements over a vocabulary of ``VOCABULARY`` made-up words and a few
 common ones ("the", "likes"), so that turns share words with some memories
 and common words with all of them.
 
 Two points:
 
-* prompt and turn: ``TURNS`` turns of the small user, then of a big one,
+* prompt and turn: rounds of turns of the small user, then of a big one,
   through the real agent with the offline model at zero latency (no memory
   workers: the turn alone). Figures: characters of the prompt's memory block,
   memchat and PostgreSQL CPU per turn, each for both users, and their ratios;
@@ -173,7 +173,7 @@ async def run(server: BenchServer, *, quick: bool) -> list[Point]:
                 total.memories = max(total.memories, cost.memories)
                 total.memory_chars = max(total.memory_chars, cost.memory_chars)
         with meter.measure() as readings:
-            latencies = await _retrieval(runtime, _big_users(big_users), samples, rng)
+            latencies, leaks = await _retrieval(runtime, _big_users(big_users), samples, rng)
         cpu = used(readings)
         rows = await _row_count(dsn)
     limit = settings.memory.context_limit
@@ -218,29 +218,34 @@ async def run(server: BenchServer, *, quick: bool) -> list[Point]:
             # CPU is what the machine's other load does not inflate: a call's own cost.
             "postgres_cpu_ms_per_retrieval": round((cpu.postgres_s or 0.0) / calls * 1000, 2),
             "memchat_cpu_ms_per_retrieval": round(cpu.memchat_s / calls * 1000, 2),
+            "leaks": leaks,
         },
-        targets={"retrieval_p95_ms": ("<=", TARGET_P95_MS)},
+        targets={"retrieval_p95_ms": ("<=", TARGET_P95_MS), "leaks": ("<=", 0)},
     )
     return [turn_point, retrieval_point]
 
 
 async def _retrieval(
     runtime: Runtime, users: list[str], samples: int, rng: random.Random
-) -> list[float]:
-    """Seconds per relevant_memories call, inside an already open scope."""
+) -> tuple[list[float], int]:
+    """Seconds per relevant_memories call, inside an already open scope, and how
+    many memories came back that were not the user's (must be none)."""
     latencies: list[float] = []
+    leaks = 0
     limit = runtime.settings.memory.context_limit
     for index in range(samples + samples // 10):
-        async with runtime.store.scope(rng.choice(users)) as s:
+        user = rng.choice(users)
+        async with runtime.store.scope(user) as s:
             text = _turn(rng)
             began = time.perf_counter()
             picked = await relevant_memories(s, text, limit)
             took = time.perf_counter() - began
         if len(picked) != limit:
             raise RuntimeError(f"recall returned {len(picked)} memories, not {limit}")
+        leaks += sum(1 for memory in picked if memory.user_id != user)
         if index >= samples // 10:  # the first tenth warms up
             latencies.append(took)
-    return latencies
+    return latencies, leaks
 
 
 async def _row_count(dsn: str) -> int:
