@@ -8,6 +8,7 @@ over HTTP to the fake server where the prompt is what is checked.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import pytest
 
 from bench.fake_openai import FakeOpenAI
 from engine.agent import Agent, TurnCompleted
-from engine.config import MemorySettings, ModelSettings, Settings
+from engine.config import MemorySettings, ModelSettings, Settings, load_settings
+from engine.errors import ConfigError
 from engine.models import OpenAIChatModel
 from engine.models.prompt_blocks import parse_context_memories
 from engine.recall import (
@@ -291,3 +293,14 @@ def test_doctor_names_the_retrieval(tmp_path: Path) -> None:
     assert "full-text" in line and "at most 30 memories" in line
     off = describe_retrieval(MemorySettings(add_to_context=False))
     assert "no memories" in off
+
+
+@pytest.mark.parametrize("value", ["-1", "10001", "many", ""])
+def test_a_bad_context_limit_is_one_config_error(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("MEMCHAT_MEMORY__CONTEXT_LIMIT", value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(os.devnull)
+    assert "memory.context_limit" in caught.value.message
+    assert "\n" not in caught.value.message
