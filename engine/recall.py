@@ -34,8 +34,8 @@ MAX_TERMS = 16
 """Distinct words searched for, longest first (longer words tend to be rarer);
 memchat_recall's LIMIT."""
 
-COMMON_HITS = 64
-COMMON_SAMPLE = 256
+COMMON_HITS = 32
+COMMON_SAMPLE = 128
 """A word in COMMON_HITS of the user's COMMON_SAMPLE newest memories is too common
 to pick one out (memchat_recall's figures). Judged on a sample, so that it costs
 the same at 100 memories and at 100,000."""

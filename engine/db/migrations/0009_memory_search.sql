@@ -50,8 +50,8 @@ CREATE POLICY memories_owner_read ON memories FOR SELECT TO CURRENT_USER USING (
 
 -- The memories a prompt carries for the current scope's user: at most p_limit,
 -- the most relevant to p_text first (full-text rank), then the newest; the
--- newest always keep p_recent places. Words found in 64 or more of the user's
--- 256 newest memories pick none out and do not count (engine/recall.py says why).
+-- newest always keep p_recent places. Words found in 32 or more of the user's
+-- 128 newest memories pick none out and do not count (engine/recall.py says why).
 CREATE FUNCTION memchat_recall(p_text text, p_limit integer, p_recent integer)
 RETURNS TABLE (memory_id uuid, rank real)
 LANGUAGE sql
@@ -75,13 +75,15 @@ WITH words AS (
     FROM memories AS m
     WHERE m.user_id = current_setting('memchat.user_id', true)
     ORDER BY m.updated_at DESC
-    LIMIT 256
+    LIMIT 128
 ), common AS (
+    -- tsvector_to_array: unnest(tsvector) builds position and weight arrays
+    -- for every lexeme, which cost more than the rest of the search.
     SELECT u.lexeme
-    FROM sample, unnest(sample.search) AS u
+    FROM sample, unnest(tsvector_to_array(sample.search)) AS u(lexeme)
     WHERE u.lexeme IN (SELECT word FROM words)
     GROUP BY u.lexeme
-    HAVING count(*) >= 64
+    HAVING count(*) >= 32
 ), query AS MATERIALIZED (
     SELECT websearch_to_tsquery('simple', string_agg(word, ' or ')) AS q
     FROM words
