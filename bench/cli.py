@@ -156,8 +156,9 @@ async def _scenario(
     return [_point(json.loads(line)) for line in output.decode().splitlines() if line.strip()]
 
 
-# Seconds each scenario took on the 2-core machine of docs/benchmarks.md.
-EXPECTED_S = {"concurrency": 45, "cost": 12, "freshness": 25, "soak": 85, "tui": 35, "recall": 120}
+# Seconds each scenario took on the 2-core machine of docs/benchmarks.md
+# (recall: mostly loading 1 M memories, on the machine shared with other work).
+EXPECTED_S = {"concurrency": 45, "cost": 12, "freshness": 25, "soak": 85, "tui": 35, "recall": 900}
 
 
 def _expected_s(name: str, quick: bool) -> int:
