@@ -46,6 +46,7 @@ from engine.models import (
 )
 from engine.models.prompt_blocks import render_context_memories
 from engine.priority import ReplyPriority
+from engine.recall import chat_memories
 from engine.records import Memory, Message, MessageStatus
 from engine.store import Store, UserScope
 from engine.validation import clean_text, parse_session_id
@@ -279,7 +280,11 @@ class Agent:
             # The session check happens inside append_message (NotFound).
             user_message = await s.append_message(session_id, "user", text)
             history = await s.last_messages(session_id, history_limit + 1)
-            memories = await s.list_memories() if self.settings.memory.add_to_context else []
+            memories = (
+                await chat_memories(s, self.settings.memory, text)
+                if self.settings.memory.add_to_context
+                else []
+            )
         return user_message, self._fit_prompt(user_message, history, memories)
 
     async def _begin_again(
@@ -315,7 +320,7 @@ class Agent:
             )
         if memories:
             intro = "\n\nWhat you know about this user:\n"
-            # list_memories is newest first; fit_newest keeps the end of a list.
+            # chat_memories: the most relevant first; fit_newest keeps the end of a list.
             newest_last = [m.content for m in reversed(memories)]
             fitted = fit_newest(newest_last, budget - estimate_tokens(intro))
             if fitted.kept:

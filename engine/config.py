@@ -166,6 +166,15 @@ class HistorySettings(_Section):
 
 class MemorySettings(_Section):
     add_to_context: bool = True
+    context_limit: int = Field(
+        default=50,
+        ge=0,
+        le=10_000,
+        description=(
+            "Most memories in a chat or extraction prompt: those most relevant to the turn "
+            "(full-text search), the newest filling the rest (engine/recall.py)."
+        ),
+    )
     extraction: Literal["auto", "tools", "json"] = Field(
         default="auto",
         description=(

@@ -38,6 +38,7 @@ from engine.models.base import (
     TextDelta,
 )
 from engine.queue import JobQueue
+from engine.recall import describe_retrieval
 from engine.redact import remember_secrets, scrub
 from engine.text import one_line
 
@@ -57,6 +58,7 @@ MEMORY_JOBS = "memory jobs"
 MODEL = "model"
 STREAM = "model stream"
 EXTRACTION = "memory extraction"
+RETRIEVAL = "memory retrieval"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,8 @@ async def diagnose(
             return [settings_problem(exc)]
     results = [settings_ok(settings)]
     results += await database_checks(settings)
+    if results[1].ok:  # the database opened: say how prompt memories are chosen from it
+        results.append(CheckResult(RETRIEVAL, True, describe_retrieval(settings.memory)))
     model = await model_check(settings, probe_seconds=model_timeout)
     results.append(model)
     if model.ok and probe:

@@ -50,6 +50,7 @@ from engine.memory import ApplyResult, MemoryManager, Turn
 from engine.models import ModelError, ModelRateLimited
 from engine.priority import ReplyPriority
 from engine.queue import ClaimedJob, JobOutcome, JobQueue, TurnMessages
+from engine.recall import extraction_memories
 from engine.records import JobCounts, JobStatus, MemoryJob
 from engine.store import Store
 
@@ -370,7 +371,9 @@ class MemoryDispatcher:
                 self.settings.coalesce_turns - 1,
             )
             held.absorbed = [t.job_id for t in found if t.job_id != job.job_id]
-            memories = await s.list_memories()
+            # Related to every turn the run covers, plus the newest (engine/recall.py).
+            texts = [m.content for t in found for m in (t.user_message, t.reply) if m is not None]
+            memories = await extraction_memories(s, self.settings, *texts)
         turns = _turns(found)
         if not turns:
             # The session was deleted meanwhile: nothing left to learn from.

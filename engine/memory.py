@@ -253,7 +253,7 @@ def build_prompt(
         room -= sum(
             estimate_tokens(t.user_message) + estimate_tokens(t.assistant_reply) for t in texts
         )
-        # list_memories gives the newest first; fit_newest keeps the end of a list.
+        # engine/recall.py gives the most related first; fit_newest keeps a list's end.
         newest_last = [m.content for m in reversed(memories)]
         memories = list(memories[: fit_newest(newest_last, max(room, 0)).kept])
     aliases = {memory_alias(i): m.memory_id for i, m in enumerate(memories)}

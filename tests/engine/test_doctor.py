@@ -37,6 +37,7 @@ ALL_CHECKS = [
     "login roles",
     "socket",
     "stuck jobs",
+    "memory retrieval",
     "model",
     "memory extraction",
 ]

@@ -154,3 +154,31 @@ async def test_0008_lets_the_app_replace_replies_only(
         assert "assistant" in policy["qual"]
     finally:
         await conn.close()
+
+
+async def test_0009_makes_existing_memories_searchable(empty_database_dsn: str) -> None:
+    # Memories written before 0009 get their search vector and the GIN index.
+    import engine.db.migrate as migrate_module
+
+    every = available_migrations()
+    conn = await asyncpg.connect(empty_database_dsn)
+    try:
+        before = [m for m in every if m.version < 9]
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(migrate_module, "available_migrations", lambda: before)
+            await migrate(conn)
+        await conn.execute("INSERT INTO users (user_id, display_name) VALUES ('ann', 'Ann')")
+        await conn.execute(
+            "INSERT INTO memories (user_id, content) VALUES ('ann', 'Keeps an Iguana')"
+        )
+        assert 9 in await migrate(conn)
+        found = await conn.fetchval(
+            "SELECT content FROM memories WHERE search @@ plainto_tsquery('simple', 'iguana')"
+        )
+        assert found == "Keeps an Iguana"
+        index = await conn.fetchval(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'memories_search'"
+        )
+        assert "USING gin" in index and "search" in index
+    finally:
+        await conn.close()

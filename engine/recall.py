@@ -1,0 +1,111 @@
+"""Which memories a prompt carries: a bounded, relevant few, never the whole list.
+
+A user may have thousands of memories; a chat or extraction prompt carries at
+most ``memory.context_limit`` of them, chosen in one statement in the user's
+scope. The search is memchat_recall() (migration 0009), which answers for the
+scope's user only; the rows then come through row-level security as always.
+
+* relevance: PostgreSQL full-text search on ``memories.search`` (a generated
+  tsvector, 'simple' configuration: any language, no stemming) with OR
+  semantics, so any word the turn shares with a memory counts. A word found in
+  ``COMMON_HITS`` or more of the user's ``COMMON_SAMPLE`` newest memories
+  ("the", "is", the user's own name) says little about which memory the turn
+  is about and would make every memory a match to rank, so it does not count:
+  a stop list learnt from the user's own memories, in whatever language;
+* recency: the newest memories fill what relevance leaves, and a fifth of the
+  places are always theirs (what was just learnt stays in view).
+
+The most relevant come first, then the newest: the prompt builders keep a
+prefix of the list when tokens run short.
+"""
+
+from __future__ import annotations
+
+from engine.config import MemorySettings
+from engine.records import Memory
+from engine.store import UserScope
+from engine.validation import storable
+
+SEARCH_CHARS = 4000
+"""Characters of the turn searched: its start and its end, half each. A 100,000
+character message is not 100,000 characters of search terms."""
+
+MAX_TERMS = 16
+"""Distinct words searched for, longest first (longer words tend to be rarer);
+memchat_recall's LIMIT."""
+
+COMMON_HITS = 32
+COMMON_SAMPLE = 128
+"""A word in COMMON_HITS of the user's COMMON_SAMPLE newest memories is too common
+to pick one out (memchat_recall's figures). Judged on a sample, so that it costs
+the same at 100 memories and at 100,000."""
+
+_COLUMNS = (
+    "memory_id, user_id, content, topics, source_session_id, source_message_id, "
+    "created_at, updated_at"
+)
+
+# The search is the database's (memchat_recall, migration 0009: it sees only
+# the scope's user); the rows come through row-level security as always.
+# $1 turn text, $2 limit, $3 places kept for the newest.
+_PICK = f"""
+SELECT {", ".join("m." + column for column in _COLUMNS.split(", "))}
+FROM memchat_recall($1, $2, $3) AS picked JOIN memories AS m USING (memory_id)
+ORDER BY picked.rank DESC NULLS LAST, m.updated_at DESC, m.created_at DESC, m.memory_id
+LIMIT $2
+"""
+
+
+def search_text(text: str) -> str:
+    """The part of a turn that is searched: storable, at most SEARCH_CHARS."""
+    text = storable(text)
+    if len(text) > SEARCH_CHARS:
+        half = SEARCH_CHARS // 2
+        text = f"{text[:half]} {text[-half:]}"
+    return text
+
+
+async def relevant_memories(scope: UserScope, text: str, limit: int) -> list[Memory]:
+    """At most ``limit`` of the user's memories: relevant to ``text`` first, then newest."""
+    if limit <= 0:
+        return []
+    rows = await scope.conn.fetch(_PICK, search_text(text), limit, limit // 5)
+    return [
+        Memory(
+            memory_id=row["memory_id"],
+            user_id=row["user_id"],
+            content=row["content"],
+            topics=tuple(row["topics"] or ()),
+            source_session_id=row["source_session_id"],
+            source_message_id=row["source_message_id"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+        for row in rows
+    ]
+
+
+async def chat_memories(scope: UserScope, settings: MemorySettings, text: str) -> list[Memory]:
+    """The memories of a chat prompt for a turn that says ``text``."""
+    return await relevant_memories(scope, text, settings.context_limit)
+
+
+async def extraction_memories(
+    scope: UserScope, settings: MemorySettings, *turn_texts: str
+) -> list[Memory]:
+    """The memories an extraction prompt shows (and aliases): those related to the
+    turn(s), so that a fact already known is updated rather than added again, and
+    the newest."""
+    return await relevant_memories(scope, "\n".join(turn_texts), settings.context_limit)
+
+
+def describe_retrieval(settings: MemorySettings) -> str:
+    """`memchat doctor`'s line on how prompt memories are chosen."""
+    if not settings.add_to_context:
+        chat = "chat prompts carry no memories (memory.add_to_context = false)"
+    else:
+        chat = f"at most {settings.context_limit} memories a prompt (memory.context_limit)"
+    return (
+        f"full-text search ('simple' tsvector, GIN index) plus recency; {chat}; "
+        "embeddings (pgvector) are not used"
+    )
