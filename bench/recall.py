@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -104,7 +104,7 @@ class _MeasuringModel(OfflineChatModel):
         self.shown: list[tuple[int, int]] = []
         """(memories, characters of their text) per prompt."""
 
-    def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[StreamEvent]:
+    def stream(self, messages: Sequence[ChatMessage]) -> AsyncGenerator[StreamEvent, None]:
         shown = parse_context_memories(messages[0].content)
         self.shown.append((len(shown), sum(len(text) for text in shown)))
         return super().stream(messages)

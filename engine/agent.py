@@ -27,7 +27,7 @@ import contextlib
 import itertools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
 from engine.config import Settings
@@ -142,7 +142,7 @@ class Agent:
 
     async def stream(
         self, user_id: str, session_id: str | uuid.UUID, text: str
-    ) -> AsyncIterator[TurnEvent]:
+    ) -> AsyncGenerator[TurnEvent, None]:
         text = self.check_text(text)
         sid = parse_session_id(session_id)
         user_message, prompt = await self._begin(user_id, sid, text)
@@ -155,7 +155,7 @@ class Agent:
 
     async def regenerate(
         self, user_id: str, session_id: str | uuid.UUID
-    ) -> AsyncIterator[TurnEvent]:
+    ) -> AsyncGenerator[TurnEvent, None]:
         """Answer the session's last user message again; the new reply replaces its reply.
 
         The same events as ``stream`` (``TurnStarted`` names the message being
@@ -177,7 +177,7 @@ class Agent:
         prompt: list[ChatMessage] | str,
         *,
         replaces: tuple[int, ...] | None,
-    ) -> AsyncIterator[TurnEvent]:
+    ) -> AsyncGenerator[TurnEvent, None]:
         """Stream the model's reply to ``user_message`` and store it with its outcome.
 
         ``replaces``: None appends the reply; otherwise the reply replaces the

@@ -172,7 +172,6 @@ class MemchatApp(App[None]):
             self.initial_users = [self.single_user]
         self.run_workers = run_workers and self.single_user is None
         self.play = play if self.single_user is None else None
-        self.animate = animate
         self.pane_options = PaneOptions(highlight_seconds=highlight_seconds, animate=animate)
         self.demo = DemoPlayer(self, char_delay=demo_char_delay)
         self.runtime: Runtime | None = None
@@ -471,7 +470,7 @@ class MemchatApp(App[None]):
             return False
         return not (action in PANE_ACTIONS and len(self.screen_stack) > 1)
 
-    def _focused_pane(self, screen: Screen | None = None) -> UserPane | None:
+    def _focused_pane(self, screen: Screen[object] | None = None) -> UserPane | None:
         node = self.focused if screen is None else screen.focused
         while node is not None and not isinstance(node, UserPane):
             node = node.parent  # type: ignore[assignment]
@@ -578,7 +577,7 @@ class MemchatApp(App[None]):
     def action_stop_demo(self) -> None:
         self.demo.stop()
 
-    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+    def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
         commands = self._system_commands(screen)
         if self.single_user is not None:
             # The palette calls methods directly, past check_action.
@@ -595,7 +594,7 @@ class MemchatApp(App[None]):
             )
         yield from commands
 
-    def _system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+    def _system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         yield SystemCommand("Help: every key", "Show all keys (F1)", self.action_help)
         yield SystemCommand(
@@ -615,11 +614,11 @@ class MemchatApp(App[None]):
         )
         yield SystemCommand("Demo: pause / resume", "(F4 while playing)", self.demo.toggle_pause)
         yield SystemCommand("Demo: stop", "(shift+F4)", self.demo.stop)
-        for number, pane in enumerate(self.panes, start=1):
+        for number, each in enumerate(self.panes, start=1):
             yield SystemCommand(
-                f"Focus user {pane.user_id}",
+                f"Focus user {each.user_id}",
                 f"alt+{number} · F8/F9",
-                lambda p=pane: self._focus_pane(p),
+                lambda p=each: self._focus_pane(p),
             )
         # The screen the palette was opened over: the palette has the focus now.
         if (pane := self._focused_pane(screen)) is not None:

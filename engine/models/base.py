@@ -7,7 +7,7 @@ swapped by configuration.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -106,7 +106,7 @@ class ChatModel(Protocol):
     """Which server and model answer, e.g. "gpt-4o-mini @ https://api.openai.com/v1":
     what an extraction mode learnt about one endpoint is remembered under it."""
 
-    def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[StreamEvent]:
+    def stream(self, messages: Sequence[ChatMessage]) -> AsyncGenerator[StreamEvent, None]:
         """Yield ``TextDelta`` events, then exactly one ``StreamEnd``; before the
         first text a ``RetryingRequest`` for each retry of the request.
 

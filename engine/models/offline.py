@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from engine.models.base import (
@@ -59,7 +59,7 @@ class OfflineChatModel:
         self._delay = token_delay_ms / 1000.0
         self._latency = latency_ms / 1000.0
 
-    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[StreamEvent]:
+    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncGenerator[StreamEvent, None]:
         reply = compose_reply(messages)
         for index, delta in enumerate(split_deltas(reply)):
             # Always suspend, even without a delay, so that many concurrent

@@ -25,7 +25,7 @@ import contextlib
 import contextvars
 import json
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
@@ -202,7 +202,7 @@ class OpenAIChatModel:
             http_client=openai.DefaultAioHttpClient(),
         )
 
-    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[StreamEvent]:
+    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncGenerator[StreamEvent, None]:
         # model.timeout bounds the wait for reply text, not only each read: a
         # server sending keep-alive comments, blanks or an endless <think>
         # block would otherwise hold the turn forever. Visible text re-arms it.

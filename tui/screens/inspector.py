@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Collection
+from typing import cast
 
 from rich import box
 from rich.console import Group, RenderableType
@@ -27,6 +28,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
+from textual.css.styles import RulesMap
 from textual.geometry import Size
 from textual.screen import Screen
 from textual.timer import Timer
@@ -40,14 +42,13 @@ from engine.admin import (
     AdminReader,
     AuditCheck,
     AuditResult,
-    JobCounts,
-    JobProblem,
     MemoryOverview,
     SessionOverview,
     TokenUsage,
     UserOverview,
 )
 from engine.events import EventHub
+from engine.records import JobCounts, JobProblem
 from engine.text import plural
 from tui.widgets.messages import literal
 
@@ -364,7 +365,10 @@ class UserSection(Widget):
         height = self._heights.get(width)
         if height is None:
             visual = visualize(self, self.body(width), markup=False)
-            height = self._heights[width] = visual.get_height(self.styles, width)
+            # Textual's own widgets pass their RenderStyles here too: it reads
+            # the rules a RulesMap has (textual 8.2.8 types it narrower).
+            styles = cast(RulesMap, self.styles)
+            height = self._heights[width] = visual.get_height(styles, width)
         return height
 
 
