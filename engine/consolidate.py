@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from engine.config import ModelSettings
 from engine.context_budget import estimate_tokens, prompt_budget
 from engine.errors import InvalidInput, NotFound
 from engine.extraction import DELETE, UPDATE, excerpt, parse_json_changes
@@ -151,10 +152,16 @@ def batches(memories: Sequence[Memory], budget: int, limit: int = MAX_BATCH) -> 
 
 
 class Consolidator:
-    def __init__(self, store: Store, manager: MemoryManager, *, context_tokens: int) -> None:
+    def __init__(
+        self, store: Store, manager: MemoryManager, *, context_tokens: int | None = None
+    ) -> None:
+        """``context_tokens``: the memory model's window (unset: the manager's, else
+        model.context_tokens's default)."""
         self.store = store
         self.manager = manager
-        self.context_tokens = context_tokens
+        self.context_tokens = (
+            context_tokens or manager.context_tokens or ModelSettings().context_tokens
+        )
 
     async def run(self, user_id: str, *, dry_run: bool = False) -> Consolidation:
         async with self.store.scope(user_id) as scope:

@@ -15,12 +15,15 @@ from typing import Any
 import pytest
 
 from bench.fake_openai import FakeOpenAI, canned_json
+from engine.agent import TurnCompleted
 from engine.config import Settings, memory_model_settings
 from engine.consolidate import ACTOR, Consolidator, batches
 from engine.errors import NotFound
 from engine.memory import MemoryManager
 from engine.memory_history import restore_event
 from engine.models import OfflineChatModel, create_model
+from engine.optimize_policy import OptimizePolicy
+from engine.runtime import open_runtime
 from engine.store import Store
 from tests.conftest import make_settings
 
@@ -308,3 +311,51 @@ def test_the_cli_optimizes_restores_and_refuses_bad_input_in_one_line(memchat: A
         assert result.returncode == code, (args, result.stderr)
         assert len(result.stderr.splitlines()) == 1 and says in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr and "\x1b" not in result.stderr
+
+
+# -- the background policy ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("threshold", [3, 0], ids=["past the threshold", "off"])
+async def test_workers_consolidate_a_user_past_the_threshold(
+    tmp_path: Path, database_dsn: str, threshold: int
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        database={"url": database_dsn, "pool_max_size": 10},
+        memory={"optimize_threshold": threshold},
+    )
+    said = {
+        "ann": ["My name is Ann.", "I like tea.", "I live in Porto.", "I love tea."],
+        "bob": ["I like tea.", "I love tea."],  # a duplicate too, but under the threshold
+    }
+    async with open_runtime(settings) as rt:
+        for user, texts in said.items():
+            async with rt.store.scope(user) as s:
+                await s.ensure_user()
+                sid = (await s.create_session()).session_id
+            for text in texts:
+                assert isinstance(await rt.agent.run(user, sid, text), TurnCompleted)
+        assert await rt.dispatcher.wait_idle(said, within=30)
+        await rt.dispatcher.optimizer.wait_idle()
+        ann, bob = await _texts(rt.store, "ann"), await _texts(rt.store, "bob")
+        async with rt.store.scope("ann") as s:
+            by_optimize = [e.before for e in await s.memory_events() if e.actor == ACTOR]
+    assert bob == ["Likes tea", "Loves tea"]
+    if threshold:
+        assert ann == ["Lives in Porto", "Loves tea", "Name is Ann"]
+        assert by_optimize == ["Likes tea"]
+    else:
+        assert ann == ["Likes tea", "Lives in Porto", "Loves tea", "Name is Ann"]
+        assert by_optimize == []
+
+
+def test_the_policy_is_bounded() -> None:
+    policy = OptimizePolicy(Consolidator.__new__(Consolidator), threshold=200)
+    assert not policy.consider("ann", 200)  # not past it
+    policy._floor["ann"] = 230  # the last run left 210 memories
+    assert not policy.consider("ann", 229)
+    assert (
+        OptimizePolicy(Consolidator.__new__(Consolidator), threshold=0).consider("ann", 10**6)
+        is False
+    )
