@@ -8,6 +8,7 @@ change at all, the json form, and a hostile answer naming ids it was not shown.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -359,3 +360,30 @@ def test_the_policy_is_bounded() -> None:
         OptimizePolicy(Consolidator.__new__(Consolidator), threshold=0).consider("ann", 10**6)
         is False
     )
+
+
+async def test_a_memory_changed_while_the_model_thinks_is_left_alone(
+    tmp_path: Path, database_dsn: str, fake: FakeOpenAI, store: Store
+) -> None:
+    settings = _http_settings(tmp_path, database_dsn, fake)
+    await _remember(store, "ann", "Likes tea", "Likes tea a lot", "Is a pilot")
+    fake.first_token_latency = 3.0  # the answer waits; the edit below does not
+    fake.queue_tool_calls(
+        [
+            {"name": "update_memory", "arguments": {"id": "m1", "memory": "Likes tea a lot"}},
+            {"name": "delete_memory", "arguments": {"id": "m2"}},
+            {"name": "delete_memory", "arguments": {"id": "m3"}},
+        ]
+    )
+    running = asyncio.create_task(_over_http(settings, store, "ann"))
+    assert await asyncio.to_thread(fake.wait_for_requests, 1)
+    async with store.scope("ann") as s:
+        pilot = next(m for m in await s.list_memories() if m.content == "Is a pilot")
+        await s.update_memory(pilot.memory_id, "Is a retired pilot")
+    result = await running
+    assert sorted((c.op, c.memory.content) for c in result.changes) == [
+        ("delete", "Likes tea a lot"),
+        ("update", "Likes tea"),
+    ]
+    assert [r for r in result.rejected if "changed while the model was asked" in r]
+    assert await _texts(store, "ann") == ["Is a retired pilot", "Likes tea a lot"]
