@@ -233,6 +233,15 @@ class MemorySettings(_Section):
             "later queued turns along (1: one call per turn)."
         ),
     )
+    optimize_threshold: int = Field(
+        default=200,
+        ge=0,
+        le=1_000_000,
+        description=(
+            "A user whose memories pass this many gets them consolidated in the background "
+            "(`memchat memory optimize`) by the memory workers; 0: never."
+        ),
+    )
     max_attempts: int = Field(default=3, ge=1, le=100)
     drain_timeout: float = Field(default=5.0, ge=0)
     # At most the database's memchat_queue_limits.max_lease_seconds (3600), which

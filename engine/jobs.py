@@ -44,10 +44,12 @@ from collections.abc import Iterable
 
 from engine.admin import AdminReader
 from engine.config import MemorySettings
+from engine.consolidate import Consolidator
 from engine.db import Database
 from engine.errors import MemchatError
 from engine.memory import ApplyResult, MemoryManager, Turn
 from engine.models import ModelError, ModelRateLimited
+from engine.optimize_policy import OptimizePolicy
 from engine.priority import ReplyPriority
 from engine.queue import ClaimedJob, JobOutcome, JobQueue, TurnMessages
 from engine.recall import extraction_memories
@@ -113,6 +115,7 @@ class MemoryDispatcher:
         self._last_requeue = 0.0
         self._rate_limit: float | None = None
         """A ceiling below memory.concurrency learnt from the endpoint's 429s."""
+        self.optimizer = OptimizePolicy(Consolidator(store, manager), settings.optimize_threshold)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -170,6 +173,7 @@ class MemoryDispatcher:
         for task in unfinished:
             task.cancel()
         await asyncio.gather(*unfinished, return_exceptions=True)
+        await self.optimizer.stop()
 
     # -- waiting -----------------------------------------------------------
 
@@ -354,6 +358,9 @@ class MemoryDispatcher:
                 # the jobs it took along run again on their own, none is lost.
                 await self._release_absorbed(held)
         self._succeeded()
+        if result is not None and result.memory_count is not None and self._dispatcher is not None:
+            # Only a running dispatcher (worker, app) consolidates in the background.
+            self.optimizer.consider(job.user_id, result.memory_count)
         if result is not None and result.rejected:
             log.info("memory job %s rejected: %s", job.job_id, "; ".join(result.rejected))
         return True

@@ -201,6 +201,8 @@ class ApplyResult:
     """Calls that could not be applied (bad arguments, unknown ids), with why."""
     over_call_limit: int = 0
     over_memory_limit: int = 0
+    memory_count: int | None = None
+    """The user's memories after the changes, when they were counted (the job added)."""
 
     @property
     def changed(self) -> int:
@@ -421,8 +423,10 @@ class MemoryManager:
         allowed = plan.calls[: self.settings.max_calls_per_job * max(len(turns), 1)]
         result.over_call_limit = len(plan.calls) - len(allowed)
         room = None
+        counted = None
         if any(call.name == "add_memory" for call in allowed):
-            room = self.settings.max_per_user - await scope.count_memories()
+            counted = await scope.count_memories()
+            room = self.settings.max_per_user - counted
         for call in allowed:
             full = room is not None and room <= 0
             if full and call.name == "add_memory" and call.error is None:
@@ -436,6 +440,8 @@ class MemoryManager:
                     room -= len(result.added) - len(result.deleted) - before
             except (InvalidInput, NotFound) as exc:
                 result.rejected.append(f"{call.name}: {exc.message}")
+        if counted is not None:
+            result.memory_count = counted + len(result.added) - len(result.deleted)
         return result
 
     async def _apply_one(

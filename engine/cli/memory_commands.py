@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from engine.cli import optimize_commands
 from engine.cli.output import print_json, say, table, when
 from engine.cli.resources import open_store_only
 from engine.config import Settings
@@ -28,9 +29,11 @@ def register(commands: argparse._SubParsersAction[Any], exit_codes: str) -> None
 
     memory = commands.add_parser(
         "memory",
-        help="add or forget one memory of a user by hand",
+        help="add, forget, optimize or restore memories of a user",
         epilog='examples:\n  memchat memory add --user alice "Likes green tea" --topics food\n'
-        "  memchat memory forget --user alice 5d0c7d8e-...\n\n" + exit_codes,
+        "  memchat memory forget --user alice 5d0c7d8e-...\n"
+        "  memchat memory optimize --user alice --dry-run\n"
+        "  memchat memory restore --user alice --event 42\n\n" + exit_codes,
         formatter_class=fmt,
     )
     actions = memory.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -47,6 +50,7 @@ def register(commands: argparse._SubParsersAction[Any], exit_codes: str) -> None
     forget.add_argument("memory_id", metavar="ID", help="memory id (see `memchat memories`)")
     forget.add_argument("--json", action="store_true", help="print JSON")
     forget.set_defaults(handler=memory_forget_command)
+    optimize_commands.register(actions, exit_codes)
 
 
 def _topics(raw: str) -> list[str]:
@@ -69,10 +73,18 @@ async def memories_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.history:
         table(
             [
-                [when(e.at), e.op, e.actor, str(e.memory_id), e.before or "", e.after or ""]
+                [
+                    str(e.event_id),
+                    when(e.at),
+                    e.op,
+                    e.actor,
+                    str(e.memory_id),
+                    e.before or "",
+                    e.after or "",
+                ]
                 for e in events
             ],
-            ["AT", "OP", "BY", "MEMORY", "BEFORE", "AFTER"],
+            ["EVENT", "AT", "OP", "BY", "MEMORY", "BEFORE", "AFTER"],
         )
     else:
         table(

@@ -25,6 +25,7 @@ from engine.models.base import (
     ToolSpec,
     Usage,
 )
+from engine.models.offline_consolidation import plan_consolidation
 from engine.models.offline_replies import compose_reply
 from engine.models.offline_rules import (
     ADD_MEMORY,
@@ -36,6 +37,7 @@ from engine.models.offline_rules import (
 from engine.models.prompt_blocks import (
     MEMORIES_TAG,
     extract_block,
+    parse_consolidation_request,
     parse_extraction_memories,
     parse_extraction_request,
     parse_extraction_turns,
@@ -114,6 +116,9 @@ class OfflineChatModel:
 
 def _plan(messages: Sequence[ChatMessage], tool_names: set[str]) -> list[PlannedCall]:
     request_text = next((m.content for m in reversed(messages) if m.role == "user"), "")
+    consolidation = parse_consolidation_request(request_text)
+    if consolidation is not None:
+        return plan_consolidation(consolidation, tool_names)
     request = parse_extraction_request(request_text)
     memories = list(request.memories)
     if extract_block(request_text, MEMORIES_TAG) is None:

@@ -47,13 +47,14 @@ MEMORIES_TAG = "memories"
 USER_MESSAGE_TAG = "user_message"
 ASSISTANT_REPLY_TAG = "assistant_reply"
 TURN_TAG = "turn"
+CONSOLIDATE_TAG = "consolidate"
 NO_MEMORIES = "(none)"
 SEVERAL_TURNS = (
     "Several turns follow, oldest first. Give every change the id of the turn it "
     'comes from as its "turn" (for example "t2"); a later turn overrides an earlier one.'
 )
 
-_TAGS = (MEMORIES_TAG, USER_MESSAGE_TAG, ASSISTANT_REPLY_TAG, TURN_TAG)
+_TAGS = (MEMORIES_TAG, USER_MESSAGE_TAG, ASSISTANT_REPLY_TAG, TURN_TAG, CONSOLIDATE_TAG)
 _ALIASED_LINE = re.compile(r"^\[(?P<alias>[A-Za-z0-9_-]+)\]\s*(?P<text>.*)$")
 _TURN_BLOCK = re.compile(r'<turn id="(?P<label>t[0-9]+)">(?P<body>.*?)(?:</turn>|\Z)', re.DOTALL)
 
@@ -144,6 +145,18 @@ def parse_extraction_turns(text: str) -> list[TurnText]:
         return turns
     single = parse_extraction_request(text)
     return [TurnText(turn_label(0), single.user_message, single.assistant_reply)]
+
+
+def render_consolidation_request(memories: Iterable[AliasedMemory]) -> str:
+    """A memory-consolidation request (engine/consolidate.py): the memories, oldest
+    first, inside a ``<consolidate>`` block, so no turn is mistaken for it."""
+    return _block(CONSOLIDATE_TAG, render_extraction_memories(memories))
+
+
+def parse_consolidation_request(text: str) -> list[AliasedMemory] | None:
+    """The memories of a consolidation request, oldest first; None if ``text`` is none."""
+    body = extract_block(text, CONSOLIDATE_TAG)
+    return None if body is None else parse_extraction_memories(body)
 
 
 def parse_context_memories(text: str) -> list[str]:
