@@ -21,7 +21,13 @@ from tests.tui.conftest import AppFactory, wait_until
 from tui.app import MemchatApp, StatusBar
 from tui.screens.dialogs import PromptDialog, SessionPicker
 from tui.screens.help import HelpScreen
-from tui.widgets.messages import AssistantMessage, OlderMessages, TurnError, UserMessage
+from tui.widgets.messages import (
+    AssistantMessage,
+    EmptyHint,
+    OlderMessages,
+    TurnError,
+    UserMessage,
+)
 from tui.widgets.pane import UserPane
 
 pytestmark = pytest.mark.db
@@ -155,6 +161,30 @@ async def test_sessions_new_rename_switch(make_app: AppFactory) -> None:
         await wait_until(lambda: alice.session is not None and alice.session.title != "Renamed")
         await alice.ready.wait()
         await wait_until(lambda: len(replies(alice)) == 1)
+
+
+async def test_empty_pane_says_how_to_start_until_its_first_message(
+    make_app: AppFactory,
+) -> None:
+    app = make_app(USERS[:1])
+    async with app.run_test(size=(160, 48)) as pilot:
+        await app.ready.wait()
+        alice = pane(app, USERS[0])
+        hint = alice.query_one(EmptyHint)
+        await wait_until(lambda: hint.display)
+        assert f"Say hi as {USERS[0]}" in str(hint.render())
+        assert "F4 plays the demo" in str(hint.render())
+        await pilot.press(*"hello there", "enter")
+        assert not hint.display, "the first message takes the hint away at once"
+        await finish_turns(app)
+        assert not hint.display
+        await pilot.press("ctrl+t")  # a new, empty session: the hint is back
+        await wait_until(lambda: replies(alice) == [] and hint.display)
+        await pilot.press("ctrl+o")
+        await wait_until(lambda: isinstance(app.screen, SessionPicker))
+        await pilot.press("down", "enter")  # the older session, with its messages
+        await wait_until(lambda: len(replies(alice)) == 1)
+        await wait_until(lambda: not hint.display)
 
 
 async def test_escape_cancels_a_streaming_reply(make_app: AppFactory, tui_settings) -> None:

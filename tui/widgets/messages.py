@@ -9,15 +9,17 @@ Printable keys never act here: the app hands them to the prompt.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 
 from markdown_it import MarkdownIt
 from rich.text import Text
+from textual.await_remove import AwaitRemove
 from textual.binding import Binding
 from textual.containers import VerticalScroll
+from textual.css.query import QueryType
 from textual.message import Message as TextualMessage
-from textual.widget import Widget
+from textual.widget import AwaitMount, Widget
 from textual.widgets import Markdown, Static
 
 from engine.records import Message
@@ -201,6 +203,14 @@ class OlderMessages(Static):
         self.display = count > 0
 
 
+class EmptyHint(Static):
+    """What a pane with no messages yet says: who you are typing as, and how to start."""
+
+    def __init__(self, text: str) -> None:
+        # markup=False: the text names a user id, which is the user's own text.
+        super().__init__(text, classes="empty-hint", markup=False)
+
+
 class MessageList(VerticalScroll):
     """A stream-layout scroll container that follows the bottom while you are there.
 
@@ -224,6 +234,34 @@ class MessageList(VerticalScroll):
         """Export this session to a Markdown file (the pane knows user and session)."""
 
     highlighted: _Labelled | None = None
+
+    def mount(
+        self,
+        *widgets: Widget,
+        before: int | str | Widget | None = None,
+        after: int | str | Widget | None = None,
+    ) -> AwaitMount:
+        # Every way a message arrives (a page, a turn, another process's
+        # message) mounts it here: the hint goes with the first one.
+        if any(isinstance(w, _Labelled | TurnError) for w in widgets):
+            for hint in self.query(EmptyHint):
+                hint.display = False
+        return super().mount(*widgets, before=before, after=after)
+
+    def remove_children(
+        self, selector: str | type[QueryType] | Iterable[Widget] = "*"
+    ) -> AwaitRemove:
+        # Decided now, from what stays: a switch to an empty session shows the
+        # hint, a switch to one with messages mounts them (which hides it).
+        if isinstance(selector, str | type):
+            doomed = set(self.query_children(selector))
+        else:
+            selector = list(selector)
+            doomed = set(selector)
+        if not any(isinstance(c, _Labelled | TurnError) and c not in doomed for c in self.children):
+            for hint in self.query(EmptyHint):
+                hint.display = True
+        return super().remove_children(selector)
 
     def watch_scroll_y(self, old_value: float, new_value: float) -> None:
         super().watch_scroll_y(old_value, new_value)

@@ -48,6 +48,7 @@ from tui.export import export_to_file
 from tui.screens.dialogs import ConfirmDialog, PromptDialog, SessionPicker
 from tui.widgets.messages import (
     AssistantMessage,
+    EmptyHint,
     MessageList,
     OlderMessages,
     TurnError,
@@ -129,11 +130,17 @@ class UserPane(Vertical):
         self._read_shown = 0
         self.ready = asyncio.Event()
 
+    def _hint(self) -> str:
+        who = terminal_safe(self.user_id)
+        if getattr(self.app, "single_user", None) is not None:
+            return f"Say hi as {who} · F1 keys"  # a serve tab has no demo
+        return f"Say hi as {who} · F4 plays the demo · F1 keys"
+
     def compose(self) -> ComposeResult:
         yield Static(classes="pane-title")
         with Horizontal(classes="pane-body"):
             with Vertical(classes="chat"):
-                yield MessageList(OlderMessages(0), classes="messages")
+                yield MessageList(OlderMessages(0), EmptyHint(self._hint()), classes="messages")
                 prompt = Prompt(
                     self.user_id,
                     placeholder=f"Say hi as {self.user_id} · Enter sends · ctrl+j new line",
@@ -238,7 +245,7 @@ class UserPane(Vertical):
         self._maybe_gone.clear()
         messages = self.messages
         await messages.remove_children(
-            [child for child in messages.children if not isinstance(child, OlderMessages)]
+            [c for c in messages.children if not isinstance(c, OlderMessages | EmptyHint)]
         )
         marker = messages.query_one(OlderMessages)
         marker.set_count(view.total - len(history))
@@ -273,7 +280,10 @@ class UserPane(Vertical):
             # Only when reading at the top (what loads a page): a reader at
             # the bottom stays at the bottom.
             reading = (
-                next((c for c in messages.children if not isinstance(c, OlderMessages)), None)
+                next(
+                    (c for c in messages.children if not isinstance(c, OlderMessages | EmptyHint)),
+                    None,
+                )
                 if messages.scroll_y <= 1
                 else None
             )
