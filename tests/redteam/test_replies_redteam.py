@@ -48,7 +48,7 @@ async def test_app_login_deletes_only_its_users_replies(db: Database, store: Sto
     message, Bob's by id, and Alice's own user message; UPDATE a message. Held: only
     Alice's assistant rows go; a user's words stay append-only; nobody can edit."""
     _, a_user, _ = await _turn(store, ALICE, "alice said", "alice reply")
-    _, b_user, b_reply = await _turn(store, BOB, "bob said", "bob reply")
+    b_sid, b_user, b_reply = await _turn(store, BOB, "bob said", "bob reply")
     async with db.scoped(ALICE) as conn:
         assert await conn.execute("DELETE FROM messages WHERE message_id = $1", b_reply) == (
             "DELETE 0"
@@ -65,6 +65,23 @@ async def test_app_login_deletes_only_its_users_replies(db: Database, store: Sto
     async with db.scoped(ALICE) as conn:
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await conn.execute("TRUNCATE messages")
+    # Planting a reply in Bob's session: his session id with Alice's user id, or Bob's.
+    async with db.scoped(ALICE) as conn:
+        with pytest.raises(asyncpg.ForeignKeyViolationError):
+            await conn.execute(
+                "INSERT INTO messages (user_id, session_id, role, content) "
+                "VALUES ($1, $2, 'assistant', 'planted')",
+                ALICE,
+                b_sid,
+            )
+    async with db.scoped(ALICE) as conn:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute(
+                "INSERT INTO messages (user_id, session_id, role, content) "
+                "VALUES ($1, $2, 'assistant', 'planted')",
+                BOB,
+                b_sid,
+            )
     async with db.unscoped() as conn:  # no scope: no rows at all
         assert await conn.execute("DELETE FROM messages") == "DELETE 0"
     async with db.admin() as conn:

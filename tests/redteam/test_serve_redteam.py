@@ -120,6 +120,9 @@ async def test_host_origin_cookie_and_path_tricks_are_refused(served: Served) ->
     ):
         status, _ = await _raw(port, get(host))
         assert status in (400, 421), (host, status)
+    # A proxy's header does not stand in for Host (aiohttp reads Host alone).
+    forwarded = get(b"evil.example", extra=b"X-Forwarded-Host: " + good + b"\r\n")
+    assert (await _raw(port, forwarded))[0] == 421
     # An absolute request target names another site: the Host header is what counts.
     status, _ = await _raw(port, get(b"evil.example", path=f"http://{good.decode()}/".encode()))
     assert status in (400, 421)
@@ -380,3 +383,28 @@ async def test_no_secret_in_any_process_list_and_environ_is_private(
     finally:
         await page.close()
     assert ADMIN in served.links
+
+
+async def test_a_cookie_from_the_last_run_opens_nothing(database_dsn: str, tmp_path: Path) -> None:
+    """Attack: replay a session cookie (and a link) stolen during the last run, after a
+    restart without --keep-links. Held: both refused (403)."""
+    first = start_serve(database_dsn, tmp_path)
+    try:
+        cookie = await _session_cookie(first, ALICE)
+        old_link = first.links[ALICE]
+    finally:
+        first.process.send_signal(signal.SIGINT)
+        await asyncio.to_thread(first.process.wait, 30)
+    second = start_serve(database_dsn, tmp_path)
+    try:
+        headers = {"Cookie": f"{COOKIE}={cookie}"}
+        async with aiohttp.ClientSession() as http:
+            async with http.get(second.base + "/", headers=headers) as response:
+                assert response.status == 403
+            token = old_link.rsplit("/", 1)[1]
+            async with http.get(f"{second.base}/u/{token}") as response:
+                assert response.status == 403
+                assert "Set-Cookie" not in response.headers
+    finally:
+        second.process.kill()
+        await asyncio.to_thread(second.process.wait, 30)
