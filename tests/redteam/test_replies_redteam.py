@@ -212,24 +212,28 @@ async def test_regenerate_during_a_streaming_reply_leaves_one_reply(
     turn ("a message left without a reply gets one"), `replace_reply` deletes nothing,
     and the streaming turn then appends its own reply: two replies."""
     users = [f"s{n}@example.com" for n in range(USERS)]
-    async with open_runtime(_offline(tmp_path, database_dsn, 20.0), run_workers=False) as rt:
+    async with open_runtime(_offline(tmp_path, database_dsn), run_workers=False) as rt:
         sessions = {}
         for user in users:
             async with rt.store.scope(user) as s:
                 sessions[user] = (await s.create_session("race")).session_id
 
         async def both(user: str) -> None:
-            started = asyncio.Event()
+            started, regenerated = asyncio.Event(), asyncio.Event()
 
             async def talk() -> None:
                 async for event in rt.agent.stream(user, sessions[user], f"hi from {user}"):
                     if isinstance(event, TurnStarted):
                         started.set()
+                        # A slow model: this reply is still coming while the other
+                        # process regenerates (the stream waits for its reader).
+                        await regenerated.wait()
 
             async def regenerate() -> None:
                 await started.wait()
                 async for _ in rt.agent.regenerate(user, sessions[user]):
                     pass
+                regenerated.set()
 
             await asyncio.gather(talk(), regenerate())
 
@@ -241,7 +245,7 @@ async def test_regenerate_during_a_streaming_reply_leaves_one_reply(
             assert left[0].content == f"hi from {user}"  # the user's words are never lost
             if [m.role for m in left] != ["user", "assistant"]:
                 doubled.append(user)
-    assert doubled == []
+    assert doubled == [], f"{len(doubled)} of {USERS} turns have two replies"
 
 
 # -- coalesced extraction: forged turn labels ---------------------------------------------
