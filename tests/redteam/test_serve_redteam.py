@@ -408,3 +408,31 @@ async def test_a_cookie_from_the_last_run_opens_nothing(database_dsn: str, tmp_p
     finally:
         second.process.kill()
         await asyncio.to_thread(second.process.wait, 30)
+
+
+async def test_a_burst_of_websockets_stays_under_the_cap(served: Served) -> None:
+    """Attack: 12 websockets at the same moment (max_sessions 2), to race the cap
+    check against the tab's start. Held: at most 2 accepted, never more than 2 app
+    processes, the rest 503; all processes gone once the pages close."""
+    cookie = await _session_cookie(served, ALICE)
+    headers = {"Cookie": f"{COOKIE}={cookie}", "Origin": served.base}
+    async with aiohttp.ClientSession() as http:
+
+        async def one() -> aiohttp.ClientWebSocketResponse | int:
+            try:
+                return await http.ws_connect(served.base + "/ws", headers=headers)
+            except aiohttp.WSServerHandshakeError as refused:
+                return refused.status
+
+        results = await asyncio.gather(*(one() for _ in range(12)))
+        opened = [r for r in results if not isinstance(r, int)]
+        assert len(opened) == 2 and sorted(r for r in results if isinstance(r, int)) == [503] * 10
+        for ws in opened:  # the app's first frame: its process is running
+            assert (await asyncio.wait_for(ws.receive(), 60)).type == aiohttp.WSMsgType.BINARY
+        tabs = _tab_processes(served)
+        assert len(tabs) == 2
+        for ws in opened:
+            await ws.close()
+    for tab in tabs:
+        await asyncio.to_thread(tab.wait, 30)
+    assert _tab_processes(served) == []
