@@ -13,7 +13,7 @@ import pytest
 from engine.export import file_name
 from engine.store import Store
 
-pytestmark = pytest.mark.db
+pytestmark = [pytest.mark.db, pytest.mark.slow]
 
 ALICE, BOB = "alice@example.com", "bob@example.com"
 HOSTILE_TITLE = "../../../etc/cron.d/x\x1b]0;pwned\x07\u202egpj.md"
