@@ -81,14 +81,17 @@ def write_new_file(directory: Path, name: str, text: str) -> Path:
     """Write into a file that did not exist (name-2.md, name-3.md, ... when taken).
 
     Never replaces an earlier export, and never follows a planted symlink.
+    The file is 0600 whatever the umask: a chat is as private as the data dir
+    it came from (red team, finding E1).
     """
     stem, suffix = os.path.splitext(name)
     for attempt in range(1, 1000):
         path = directory / (name if attempt == 1 else f"{stem}-{attempt}{suffix}")
         try:
-            with path.open("x", encoding="utf-8") as out:
-                out.write(text)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             continue
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
         return path
     raise FileExistsError(f"{directory / name} and 998 numbered copies exist")

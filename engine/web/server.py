@@ -253,17 +253,18 @@ async def _relay(ws: web.WebSocketResponse, tab: Tab) -> None:
             continue
         try:
             envelope = json.loads(message.data)
-            kind = envelope[0]
+            # A frame is the visitor's to forge: ["stdin"] with no payload ended
+            # the tab with a traceback in serve's log (red team, finding W2).
+            kind, payload = envelope[0], envelope[1] if len(envelope) > 1 else None
         except (ValueError, TypeError, IndexError, KeyError):
             continue
-        if kind == "stdin" and isinstance(envelope[1], str):
-            await service.send_bytes(envelope[1].encode("utf-8", "replace"))
-        elif kind == "resize" and isinstance(envelope[1], dict):
-            size = envelope[1]
-            width, height = _int(size.get("width"), 80), _int(size.get("height"), 24)
+        if kind == "stdin" and isinstance(payload, str):
+            await service.send_bytes(payload.encode("utf-8", "replace"))
+        elif kind == "resize" and isinstance(payload, dict):
+            width, height = _int(payload.get("width"), 80), _int(payload.get("height"), 24)
             await service.set_terminal_size(width, height)
         elif kind == "ping":
-            await ws.send_json(["pong", envelope[1]])
+            await ws.send_json(["pong", payload])
         elif kind == "blur":
             await service.blur()
         elif kind == "focus":
