@@ -39,6 +39,7 @@ from engine.models import (
     ModelResponseError,
     ModelToolsUnsupported,
     ModelUnavailable,
+    RetryingRequest,
     StreamEnd,
     TextDelta,
     ToolSpec,
@@ -1262,6 +1263,8 @@ async def model(server: FakeOpenAI) -> AsyncIterator[OpenAIChatModel]:
 async def collect(chat_model: OpenAIChatModel) -> tuple[list[str], StreamEnd]:
     deltas: list[str] = []
     async for event in chat_model.stream(MESSAGES):
+        if isinstance(event, RetryingRequest):
+            continue  # told to the user ("retrying 2/3…"); the answer follows
         if isinstance(event, TextDelta):
             deltas.append(event.text)
         else:
