@@ -293,6 +293,12 @@ class ServeSettings(_Section):
         le=1000,
         description="Concurrent app processes (browser tabs); one more gets a refusal page.",
     )
+    tabs_per_link: int = Field(
+        default=2,
+        ge=1,
+        le=1000,
+        description="Tabs one link may hold at once: one link can never take every tab.",
+    )
     pool_max_size: int = Field(
         default=3, ge=1, le=100, description="Database connections per tab (plus one LISTEN)."
     )

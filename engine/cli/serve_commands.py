@@ -118,6 +118,7 @@ async def serve_command(args: argparse.Namespace, settings: Settings) -> int:
             command,
             allowed_hosts=[],
             max_sessions=settings.serve.max_sessions,
+            tabs_per_link=settings.serve.tabs_per_link,
             shutdown_timeout=settings.serve.shutdown_timeout,
         )
         # No access log: its lines would carry the link tokens.

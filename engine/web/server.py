@@ -105,11 +105,13 @@ class WebServer:
         allowed_hosts: Sequence[str],
         max_sessions: int,
         shutdown_timeout: float,
+        tabs_per_link: int | None = None,
     ) -> None:
         self.access = access
         self.command = command
         self.allowed_hosts = {h.lower() for h in allowed_hosts}
         self.max_sessions = max_sessions
+        self.tabs_per_link = tabs_per_link or max_sessions
         self.shutdown_timeout = shutdown_timeout
         self.tabs: set[Tab] = set()
         self._stopping = False
@@ -185,9 +187,25 @@ class WebServer:
         identity = self._identity(request)
         if identity is None:
             return _note(403, "No access", "Open memchat with the private link you were given.")
+        refused = self._refusal(identity)
+        if refused is not None:
+            return refused
+        return web.Response(text=app_page(identity.label), content_type="text/html")
+
+    def _refusal(self, identity: Identity) -> web.Response | None:
+        """503 when every tab is taken, or this link holds its share already."""
         if len(self.tabs) >= self.max_sessions:
             return self._full()
-        return web.Response(text=app_page(identity.label), content_type="text/html")
+        # A red-team finding: one link (or a script with its cookie) opening
+        # every slot locked every other user and the admin out.
+        if sum(1 for tab in self.tabs if tab.identity == identity) >= self.tabs_per_link:
+            return _note(
+                503,
+                "Too many tabs",
+                f"This link has {self.tabs_per_link} memchat tabs open already "
+                "(serve.tabs_per_link): close one of them first.",
+            )
+        return None
 
     def _full(self) -> web.Response:
         return _note(
@@ -210,9 +228,10 @@ class WebServer:
             return _note(403, "No access", "No session: open your private link.")
         if self._stopping:
             return _note(503, "Stopping", "memchat is shutting down.")
-        if len(self.tabs) >= self.max_sessions:
+        refused = self._refusal(identity)
+        if refused is not None:
             log.info("refused a tab for %s: %d tabs open", identity.label, len(self.tabs))
-            return self._full()
+            return refused
         ws = web.WebSocketResponse(heartbeat=15, max_msg_size=1 << 20)
         tab = Tab(identity, self.command, ws)
         self.tabs.add(tab)  # before any await: the cap holds under a burst

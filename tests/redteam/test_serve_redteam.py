@@ -256,28 +256,39 @@ async def test_an_oversized_frame_ends_only_that_tab(served: Served) -> None:
         await again.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team finding W1: serve.max_sessions is one pool for all links; one user "
-    "link (or a script with its cookie, kept alive by the heartbeat) takes every slot "
-    "and locks every other user and the admin out until it lets go",
-)
-async def test_one_link_cannot_take_every_tab(served: Served) -> None:
-    """Attack: with Alice's link only, open serve.max_sessions websockets and keep them.
-    Expected: Bob (another link) can still open his tab. On main: 503 "All 2 memchat
-    sessions are in use" for Bob and the admin, for as long as Alice's script runs."""
-    hog = [Page(served.base) for _ in range(2)]
-    bob = Page(served.base)
+async def test_one_link_cannot_take_every_tab(database_dsn: str, tmp_path: Path) -> None:
+    """Attack (red team finding W1): with Alice's link only, open every slot and keep
+    them (a script with her cookie, kept alive by the heartbeat). Held since
+    serve.tabs_per_link: her link gets its share (2 of 3), the next tab of hers is
+    refused, and Bob (another link) still opens his."""
+    server = start_serve(
+        database_dsn,
+        tmp_path,
+        MEMCHAT_SERVE__MAX_SESSIONS="3",
+        MEMCHAT_SERVE__TABS_PER_LINK="2",
+    )
+    hog = [Page(server.base) for _ in range(2)]
+    extra = Page(server.base)
+    bob = Page(server.base)
     try:
         for page in hog:
-            assert await page.open_link(served.links[ALICE]) == 200
+            assert await page.open_link(server.links[ALICE]) == 200
             await page.connect()
-        assert await bob.open_link(served.links[BOB]) == 200
+        assert await extra.open_link(server.links[ALICE]) == 200
+        status, page = await extra.get("/")
+        assert status == 503 and "serve.tabs_per_link" in page, "her share is taken"
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await extra.connect()
+        assert refused.value.status == 503
+        assert await bob.open_link(server.links[BOB]) == 200
         await bob.connect()
         await bob.wait_for(lambda t: f"Say hi as {BOB}" in t)
     finally:
-        for page in (*hog, bob):
+        for page in (*hog, extra, bob):
             await page.close()
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(10)
 
 
 F_KEYS = [
