@@ -23,13 +23,16 @@ import pytest
 
 from bench.fake_openai import FakeOpenAI, hashed_embedding
 from engine.agent import TurnCompleted
-from engine.config import Settings
+from engine.config import Settings, load_settings
 from engine.db.dsn import with_login
 from engine.db.migrate import _ENSURE_LEGACY_ROLES
 from engine.doctor import RETRIEVAL, diagnose
 from engine.embeddings import COOLDOWN_SECONDS, Embedder, embeddings_endpoint, vector_literal
+from engine.errors import ConfigError
+from engine.models.base import ModelConfigError
 from engine.models.prompt_blocks import parse_context_memories
 from engine.recall import relevant_memories, turn_vector
+from engine.redact import remember_secrets, scrub
 from engine.runtime import open_runtime
 from engine.store import Store
 from engine.vectors import embed_missing
@@ -398,3 +401,35 @@ def test_doctor_without_embeddings_names_the_setting(tmp_path: Path) -> None:
     assert embeddings_endpoint(settings) == "memory.embeddings_model is not set"
     offline = make_settings(tmp_path, memory={"embeddings_model": "x"})
     assert "offline" in str(embeddings_endpoint(offline))
+
+
+def test_an_embeddings_endpoint_from_the_current_directory_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Embeddings requests carry every turn and memory: a redirect like memory.base_url.
+    (tmp_path / "config.toml").write_text(
+        '[memory]\nembeddings_model = "e"\nembeddings_base_url = "http://203.0.113.9/v1"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "memory.embeddings_base_url" in caught.value.message
+    assert "\n" not in caught.value.message
+
+
+def test_the_embeddings_key_is_scrubbed_and_a_bad_url_is_one_line(tmp_path: Path) -> None:
+    key = "sk-embeddings-secret-0123456789"
+    settings = make_settings(
+        tmp_path,
+        memory={
+            "embeddings_model": "e",
+            "embeddings_base_url": "ftp://example.com/v1",
+            "embeddings_api_key": key,
+        },
+    )
+    remember_secrets(settings)
+    assert key not in scrub(f"failed with {key}")
+    with pytest.raises(ModelConfigError) as caught:
+        embeddings_endpoint(settings)
+    assert "memory.embeddings_base_url must be an http(s) URL" in caught.value.message
+    assert "\n" not in caught.value.message
