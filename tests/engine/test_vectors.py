@@ -11,6 +11,7 @@ it (CI's external PostgreSQL 15); the no-extension path is tested on any server.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -433,3 +434,20 @@ def test_the_embeddings_key_is_scrubbed_and_a_bad_url_is_one_line(tmp_path: Path
         embeddings_endpoint(settings)
     assert "memory.embeddings_base_url must be an http(s) URL" in caught.value.message
     assert "\n" not in caught.value.message
+
+
+async def test_fifty_users_at_once_each_get_only_their_own(
+    vector_dsn: str, store: Store, embedder: Embedder
+) -> None:
+    users = [f"user{i}" for i in range(50)]
+    # Every user has an iguana fact of their own: the same words, other owners.
+    await asyncio.gather(
+        *(_add(store, u, [f"{u} keeps a pet iguana", *_filler(20)]) for u in users)
+    )
+    stored = await asyncio.gather(*(embed_missing(store, embedder, u) for u in users))
+    assert stored == [21] * 50
+    picks = await asyncio.gather(*(_pick(store, embedder, u, QUESTION) for u in users))
+    for user, picked in zip(users, picks, strict=True):
+        assert picked[0] == f"{user} keeps a pet iguana"
+        assert len(picked) == 21
+        assert not [p for p in picked if "keeps" in p and not p.startswith(f"{user} ")]
