@@ -61,6 +61,12 @@ BEGIN
                 ON DELETE CASCADE
         )
     $ddl$;
+    -- A search reads every vector of the user: kept in the row up to a page
+    -- (1,536 dimensions: 6 kB) instead of TOASTed out of line, which made
+    -- reading them cost more than comparing them (190 ms against 70 ms for
+    -- 10,000 such vectors, docs/architecture.md). Larger ones are TOASTed still.
+    EXECUTE 'ALTER TABLE memory_vectors SET (toast_tuple_target = 8160)';
+    EXECUTE 'ALTER TABLE memory_vectors ALTER COLUMN embedding SET STORAGE MAIN';
     EXECUTE 'CREATE INDEX memory_vectors_by_user ON memory_vectors (user_id, model)';
     EXECUTE 'ALTER TABLE memory_vectors ENABLE ROW LEVEL SECURITY';
     EXECUTE 'ALTER TABLE memory_vectors FORCE ROW LEVEL SECURITY';
