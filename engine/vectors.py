@@ -15,9 +15,10 @@ of its old words; its next job embeds the new ones.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
-from engine.embeddings import Embedder, EmbeddingsFailed, vector_literal
+from engine.embeddings import BACKGROUND_TIMEOUT, Embedder, EmbeddingsFailed, vector_literal
 from engine.errors import MemchatError
 from engine.store import Store
 
@@ -74,7 +75,12 @@ async def embed_missing(
             return 0
         contents = [row["content"] for row in rows]
         try:
-            vectors = await embedder.embed(contents)
+            # The client's retries included: a job's task is not held longer.
+            async with asyncio.timeout(BACKGROUND_TIMEOUT):
+                vectors = await embedder.embed(contents)
+        except TimeoutError:
+            embedder.failed(f"no vectors within {BACKGROUND_TIMEOUT:g}s")
+            return 0
         except EmbeddingsFailed as exc:
             embedder.failed(str(exc))
             return 0
