@@ -7,6 +7,7 @@ tests and subprocesses can all talk to it over a socket, exactly as the
 ``openai`` client talks to a real endpoint. It speaks::
 
     POST /v1/chat/completions   non-streaming and streaming (SSE), tools
+    POST /v1/embeddings         deterministic vectors (``hashed_embedding``)
     GET  /v1/models
 
 Replies are deterministic ("Echo: <last user message>"). Faults are injected
@@ -32,14 +33,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import http
 import json
 import math
 import random
 import re
 import signal
+import struct
 import sys
 import threading
+from base64 import b64encode
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -160,6 +164,8 @@ class _State:
     canned: deque[CannedResponse] = field(default_factory=deque)
     fault_rate: float = 0.0
     fault_kinds: tuple[FaultKind, ...] = DEFAULT_RANDOM_FAULTS
+    embedding_requests: list[dict[str, Any]] = field(default_factory=list)
+    embedding_faults: deque[Literal["500", "timeout"]] = field(default_factory=deque)
     connections: int = 0  # open now
     accepted: int = 0  # ever
 
@@ -342,6 +348,17 @@ class FakeOpenAI:
                 lambda: len(self._state.requests) >= count, timeout=timeout
             )
 
+    def fail_next_embeddings(self, kind: Literal["500", "timeout"], count: int = 1) -> None:
+        """Make the next ``count`` embeddings requests answer 500, or never answer."""
+        with self._state.lock:
+            self._state.embedding_faults.extend([kind] * count)
+
+    @property
+    def embedding_requests(self) -> list[dict[str, Any]]:
+        """JSON bodies of the embeddings requests received so far (a snapshot)."""
+        with self._state.lock:
+            return list(self._state.embedding_requests)
+
     # --- server thread --------------------------------------------------------------
 
     def _run(self) -> None:
@@ -415,6 +432,8 @@ class FakeOpenAI:
         if request.method == "GET" and path == "/models":
             await _send_json(writer, 200, _models_body())
             return True
+        if path == "/embeddings" and request.method == "POST":
+            return await self._answer_embeddings(request, reader, writer)
         if path != "/chat/completions":
             await _send_json(writer, 404, _error_body(f"no route {request.path}", "not_found"))
             return True
@@ -439,6 +458,49 @@ class FakeOpenAI:
             await _send_json(writer, 400, _error_body(message, "invalid_request_error"))
             return True
         return await self._answer_chat(number, body, fault, queued_calls, reader, writer)
+
+    async def _answer_embeddings(
+        self, request: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        try:
+            body = json.loads(request.body)
+        except ValueError:
+            body = None
+        texts = body.get("input") if isinstance(body, dict) else None
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            message = "input must be a string or a non-empty list of strings"
+            await _send_json(writer, 400, _error_body(message, "invalid_request_error"))
+            return True
+        with self._state.changed:
+            self._state.embedding_requests.append(body)
+            fault = self._state.embedding_faults.popleft() if self._state.embedding_faults else None
+            self._state.changed.notify_all()
+        if fault == "500":
+            await _send_json(writer, 500, _error_body("fake 500", "server_error"))
+            return True
+        if fault == "timeout":
+            while await reader.read(65536):
+                pass
+            return False
+        base64 = body.get("encoding_format") == "base64"
+        data = []
+        for index, text in enumerate(texts):
+            vector = hashed_embedding(text)
+            encoded: Any = vector
+            if base64:
+                encoded = b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": encoded})
+        tokens = sum(len(_WORD.findall(text)) for text in texts)
+        answer = {
+            "object": "list",
+            "data": data,
+            "model": str(body.get("model", "fake-embedding")),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        await _send_json(writer, 200, answer)
+        return True
 
     def _record_canned(self, body: dict[str, Any]) -> CannedResponse | None:
         """Record the request and take the next canned response, if one is queued."""
@@ -755,6 +817,36 @@ def _user_message_block(text: str) -> str:
     start += len("<user_message>")
     end = text.find("</user_message>", start)
     return (text[start:] if end < 0 else text[start:end]).strip()
+
+
+EMBEDDING_DIMS = 256
+EMBEDDING_BUCKETS = 4
+STEM_CHARS = 5
+_WORD = re.compile(r"\w+")
+
+
+def hashed_embedding(text: str) -> list[float]:
+    """A deterministic unit vector: a hashed bag of word stems.
+
+    Each word's first STEM_CHARS letters (lower-cased; a crude stem, so
+    "iguanas" and "iguana" are the same where 'simple' full text sees two words)
+    add a signed 1 to EMBEDDING_BUCKETS of EMBEDDING_DIMS places picked by their
+    hash: texts sharing words are near, others nearly orthogonal (a chance
+    collision shares one place in four, not a whole word). A text without words
+    gets the last place alone, which no word uses.
+    """
+    vector = [0.0] * EMBEDDING_DIMS
+    for word in _WORD.findall(text.lower()):
+        digest = hashlib.blake2b(word[:STEM_CHARS].encode(), digest_size=16).digest()
+        for bucket in range(EMBEDDING_BUCKETS):
+            place = int.from_bytes(digest[bucket * 3 : bucket * 3 + 2], "little")
+            sign = 1.0 if digest[bucket * 3 + 2] & 1 else -1.0
+            vector[place % (EMBEDDING_DIMS - 1)] += sign
+    norm = math.sqrt(sum(v * v for v in vector))
+    if norm == 0:
+        vector[-1] = 1.0
+        return vector
+    return [v / norm for v in vector]
 
 
 def _text(content: Any) -> str:

@@ -327,6 +327,26 @@ class AdminReader:
             logins[kind] = row
         return logins
 
+    async def vector_status(self) -> str | None:
+        """None when this database holds memory vectors (migration 0011), else why not."""
+        async with self.db.admin() as conn:
+            row = await conn.fetchrow(_VECTOR_STATUS)
+        assert row is not None
+        if row["ready"]:
+            return None
+        then = "then SELECT memchat_setup_vectors() as the database owner"
+        if row["created"]:
+            return f"the vector extension exists but memory_vectors does not: {then}"
+        if row["available"]:
+            return (
+                "this database has no vector extension, and creating it needs a superuser: "
+                f"CREATE EXTENSION vector; {then}"
+            )
+        return (
+            "this PostgreSQL server has no pgvector extension: install it (e.g. the "
+            f"postgresql-NN-pgvector package), CREATE EXTENSION vector as a superuser, {then}"
+        )
+
     async def schema_version(self) -> int | None:
         """The schema's migration version; None before the first migration."""
         async with self.db.admin() as conn:
@@ -767,6 +787,12 @@ async def _row_level_security(conn: asyncpg.Connection) -> dict[str, tuple[bool,
     )
     return {r["relname"]: (r["relrowsecurity"], r["relforcerowsecurity"]) for r in rows}
 
+
+_VECTOR_STATUS = """
+SELECT to_regclass('public.memory_vectors') IS NOT NULL AS ready,
+       EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'vector') AS created,
+       EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'vector') AS available
+"""
 
 _SCOPE_SETTING = "current_setting('memchat.user_id'"
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from engine.config import Settings
 from engine.context_budget import estimate_tokens, fit_newest, prompt_budget
+from engine.embeddings import Embedder
 from engine.errors import DatabaseError, MemchatError
 from engine.models import (
     ChatMessage,
@@ -46,7 +47,7 @@ from engine.models import (
 )
 from engine.models.prompt_blocks import render_context_memories
 from engine.priority import ReplyPriority
-from engine.recall import chat_memories
+from engine.recall import chat_memories, turn_vector
 from engine.records import Memory, Message, MessageStatus
 from engine.store import Store, UserScope
 from engine.validation import clean_text, parse_session_id
@@ -116,8 +117,11 @@ class Agent:
         settings: Settings,
         after_reply: AfterReply | None = None,
         priority: ReplyPriority | None = None,
+        embedder: Embedder | None = None,
     ) -> None:
         self.store = store
+        # Turns' vectors, to pick memories by similarity too (engine/recall.py).
+        self.embedder = embedder
         self.priority = priority or ReplyPriority()
         self.model = model
         self.settings = settings
@@ -276,12 +280,15 @@ class Agent:
         self, user_id: str, session_id: uuid.UUID, text: str
     ) -> tuple[Message, list[ChatMessage] | str]:
         history_limit = self.settings.history.max_messages
+        add_memories = self.settings.memory.add_to_context
+        # Before the transaction, bounded; None (full text) when it fails.
+        near = await turn_vector(self.embedder, text) if add_memories else None
         async with self.store.scope(user_id) as s:
             # The session check happens inside append_message (NotFound).
             user_message = await s.append_message(session_id, "user", text)
             history = await s.last_messages(session_id, history_limit + 1)
             memories = (
-                await chat_memories(s, self.settings.memory, text)
+                await chat_memories(s, self.settings.memory, text, near)
                 if self.settings.memory.add_to_context
                 else []
             )

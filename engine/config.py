@@ -242,6 +242,33 @@ class MemorySettings(_Section):
             "(`memchat memory optimize`) by the memory workers; 0: never."
         ),
     )
+    embeddings_model: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "Embeddings model (OpenAI-compatible /v1/embeddings): memories get vectors "
+            "(pgvector) and prompts rank them by similarity too. Unset: full text only."
+        ),
+    )
+    embeddings_base_url: str | None = Field(
+        default=None, description="Endpoint for embeddings. Unset: the memory endpoint."
+    )
+    embeddings_api_key: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Key for memory.embeddings_base_url. Unset: the memory endpoint's key "
+            "(when embeddings_base_url is unset too)."
+        ),
+    )
+    embeddings_timeout: float = Field(
+        default=2.0,
+        gt=0,
+        le=600,
+        description=(
+            "Seconds a turn waits for its text's vector; slower or failing, the turn uses "
+            "full text (and so do the turns of the next 30 s)."
+        ),
+    )
     max_attempts: int = Field(default=3, ge=1, le=100)
     drain_timeout: float = Field(default=5.0, ge=0)
     # At most the database's memchat_queue_limits.max_lease_seconds (3600), which
@@ -392,6 +419,8 @@ REDIRECTING_KEYS: tuple[tuple[str, str], ...] = (
     ("model", "base_url"),
     # Extraction requests carry every turn: another endpoint for them is a redirect too.
     ("memory", "base_url"),
+    # So do embeddings requests (the turn's text, every memory).
+    ("memory", "embeddings_base_url"),
     ("database", "url"),
     ("database", "app_url"),
     ("database", "admin_url"),

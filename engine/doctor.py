@@ -26,6 +26,7 @@ from engine.admin import CHECK_FAILED_JOBS, CHECK_RLS, USER_OWNED_TABLES, AdminR
 from engine.config import ModelSettings, Settings, load_settings, memory_model_settings
 from engine.db import Database
 from engine.db.migrate import available_migrations
+from engine.embeddings import embeddings_endpoint
 from engine.errors import ConfigError, MemchatError
 from engine.extraction import EndpointModes
 from engine.memory import probe_extraction_mode
@@ -94,8 +95,6 @@ async def diagnose(
             return [settings_problem(exc)]
     results = [settings_ok(settings)]
     results += await database_checks(settings)
-    if results[1].ok:  # the database opened: say how prompt memories are chosen from it
-        results.append(CheckResult(RETRIEVAL, True, describe_retrieval(settings.memory)))
     model = await model_check(settings, probe_seconds=model_timeout)
     results.append(model)
     if model.ok and probe:
@@ -143,9 +142,32 @@ async def database_checks(settings: Settings) -> list[CheckResult]:
                 name = _CHECK_NAMES[check.__name__]
                 text = exc.message if isinstance(exc, MemchatError) else one_line(str(exc))
                 results.append(CheckResult(name, False, f"check failed: {text}", _RETRY_FIX))
+        # The database opened: say how prompt memories are chosen from it.
+        try:
+            results.append(await retrieval_check(db, settings))
+        except (MemchatError, asyncpg.PostgresError, OSError) as exc:
+            text = exc.message if isinstance(exc, MemchatError) else one_line(str(exc))
+            results.append(CheckResult(RETRIEVAL, False, f"check failed: {text}", _RETRY_FIX))
         return results
     finally:
         await db.close()
+
+
+async def retrieval_check(db: Database, settings: Settings) -> CheckResult:
+    """Similarity (embeddings + pgvector) or full text, and why."""
+    memory = settings.memory
+    try:
+        endpoint = embeddings_endpoint(settings)
+    except ModelConfigError as exc:
+        fix = "fix memory.embeddings_base_url / embeddings_api_key, or unset embeddings_model"
+        return CheckResult(RETRIEVAL, False, describe_retrieval(memory, exc.message), fix)
+    if isinstance(endpoint, str):
+        return CheckResult(RETRIEVAL, True, describe_retrieval(memory, endpoint))
+    why = await AdminReader(db).vector_status()
+    if why is not None:
+        why = f"memory.embeddings_model is set, but {why}"
+        return CheckResult(RETRIEVAL, True, describe_retrieval(memory, why))
+    return CheckResult(RETRIEVAL, True, f"{describe_retrieval(memory, None)}; {endpoint.label}")
 
 
 _RETRY_FIX = "run `memchat -v doctor` again; if it persists, check the database server's log"

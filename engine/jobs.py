@@ -46,15 +46,17 @@ from engine.admin import AdminReader
 from engine.config import MemorySettings
 from engine.consolidate import Consolidator
 from engine.db import Database
+from engine.embeddings import Embedder
 from engine.errors import MemchatError
 from engine.memory import ApplyResult, MemoryManager, Turn
 from engine.models import ModelError, ModelRateLimited
 from engine.optimize_policy import OptimizePolicy
 from engine.priority import ReplyPriority
 from engine.queue import ClaimedJob, JobOutcome, JobQueue, TurnMessages
-from engine.recall import extraction_memories
+from engine.recall import extraction_memories, turn_vector
 from engine.records import JobCounts, JobStatus, MemoryJob
 from engine.store import Store
+from engine.vectors import embed_missing
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +101,11 @@ class MemoryDispatcher:
         *,
         name: str | None = None,
         priority: ReplyPriority | None = None,
+        embedder: Embedder | None = None,
     ) -> None:
         self.db = db
+        # Vectors: the turns' to pick related memories, the memories' after a job.
+        self.embedder = embedder
         self.queue = JobQueue(db)
         self.priority = priority
         self.store = store
@@ -363,6 +368,10 @@ class MemoryDispatcher:
             self.optimizer.consider(job.user_id, result.memory_count)
         if result is not None and result.rejected:
             log.info("memory job %s rejected: %s", job.job_id, "; ".join(result.rejected))
+        if self.embedder is not None:
+            # After settling, outside any transaction; bounded and never failing
+            # the job: vectors are an index, full text finds a memory without one.
+            await embed_missing(self.store, self.embedder, job.user_id)
         return True
 
     async def _extract_and_apply(
@@ -380,7 +389,15 @@ class MemoryDispatcher:
             held.absorbed = [t.job_id for t in found if t.job_id != job.job_id]
             # Related to every turn the run covers, plus the newest (engine/recall.py).
             texts = [m.content for t in found for m in (t.user_message, t.reply) if m is not None]
-            memories = await extraction_memories(s, self.settings, *texts)
+            by_similarity = self.embedder is not None and self.embedder.usable and bool(texts)
+            if not by_similarity:
+                memories = await extraction_memories(s, self.settings, *texts)
+        if by_similarity:
+            # The turns' vector is asked for with no transaction open, then the
+            # memories are picked in a second one (only when embeddings are on).
+            near = await turn_vector(self.embedder, *texts)
+            async with self.store.scope(job.user_id) as s:
+                memories = await extraction_memories(s, self.settings, *texts, near=near)
         turns = _turns(found)
         if not turns:
             # The session was deleted meanwhile: nothing left to learn from.

@@ -15,6 +15,17 @@ scope's user only; the rows then come through row-level security as always.
 * recency: the newest memories fill what relevance leaves, and a fifth of the
   places are always theirs (what was just learnt stays in view).
 
+* similarity (memory.embeddings_model set, and the database has pgvector:
+  migration 0011): the turn's vector is compared with the memories' (exact
+  cosine distance over the user's own vectors, memchat_recall_vector), and the
+  nearest are fused with the full-text matches by reciprocal rank fusion (each
+  list gives a memory 1/(60 + its place); the sums rank): a memory both near
+  in meaning and sharing rare words comes first, either alone still counts,
+  and neither list's raw scores need to be comparable. Recency keeps its
+  fifth. Memories without a vector yet (just learnt, endpoint down) are still
+  found by full text and recency. Without a turn vector (no endpoint, the
+  endpoint slow or failing: engine/embeddings.py) it is full text as above.
+
 The most relevant come first, then the newest: the prompt builders keep a
 prefix of the list when tokens run short.
 """
@@ -22,6 +33,7 @@ prefix of the list when tokens run short.
 from __future__ import annotations
 
 from engine.config import MemorySettings
+from engine.embeddings import Embedder, QueryVector
 from engine.records import Memory
 from engine.store import UserScope
 from engine.validation import storable
@@ -56,6 +68,13 @@ LIMIT $2
 """
 
 
+# The same with similarity too (memchat_recall_vector, migration 0011).
+# $4 the turn's vector (pgvector text), $5 its model.
+_PICK_NEAR = _PICK.replace(
+    "memchat_recall($1, $2, $3)", "memchat_recall_vector($1, $4, $5, $2, $3)"
+)
+
+
 def search_text(text: str) -> str:
     """The part of a turn that is searched: storable, at most SEARCH_CHARS."""
     text = storable(text)
@@ -65,11 +84,21 @@ def search_text(text: str) -> str:
     return text
 
 
-async def relevant_memories(scope: UserScope, text: str, limit: int) -> list[Memory]:
-    """At most ``limit`` of the user's memories: relevant to ``text`` first, then newest."""
+async def relevant_memories(
+    scope: UserScope, text: str, limit: int, near: Near | None = None
+) -> list[Memory]:
+    """At most ``limit`` of the user's memories: relevant to ``text`` first, then newest.
+
+    ``near``: the turn's vector, to rank by similarity too (when the database
+    has vectors; else full text alone)."""
     if limit <= 0:
         return []
-    rows = await scope.conn.fetch(_PICK, search_text(text), limit, limit // 5)
+    if near is not None and await near.embedder.table_ready(scope):
+        rows = await scope.conn.fetch(
+            _PICK_NEAR, search_text(text), limit, limit // 5, near.vector.literal, near.vector.model
+        )
+    else:
+        rows = await scope.conn.fetch(_PICK, search_text(text), limit, limit // 5)
     return [
         Memory(
             memory_id=row["memory_id"],
@@ -85,27 +114,55 @@ async def relevant_memories(scope: UserScope, text: str, limit: int) -> list[Mem
     ]
 
 
-async def chat_memories(scope: UserScope, settings: MemorySettings, text: str) -> list[Memory]:
+class Near:
+    """A turn's vector and the embedder it came from (which knows the database's state)."""
+
+    __slots__ = ("embedder", "vector")
+
+    def __init__(self, embedder: Embedder, vector: QueryVector) -> None:
+        self.embedder = embedder
+        self.vector = vector
+
+
+async def turn_vector(embedder: Embedder | None, *turn_texts: str) -> Near | None:
+    """The vector of the turn(s) to search with, or None (full text): asked with no
+    transaction open, bounded by memory.embeddings_timeout (engine/embeddings.py)."""
+    if embedder is None:
+        return None
+    vector = await embedder.query(search_text("\n".join(turn_texts)))
+    return None if vector is None else Near(embedder, vector)
+
+
+async def chat_memories(
+    scope: UserScope, settings: MemorySettings, text: str, near: Near | None = None
+) -> list[Memory]:
     """The memories of a chat prompt for a turn that says ``text``."""
-    return await relevant_memories(scope, text, settings.context_limit)
+    return await relevant_memories(scope, text, settings.context_limit, near)
 
 
 async def extraction_memories(
-    scope: UserScope, settings: MemorySettings, *turn_texts: str
+    scope: UserScope, settings: MemorySettings, *turn_texts: str, near: Near | None = None
 ) -> list[Memory]:
     """The memories an extraction prompt shows (and aliases): those related to the
     turn(s), so that a fact already known is updated rather than added again, and
     the newest."""
-    return await relevant_memories(scope, "\n".join(turn_texts), settings.context_limit)
+    return await relevant_memories(scope, "\n".join(turn_texts), settings.context_limit, near)
 
 
-def describe_retrieval(settings: MemorySettings) -> str:
-    """`memchat doctor`'s line on how prompt memories are chosen."""
+def describe_retrieval(
+    settings: MemorySettings, vectors: str | None = "memory.embeddings_model is not set"
+) -> str:
+    """`memchat doctor`'s line on how prompt memories are chosen.
+
+    ``vectors``: None when similarity is in use, else why it is not."""
     if not settings.add_to_context:
         chat = "chat prompts carry no memories (memory.add_to_context = false)"
     else:
         chat = f"at most {settings.context_limit} memories a prompt (memory.context_limit)"
-    return (
-        f"full-text search ('simple' tsvector, GIN index) plus recency; {chat}; "
-        "embeddings (pgvector) are not used"
-    )
+    full_text = "full-text search ('simple' tsvector, GIN index)"
+    if vectors is None:
+        return (
+            f"cosine similarity (pgvector, {settings.embeddings_model}) fused with {full_text} "
+            f"by reciprocal rank, plus recency; {chat}"
+        )
+    return f"{full_text} plus recency; {chat}; embeddings (pgvector) are not used: {vectors}"

@@ -176,10 +176,11 @@ def remember(values: Iterable[str]) -> None:
 def remember_secrets(settings: Settings) -> None:
     """Every secret the settings hold: the API key, passwords in the database and model URLs."""
     values: list[str] = []
-    for key in (settings.model.api_key, settings.memory.api_key):
+    memory = settings.memory
+    for key in (settings.model.api_key, memory.api_key, memory.embeddings_api_key):
         if key is not None:
             values += key_variants(key.get_secret_value())
-    for model_url in (settings.model.base_url, settings.memory.base_url):
+    for model_url in (settings.model.base_url, memory.base_url, memory.embeddings_base_url):
         if model_url:
             values += secrets_in_url(model_url, user_is_secret=True)
     database = settings.database

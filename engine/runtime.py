@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from engine.agent import Agent
 from engine.config import Settings, memory_model_settings
 from engine.db import Database
+from engine.embeddings import Embedder, create_embedder
 from engine.events import EventHub, JobChanged, Resync
 from engine.jobs import MemoryDispatcher
 from engine.memory import MemoryManager
@@ -40,6 +41,8 @@ class Runtime:
     agent: Agent
     dispatcher: MemoryDispatcher
     events: EventHub
+    embedder: Embedder | None = None
+    """Vectors of turns and memories (memory.embeddings_model), or None: full text."""
     _relay: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def close(self, drain_timeout: float | None = None) -> None:
@@ -56,6 +59,8 @@ class Runtime:
             try:
                 await self.model.aclose()
                 await self.memory_model.aclose()
+                if self.embedder is not None:
+                    await self.embedder.aclose()
             finally:
                 await self.db.close()
 
@@ -96,20 +101,37 @@ async def open_runtime(
         await model.aclose()
         raise
     try:
-        db = await Database.open(settings, only_user=only_user)
+        embedder = create_embedder(settings)
     except BaseException:
         await model.aclose()
         await memory_model.aclose()
         raise
+    try:
+        db = await Database.open(settings, only_user=only_user)
+    except BaseException:
+        await model.aclose()
+        await memory_model.aclose()
+        if embedder is not None:
+            await embedder.aclose()
+        raise
     store = Store(db, settings.limits)
     priority = ReplyPriority()
-    agent = Agent(store, model, settings, after_reply=enqueue_memory_job, priority=priority)
+    agent = Agent(
+        store,
+        model,
+        settings,
+        after_reply=enqueue_memory_job,
+        priority=priority,
+        embedder=embedder,
+    )
     manager = MemoryManager(
         memory_model, settings.memory, context_tokens=settings.model.context_tokens
     )
-    dispatcher = MemoryDispatcher(db, store, manager, settings.memory, priority=priority)
+    dispatcher = MemoryDispatcher(
+        db, store, manager, settings.memory, priority=priority, embedder=embedder
+    )
     events = EventHub(db)
-    runtime = Runtime(settings, db, store, model, memory_model, agent, dispatcher, events)
+    runtime = Runtime(settings, db, store, model, memory_model, agent, dispatcher, events, embedder)
     try:
         await events.start()
         if run_workers:

@@ -171,6 +171,9 @@ def test_example_file_lists_every_setting_with_its_default(in_tmp: Path) -> None
         ("memory", "base_url"),
         ("memory", "api_key"),
         ("memory", "timeout"),
+        ("memory", "embeddings_model"),
+        ("memory", "embeddings_base_url"),
+        ("memory", "embeddings_api_key"),
         ("ui", "theme"),
     }
     assert set(data) == set(defaults)
