@@ -228,7 +228,7 @@ async def test_extraction_sees_the_related_memory_with_the_newest(store: Store) 
 @pytest.fixture
 async def model(fake: FakeOpenAI) -> AsyncIterator[OpenAIChatModel]:
     m = OpenAIChatModel(
-        ModelSettings(provider="openai", base_url=fake.base_url, api_key="sk-test", timeout=5.0)
+        ModelSettings(provider="openai", base_url=fake.base_url, api_key="sk-recall-8d41b07c3e", timeout=5.0)
     )
     yield m
     await m.aclose()
@@ -263,7 +263,7 @@ async def test_the_extraction_prompt_over_http_carries_at_most_the_limit(
     settings = make_settings(
         tmp_path,
         database={"url": database_dsn},
-        model={"provider": "openai", "base_url": fake.base_url, "api_key": "sk-test"},
+        model={"provider": "openai", "base_url": fake.base_url, "api_key": "sk-recall-8d41b07c3e"},
         memory={"context_limit": 8, "extraction": "tools"},
     )
     async with open_runtime(settings, run_workers=False) as rt:

@@ -81,7 +81,7 @@ def _settings(tmp_path: Path, dsn: str, fake: FakeOpenAI, **memory: Any) -> Sett
     return make_settings(
         tmp_path,
         database={"url": dsn},
-        model={"provider": "openai", "base_url": fake.base_url, "api_key": "sk-test"},
+        model={"provider": "openai", "base_url": fake.base_url, "api_key": "sk-vectors-5f2c9a1e7b"},
         memory={"embeddings_model": "fake-embed", "extraction": "tools", **memory},
     )
 
@@ -91,7 +91,7 @@ async def embedder(fake: FakeOpenAI, tmp_path: Path) -> AsyncIterator[Embedder]:
     endpoint = embeddings_endpoint(
         make_settings(
             tmp_path,
-            model={"provider": "openai", "base_url": fake.base_url, "api_key": "sk-test"},
+            model={"provider": "openai", "base_url": fake.base_url, "api_key": "sk-vectors-5f2c9a1e7b"},
             memory={"embeddings_model": "fake-embed"},
         )
     )
