@@ -228,7 +228,9 @@ async def test_extraction_sees_the_related_memory_with_the_newest(store: Store) 
 @pytest.fixture
 async def model(fake: FakeOpenAI) -> AsyncIterator[OpenAIChatModel]:
     m = OpenAIChatModel(
-        ModelSettings(provider="openai", base_url=fake.base_url, api_key="sk-recall-8d41b07c3e", timeout=5.0)
+        ModelSettings(
+            provider="openai", base_url=fake.base_url, api_key="sk-recall-8d41b07c3e", timeout=5.0
+        )
     )
     yield m
     await m.aclose()

@@ -91,7 +91,11 @@ async def embedder(fake: FakeOpenAI, tmp_path: Path) -> AsyncIterator[Embedder]:
     endpoint = embeddings_endpoint(
         make_settings(
             tmp_path,
-            model={"provider": "openai", "base_url": fake.base_url, "api_key": "sk-vectors-5f2c9a1e7b"},
+            model={
+                "provider": "openai",
+                "base_url": fake.base_url,
+                "api_key": "sk-vectors-5f2c9a1e7b",
+            },
             memory={"embeddings_model": "fake-embed"},
         )
     )
