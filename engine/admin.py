@@ -364,9 +364,9 @@ class AdminReader:
         return count
 
     async def row_level_security(self) -> dict[str, tuple[bool, bool]]:
-        """Per user-owned table: (enabled, forced)."""
+        """Per user-owned table this database has: (enabled, forced)."""
         async with self.db.admin() as conn:
-            return await _row_level_security(conn)
+            return await _row_level_security(conn, await _rls_tables(conn))
 
     # -- the inspector's overview -------------------------------------------
 
@@ -775,7 +775,23 @@ async def _check_names(conn: asyncpg.Connection) -> AuditCheck:
 # -- check 3: the database enforces isolation ---------------------------------
 
 
-async def _row_level_security(conn: asyncpg.Connection) -> dict[str, tuple[bool, bool]]:
+OPTIONAL_USER_TABLES = ("memory_vectors",)
+"""User-owned tables a database may lack (memory_vectors: only where pgvector is)."""
+
+
+async def _rls_tables(conn: asyncpg.Connection) -> tuple[str, ...]:
+    """The user-owned tables this database has to keep isolated."""
+    present = await conn.fetchval(
+        "SELECT array_agg(t) FROM unnest($1::text[]) AS t"
+        " WHERE to_regclass('public.' || quote_ident(t)) IS NOT NULL",
+        list(OPTIONAL_USER_TABLES),
+    )
+    return USER_OWNED_TABLES + tuple(present or ())
+
+
+async def _row_level_security(
+    conn: asyncpg.Connection, tables: tuple[str, ...]
+) -> dict[str, tuple[bool, bool]]:
     rows = await conn.fetch(
         """
         SELECT relname, relrowsecurity, relforcerowsecurity
@@ -783,7 +799,7 @@ async def _row_level_security(conn: asyncpg.Connection) -> dict[str, tuple[bool,
          WHERE relname = ANY($1::text[]) AND relkind = 'r'
            AND relnamespace = 'public'::regnamespace
         """,
-        list(USER_OWNED_TABLES),
+        list(tables),
     )
     return {r["relname"]: (r["relrowsecurity"], r["relforcerowsecurity"]) for r in rows}
 
@@ -798,7 +814,8 @@ _SCOPE_SETTING = "current_setting('memchat.user_id'"
 
 
 async def _check_rls(conn: asyncpg.Connection, app_role: str) -> AuditCheck:
-    tables = await _row_level_security(conn)
+    checked = await _rls_tables(conn)
+    tables = await _row_level_security(conn, checked)
     policies = await conn.fetch(
         """
         SELECT tablename, policyname, permissive, roles, cmd, qual, with_check
@@ -806,7 +823,7 @@ async def _check_rls(conn: asyncpg.Connection, app_role: str) -> AuditCheck:
          WHERE schemaname = 'public' AND tablename = ANY($1::text[])
          ORDER BY tablename, policyname
         """,
-        list(USER_OWNED_TABLES),
+        list(checked),
     )
     role = await conn.fetchrow(
         "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = $1", app_role
@@ -824,7 +841,7 @@ async def _check_rls(conn: asyncpg.Connection, app_role: str) -> AuditCheck:
     by_table: dict[str, list[Any]] = defaultdict(list)
     for policy in policies:
         by_table[policy["tablename"]].append(policy)
-    for table in USER_OWNED_TABLES:
+    for table in checked:
         if table not in tables:
             findings.append(AuditFinding(table, "table is missing"))
             continue
@@ -840,7 +857,7 @@ async def _check_rls(conn: asyncpg.Connection, app_role: str) -> AuditCheck:
     else:
         # Not the role's name: it carries the database's, and this line is shown
         # (and snapshot-tested) in the inspector.
-        detail = f"{len(USER_OWNED_TABLES)} tables forced and scoped; the app login can't bypass"
+        detail = f"{len(checked)} tables forced and scoped; the app login can't bypass"
     return AuditCheck(
         CHECK_RLS, not findings, detail, tuple(findings[:MAX_FINDINGS]), len(findings)
     )

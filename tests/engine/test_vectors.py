@@ -23,8 +23,10 @@ import asyncpg
 import pytest
 
 from bench.fake_openai import FakeOpenAI, hashed_embedding
+from engine.admin import CHECK_RLS, AdminReader
 from engine.agent import TurnCompleted
 from engine.config import Settings, load_settings
+from engine.db import Database
 from engine.db.dsn import with_login
 from engine.db.migrate import _ENSURE_LEGACY_ROLES
 from engine.doctor import RETRIEVAL, diagnose
@@ -455,3 +457,20 @@ async def test_fifty_users_at_once_each_get_only_their_own(
         assert picked[0] == f"{user} keeps a pet iguana"
         assert len(picked) == 21
         assert not [p for p in picked if "keeps" in p and not p.startswith(f"{user} ")]
+
+
+async def test_the_isolation_check_covers_the_vector_table(vector_dsn: str, db: Database) -> None:
+    # The inspector's and doctor's row-level security check must not stop at
+    # the six tables every database has: vectors are user data too.
+    (check,) = (await AdminReader(db).run_checks(CHECK_RLS)).checks
+    assert check.ok and check.detail.startswith("7 tables"), check
+    conn = await asyncpg.connect(vector_dsn)
+    try:
+        await conn.execute("ALTER TABLE memory_vectors NO FORCE ROW LEVEL SECURITY")
+    finally:
+        await conn.close()
+    (check,) = (await AdminReader(db).run_checks(CHECK_RLS)).checks
+    assert not check.ok
+    assert [(f.subject, f.message) for f in check.findings] == [
+        ("memory_vectors", "row-level security is not forced")
+    ]
