@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import importlib.util
 import logging
 import signal
@@ -138,7 +139,7 @@ async def serve_command(args: argparse.Namespace, settings: Settings) -> int:
             base, hosts = _site(args, port)
             server.allowed_hosts = {h.lower() for h in hosts}
             worker = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "engine.cli", *config, "worker"
+                sys.executable, "-m", "engine.cli", *config, "worker", preexec_fn=_die_with_parent
             )
             access.save(links_path)
             _print_links(base, access, settings, opened.db.info.label)
@@ -151,6 +152,17 @@ async def serve_command(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             await runner.cleanup()
     return 0
+
+
+def _die_with_parent() -> None:
+    """In the worker, before it starts: serve killed (SIGKILL, OOM) takes it along.
+
+    A graceful stop ends it through _stop_worker; without this, a killed serve
+    left a worker behind that kept claiming jobs with nobody to stop it.
+    """
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 async def _stop_worker(worker: asyncio.subprocess.Process, settings: Settings) -> None:

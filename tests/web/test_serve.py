@@ -178,3 +178,19 @@ async def test_tabs_are_small_and_stopping_is_prompt(served: Served, database_ds
         assert "/u/" not in output  # tokens are printed once, never logged
     finally:
         await page.close()
+
+
+def test_a_killed_serve_takes_its_memory_worker_along(database_dsn: str, tmp_path: Path) -> None:
+    # SIGKILL (an OOM kill, a CI timeout) gives serve no chance to stop its
+    # worker: the worker must not live on, claiming jobs with nobody to stop it.
+    server = start_serve(database_dsn, tmp_path)
+    workers = [
+        p for p in psutil.Process(server.process.pid).children() if p.cmdline()[-1:] == ["worker"]
+    ]
+    assert len(workers) == 1, [p.cmdline() for p in workers]
+    server.process.kill()
+    server.process.wait(10)
+    _gone, alive = psutil.wait_procs(workers, timeout=30)
+    for process in alive:
+        process.kill()
+    assert alive == [], "the worker outlived serve"
