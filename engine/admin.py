@@ -404,7 +404,7 @@ class AdminReader:
                 """
             )
             jobs = await conn.fetch(
-                """
+                f"""
                 SELECT user_id,
                        count(*) FILTER (WHERE status = 'pending') AS pending,
                        count(*) FILTER (WHERE status = 'running') AS running,
@@ -412,21 +412,21 @@ class AdminReader:
                        count(*) FILTER (WHERE status = 'failed') AS failed,
                        (array_agg(last_error ORDER BY job_id DESC)
                             FILTER (WHERE status = 'failed'))[1] AS last_error,
-                       count(*) FILTER (WHERE note IS NOT NULL) AS noted,
-                       count(*) FILTER (WHERE status = 'failed' OR note IS NOT NULL)
+                       count(*) FILTER (WHERE {_NOTEWORTHY}) AS noted,
+                       count(*) FILTER (WHERE status = 'failed' OR {_NOTEWORTHY})
                            AS problem_total
                   FROM memory_jobs
                  GROUP BY user_id
                 """
             )
             problems = await conn.fetch(
-                """
+                f"""
                 SELECT user_id, status, attempts, last_error, note
                   FROM (SELECT user_id, job_id, status, attempts, last_error, note,
                                row_number() OVER (PARTITION BY user_id
                                                   ORDER BY job_id DESC) AS n
                           FROM memory_jobs
-                         WHERE status = 'failed' OR note IS NOT NULL) j
+                         WHERE status = 'failed' OR {_NOTEWORTHY}) j
                  WHERE n <= $1
                  ORDER BY user_id, job_id DESC
                 """,
@@ -774,6 +774,13 @@ async def _check_names(conn: asyncpg.Connection) -> AuditCheck:
 
 # -- check 3: the database enforces isolation ---------------------------------
 
+
+# A note that only says how a coalesced run was shared out (engine/jobs.py,
+# engine/queue.py) is bookkeeping, not something the inspector should flag.
+_NOTEWORTHY = (
+    "(note IS NOT NULL AND note !~ "
+    "'^(coalesced into job [0-9]+|extracted with job\\(s\\) [0-9, ]+)$')"
+)
 
 OPTIONAL_USER_TABLES = ("memory_vectors",)
 """User-owned tables a database may lack (memory_vectors: only where pgvector is)."""

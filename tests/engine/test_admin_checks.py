@@ -281,3 +281,21 @@ async def test_rows_readable_outside_any_scope_fail_both_isolation_checks(
     assert not scopes.ok and scopes.count == 3  # each seed user's scope sees the others'
     # Admin's row-level security check sees the policy itself; nothing else fails.
     assert {c.name for c in report.checks if not c.ok} == {CHECK_NO_SCOPE, CHECK_SCOPES, CHECK_RLS}
+
+
+async def test_notes_that_only_tell_how_a_coalesced_run_was_shared_are_not_flagged(
+    seeded: SeedResult, db: Database, database_dsn: str
+) -> None:
+    # user_1's seed has four done jobs: two get coalescing's bookkeeping notes,
+    # one a real note (a refused change), one none.
+    await _as_owner(
+        database_dsn,
+        USER_1,
+        "UPDATE memory_jobs SET note = CASE rn WHEN 1 THEN 'coalesced into job 7' "
+        "WHEN 2 THEN 'extracted with job(s) 8, 9' WHEN 3 THEN 'refused: too long' END "
+        "FROM (SELECT job_id AS id, row_number() OVER (ORDER BY job_id) AS rn "
+        f"FROM memory_jobs WHERE user_id = {ME}) o WHERE job_id = o.id",
+    )
+    (user_1,) = [u for u in await AdminReader(db).overview() if u.user_id == USER_1]
+    assert (user_1.jobs.noted, user_1.jobs.problem_total) == (1, 1)
+    assert [p.note for p in user_1.jobs.problems] == ["refused: too long"]
