@@ -47,6 +47,7 @@ SECRET_PARAMS = frozenset(
 )
 # Shorter "secrets" would blank out ordinary words in the text they are scrubbed from.
 MIN_SECRET_CHARS = 4
+MIN_KEY_TAIL_CHARS = 8
 
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 # libpq keyword form: key = value, value either bare or single-quoted with \' escapes.
@@ -141,7 +142,10 @@ def key_variants(key: str) -> list[str]:
     # "sk-abc…" -> "abc…"; "sk-proj-abc…" -> "proj-abc…" and "abc…".
     one = re.match(r"[A-Za-z]{2,8}[-_]", key)
     two = re.match(r"[A-Za-z]{2,8}[-_][A-Za-z]{2,12}[-_]", key)
-    return [key] + [key[m.end() :] for m in (one, two) if m is not None]
+    # A tail shorter than a real key's random part is a word ("sk-doctor-test"
+    # gave "test"), and hiding every "test" in output hides paths, not secrets.
+    tails = [key[m.end() :] for m in (one, two) if m is not None]
+    return [key] + [tail for tail in tails if len(tail) >= MIN_KEY_TAIL_CHARS]
 
 
 class _Known:

@@ -36,7 +36,7 @@ def _settings(tmp_path: Path, database_dsn: str, fake: FakeOpenAI, retries: int 
         model={
             "provider": "openai",
             "base_url": fake.base_url,
-            "api_key": "sk-test-1234",
+            "api_key": "sk-conversation-2b7e19f04c",
             "timeout": 5.0,
             "max_retries": retries,
         },

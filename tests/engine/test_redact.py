@@ -38,6 +38,8 @@ def test_secret_values_and_key_variants() -> None:
     assert "me" not in secrets_in_url("postgresql://me@h/db")
     assert "tok123" in secrets_in_url("https://tok123@h/v1", user_is_secret=True)
     assert key_variants("sk-proj-abcdef123") == ["sk-proj-abcdef123", "proj-abcdef123", "abcdef123"]
+    # A short tail is a word, not a secret: it would hide every "test" in a path.
+    assert key_variants("sk-doctor-test") == ["sk-doctor-test", "doctor-test"]
 
 
 def test_scrub_hides_remembered_values_longest_first() -> None:
