@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 
 from bench.fake_openai import FakeOpenAI
+from engine import redact
 from engine.config import Settings, load_settings
 from engine.db import Database, with_database
 from engine.db.embedded import start_embedded
@@ -55,6 +56,17 @@ def _isolated_user_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def _secrets_remembered_by_this_test_only() -> Iterator[None]:
+    """scrub() hides every secret this process was ever told of: a test that loads
+    settings with the password "password" would otherwise hide that word in every
+    later test's output, and tests would pass or fail by their order."""
+    known = redact._known
+    saved = (known._values, known._pattern)
+    yield
+    known._values, known._pattern = saved
 
 
 def _run(coro: Any) -> Any:
