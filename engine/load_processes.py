@@ -42,9 +42,8 @@ from engine.errors import MemchatError
 from engine.runtime import Runtime
 from engine.scenarios import (
     LoadResult,
-    audit_load,
+    audit_into,
     create_load_sessions,
-    failed_job_errors,
     load_user_ids,
     reset_users,
     run_load,
@@ -222,12 +221,7 @@ async def run_load_processes(
     finally:
         await _kill([p.proc for p in parts] + helpers)
     result = _merge(users, sessions, turns, wall, reports)
-    ids = load_user_ids(users)
-    for name, value in (await audit_load(runtime, ids)).items():
-        setattr(result, name, value)
-    if result.failed_jobs:
-        result.job_errors = await failed_job_errors(runtime, ids)
-    result.audited = True
+    await audit_into(result, runtime, load_user_ids(users))
     return ProcessesLoad(result, processes, workers, cpu)
 
 

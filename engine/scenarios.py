@@ -344,12 +344,17 @@ async def run_load(
     result.jobs_idle = await runtime.dispatcher.wait_idle(ids, within=wait_within)
     result.wall_s = time.perf_counter() - started
     if audit:
-        for name, value in (await audit_load(runtime, ids)).items():
-            setattr(result, name, value)
-        if result.failed_jobs:
-            result.job_errors = await failed_job_errors(runtime, ids)
-        result.audited = True
+        await audit_into(result, runtime, ids)
     return result
+
+
+async def audit_into(result: LoadResult, runtime: Runtime, user_ids: list[str]) -> None:
+    """The load audit's figures (and failed jobs' errors) written onto ``result``."""
+    for name, value in (await audit_load(runtime, user_ids)).items():
+        setattr(result, name, value)
+    if result.failed_jobs:
+        result.job_errors = await failed_job_errors(runtime, user_ids)
+    result.audited = True
 
 
 async def _load_user(
