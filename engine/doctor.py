@@ -290,7 +290,7 @@ async def model_check(
     # Imported here for the same reason as in engine.models: openai is heavy.
     import openai
 
-    from engine.models.openai_model import OPENAI_BASE_URL, PLACEHOLDER_API_KEY, _display_url
+    from engine.models.endpoint import OPENAI_BASE_URL, PLACEHOLDER_API_KEY, _display_url
 
     base_url = (settings.model.base_url or "").strip() or OPENAI_BASE_URL
     shown = _display_url(base_url)

@@ -24,11 +24,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import openai
-
 from engine.config import Settings, memory_model_settings
 from engine.models.base import ModelConfigError
-from engine.models.openai_model import (
+from engine.models.endpoint import (
     OPENAI_BASE_URL,
     PLACEHOLDER_API_KEY,
     _display_url,
@@ -124,6 +122,10 @@ class Embedder:
         self.model = endpoint.model
         self.label = endpoint.label
         self.query_timeout = query_timeout
+        # Imported here: `openai` is most of a command's start-up, and only a
+        # runtime with an embeddings endpoint needs it.
+        import openai
+
         self._client = openai.AsyncOpenAI(
             api_key=endpoint.api_key or PLACEHOLDER_API_KEY,
             base_url=endpoint.base_url,
@@ -153,6 +155,8 @@ class Embedder:
 
     async def embed(self, texts: Sequence[str], *, query: bool = False) -> list[list[float]]:
         """One vector per text, in order. Raises :class:`EmbeddingsFailed`."""
+        import openai  # loaded by __init__ already; see there
+
         inputs = [text[:MAX_INPUT_CHARS] or " " for text in texts]
         client = self._client
         if query:

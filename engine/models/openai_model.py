@@ -28,7 +28,6 @@ import re
 from collections.abc import AsyncGenerator, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import httpx2
@@ -56,13 +55,16 @@ from engine.models.base import (
     ToolSpec,
     Usage,
 )
+from engine.models.endpoint import (
+    OPENAI_BASE_URL,
+    PLACEHOLDER_API_KEY,
+    _display_url,
+    _is_http_url,
+    _is_openai_host,
+)
 from engine.models.sse import sse_data
 from engine.text import one_line
 
-OPENAI_BASE_URL = "https://api.openai.com/v1"
-# Local servers (Ollama, llama.cpp, vLLM) ignore the key but the client
-# insists on having one.
-PLACEHOLDER_API_KEY = "not-needed"
 MAX_SERVER_DETAIL_CHARS = 160
 CHAT_COMPLETIONS = "/chat/completions"
 RETRY_ALLOWANCE_SECONDS = 10.0
@@ -1005,31 +1007,3 @@ def _shorten(text: str) -> str:
     if len(text) > MAX_SERVER_DETAIL_CHARS:
         return text[: MAX_SERVER_DETAIL_CHARS - 1] + "…"
     return text
-
-
-def _is_http_url(url: str) -> bool:
-    try:
-        parts = urlsplit(url)
-        _ = parts.port  # raises on a malformed port
-    except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
-
-
-def _is_openai_host(base_url: str) -> bool:
-    host = (urlsplit(base_url).hostname or "").lower()
-    return host == "openai.com" or host.endswith(".openai.com")
-
-
-def _display_url(url: str) -> str:
-    """``url`` without user:password, query or fragment: safe to show and log."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return "(invalid URL)"
-    if parts.hostname is None:
-        return url.split("?", 1)[0].split("@")[-1]
-    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-    netloc = f"{host}:{port}" if port else host
-    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))

@@ -99,3 +99,20 @@ def test_memory_jobs_statements_live_in_the_queue_and_admin() -> None:
     statement = re.compile(r"\b(FROM|UPDATE|INTO)\s+memory_jobs\b")
     offenders = [rel for rel, text in _sources() if statement.search(text)]
     assert offenders == []
+
+
+def test_the_command_line_starts_without_the_model_client() -> None:
+    """`openai` is about 0.7 s of a command's start: `memchat config`, `users`,
+    `doctor` and an offline chat must not pay it (only an HTTP model or an
+    embeddings endpoint imports it, when it is made)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, engine.cli.main; "
+        "print(sorted(m for m in ('openai', 'textual') if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.strip()
+    assert loaded == "[]", f"imported at start-up: {loaded}"
