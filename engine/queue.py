@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Literal
 from engine.db import Database
 from engine.models.base import Usage
 from engine.records import JobCounts, JobStatus, MemoryJob, Message
-from engine.store import stored_error
+from engine.store import FollowUp, stored_error
 from engine.validation import storable
 
 if TYPE_CHECKING:
@@ -68,6 +68,19 @@ ENQUEUE = """
     SELECT job_id FROM job, LATERAL pg_notify($5, json_build_object(
         'user_id', $1::text, 'job_id', job_id, 'state', 'pending')::text) n
 """
+
+# ENQUEUE as a follow-up of the statement that stores the reply (store.FollowUp):
+# the reply row is ``msg``, $10 the turn's user message, $11 the channel.
+ENQUEUE_WITH_REPLY = """
+    , job AS (
+        INSERT INTO memory_jobs
+            (user_id, session_id, user_message_id, assistant_message_id)
+        SELECT user_id, session_id, $10, message_id FROM msg
+        RETURNING user_id, job_id
+    )
+"""
+ENQUEUED_JOB = """(SELECT job_id FROM job, LATERAL pg_notify($11, json_build_object(
+    'user_id', job.user_id, 'job_id', job.job_id, 'state', 'pending')::text) n)"""
 
 CLAIM_HEAD_JOB = f"""
     WITH claimed AS (
@@ -333,6 +346,12 @@ class JobQueue:
             JOB_CHANNEL,
         )
         return job_id
+
+    @staticmethod
+    def with_reply(user_message: Message) -> FollowUp:
+        """The turn's job, queued by the very statement that stores its reply
+        (``UserScope.append_message``): one round trip, not two."""
+        return FollowUp(ENQUEUE_WITH_REPLY, ENQUEUED_JOB, (user_message.message_id, JOB_CHANNEL))
 
     @staticmethod
     async def claim_head_job(
