@@ -150,13 +150,19 @@ class Agent:
     ) -> AsyncGenerator[TurnEvent, None]:
         text = self.check_text(text)
         sid = parse_session_id(session_id)
-        user_message, prompt = await self._begin(user_id, sid, text)
-        # aclosing: a consumer that stops early closes the answer at once, so the
-        # partial reply is stored (cancelled) now, not when the generator is collected.
-        answer = self._answer(user_id, user_message, prompt, replaces=None)
-        async with contextlib.aclosing(answer) as events:
-            async for event in events:
-                yield event
+        # Under way from the message's storing to the reply's: a memory job of
+        # this user may wait for it to take this turn along (memory.coalesce_wait_ms).
+        with self.priority.turn(user_id) as under_way:
+            user_message, prompt = await self._begin(user_id, sid, text)
+            under_way.message_id = user_message.message_id
+            # aclosing: a consumer that stops early closes the answer at once, so the
+            # partial reply is stored (cancelled) now, not when the generator is collected.
+            answer = self._answer(user_id, user_message, prompt, replaces=None)
+            async with contextlib.aclosing(answer) as events:
+                async for event in events:
+                    if isinstance(event, TurnCompleted | TurnFailed | TurnCancelled):
+                        under_way.stored()  # the reply and its job are written
+                    yield event
 
     async def regenerate(
         self, user_id: str, session_id: str | uuid.UUID

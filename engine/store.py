@@ -75,6 +75,8 @@ _APPEND_MESSAGE = f"""
     )
 """
 
+_ADDED_COLUMNS = ", ".join("m." + c for c in _MEMORY_COLUMNS.split(", "))
+
 _EVENT_COLUMNS = (
     "event_id, memory_id, user_id, op, before, after, job_id, source_message_id, actor, at"
 )
@@ -92,6 +94,16 @@ class FollowUp:
     ctes: str
     column: str
     args: tuple[object, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Added:
+    """What ``add_memory_within`` did: the new memory (None: a duplicate, or
+    ``refused`` at the limit) and how many memories the user has now."""
+
+    memory: Memory | None
+    count: int
+    refused: bool = False
 
 
 class Store:
@@ -483,16 +495,42 @@ class UserScope:
         actor: str = "user",
     ) -> Memory | None:
         """Remember a fact; None when the user already has the same memory."""
+        added = await self.add_memory_within(
+            content,
+            topics,
+            None,
+            source_session_id=source_session_id,
+            source_message_id=source_message_id,
+            job_id=job_id,
+            actor=actor,
+        )
+        return added.memory
+
+    async def add_memory_within(
+        self,
+        content: str,
+        topics: Sequence[str],
+        limit: int | None,
+        *,
+        source_session_id: uuid.UUID | None = None,
+        source_message_id: int | None = None,
+        job_id: int | None = None,
+        actor: str = "user",
+    ) -> Added:
+        """``add_memory``, refused when the user has ``limit`` memories already:
+        the count and the add are one statement (a memory job's adds)."""
         content = self._clean_memory(content)
         try:
-            # The memory, its audit row and the NOTIFY in one statement (one
-            # round trip): this runs once per extracted fact.
+            # The count, the memory, its audit row and the NOTIFY in one
+            # statement (one round trip): this runs once per extracted fact.
             row = await self.conn.fetchrow(
                 f"""
-                WITH m AS (
+                WITH n AS (
+                    SELECT count(*) AS before FROM memories WHERE user_id = $1
+                ), m AS (
                     INSERT INTO memories
                         (user_id, content, topics, source_session_id, source_message_id)
-                    VALUES ($1, $2, $3, $4, $5)
+                    SELECT $1, $2, $3, $4, $5 FROM n WHERE $9::int IS NULL OR n.before < $9
                     ON CONFLICT (user_id, content_key) DO NOTHING
                     RETURNING {_MEMORY_COLUMNS}
                 ), ev AS (
@@ -501,11 +539,13 @@ class UserScope:
                     SELECT memory_id, user_id, 'add', NULL, content, $6, $5, $7 FROM m
                     RETURNING event_id
                 )
-                SELECT {_MEMORY_COLUMNS},
-                       pg_notify($8, json_build_object(
-                           'user_id', m.user_id, 'memory_id', m.memory_id, 'op', 'add',
-                           'event_id', (SELECT event_id FROM ev))::text)::text AS notified
-                  FROM m
+                SELECT n.before AS counted, {_ADDED_COLUMNS},
+                       CASE WHEN m.memory_id IS NOT NULL THEN
+                           pg_notify($8, json_build_object(
+                               'user_id', m.user_id, 'memory_id', m.memory_id, 'op', 'add',
+                               'event_id', (SELECT event_id FROM ev))::text)::text
+                       END AS notified
+                  FROM n LEFT JOIN m ON true
                 """,
                 self.user_id,
                 content,
@@ -515,6 +555,7 @@ class UserScope:
                 job_id,
                 actor,
                 MEMORY_CHANNEL,
+                limit,
             )
         except asyncpg.ForeignKeyViolationError as exc:
             missing = (
@@ -525,9 +566,13 @@ class UserScope:
             raise NotFound(
                 f"cannot add a memory for user {printable(self.user_id)}: {missing}"
             ) from None
-        if row is None:
-            return None
-        return _memory(row)
+        assert row is not None  # FROM n (one row) LEFT JOIN m
+        fields = dict(row)
+        counted: int = fields.pop("counted")
+        if fields["memory_id"] is None:
+            full = limit is not None and counted >= limit
+            return Added(None, counted, refused=full)
+        return Added(_memory(fields), counted + 1)
 
     async def update_memory(
         self,
