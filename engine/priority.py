@@ -25,8 +25,9 @@ class ReplyPriority:
         self._quiet = asyncio.Event()
         self._quiet.set()
         self._turns: dict[str, set[TurnUnderWay]] = {}
-        # Replaced at each turn's end: waiters wake and look again.
-        self._turn_ended = asyncio.Event()
+        # Per user, set (and dropped) when one of their turns ends: only that
+        # user's waiting jobs wake to look again.
+        self._turn_ended: dict[str, asyncio.Event] = {}
 
     @property
     def streaming(self) -> int:
@@ -65,8 +66,9 @@ class ReplyPriority:
             turns.discard(turn)
             if not turns:
                 del self._turns[turn.user_id]
-            self._turn_ended.set()
-            self._turn_ended = asyncio.Event()
+            ended = self._turn_ended.pop(turn.user_id, None)
+            if ended is not None:
+                ended.set()
 
     def turns_after(self, user_id: str, message_id: int | None) -> int:
         """Turns of ``user_id`` under way here whose message is newer than
@@ -82,7 +84,7 @@ class ReplyPriority:
         try:
             async with asyncio.timeout(within):
                 while self.turns_after(user_id, message_id):
-                    await self._turn_ended.wait()
+                    await self._turn_ended.setdefault(user_id, asyncio.Event()).wait()
         except TimeoutError:
             return False
         return True
