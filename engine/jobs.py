@@ -267,12 +267,17 @@ class MemoryDispatcher:
     async def _run(self, job: ClaimedJob) -> None:
         current = job
         read: _Read | None = None
+        # The chained job once its claim committed, so a cancel gives it back too.
+        claimed: list[_Chained] = []
         try:
             while True:
                 # Settling a job claims its user's next one in the same statement
                 # (not while stopping), read in the same transaction: a chained
                 # job costs no claim and no transaction of its own to begin.
-                _, chained = await self._run_job(current, read=read, chain=not self._stopping)
+                _, chained = await self._run_job(
+                    current, read=read, chain=claimed if not self._stopping else None
+                )
+                claimed.clear()
                 if chained is None:
                     break
                 async with self._settled:
@@ -281,6 +286,12 @@ class MemoryDispatcher:
         except asyncio.CancelledError:
             # stop() ran out of drain time: hand the job back for the next start.
             await self._give_back(current)
+            for chained in claimed:
+                await self._give_back(chained.job)
+                if chained.read is not None and chained.read.absorbed:
+                    taken = _Held(chained.job)
+                    taken.absorbed = chained.read.absorbed
+                    await self._release_absorbed(taken)
             raise
         finally:
             self._running.pop(job.job_id, None)
@@ -370,9 +381,10 @@ class MemoryDispatcher:
         *,
         deadline: float | None = None,
         read: _Read | None = None,
-        chain: bool = False,
+        chain: list[_Chained] | None = None,
     ) -> tuple[bool, _Chained | None]:
-        """``_process``, and the user's next job when ``chain`` claimed one with the settle.
+        """``_process``, and the user's next job when ``chain`` is given: the settle
+        claims it, and it is put in ``chain`` as soon as that commits.
 
         ``read``: what the transaction that claimed this job already read for it.
         """
@@ -461,7 +473,7 @@ class MemoryDispatcher:
         held: _Held,
         deadline: float | None = None,
         read: _Read | None = None,
-        chain: bool = False,
+        chain: list[_Chained] | None = None,
     ) -> tuple[ApplyResult | None, _Chained | None]:
         job = held.job
         if read is None:
@@ -505,7 +517,7 @@ class MemoryDispatcher:
             if held.absorbed:
                 notes.append(f"extracted with job(s) {', '.join(map(str, held.absorbed))}")
             outcome = JobOutcome("; ".join(notes) or None, plan.extraction, plan.usage)
-            if chain:
+            if chain is not None:
                 held_still, following = await self.queue.settle_and_claim_next(
                     s,
                     job.job_id,
@@ -528,6 +540,8 @@ class MemoryDispatcher:
             if not held_still:
                 raise LeaseLost
         held.absorbed = []  # settled with the head
+        if chain is not None and chained is not None:
+            chain.append(chained)
         return result, chained
 
     async def _fail_or_retry(self, job: ClaimedJob, error: str, *, permanent: bool = False) -> None:
