@@ -2,8 +2,9 @@
 
 Use it as ``async with store.scope(user_id) as s: await s.list_sessions()``.
 Everything done through one ``UserScope`` is one transaction, so a turn can
-store its reply and enqueue its memory job atomically (``JobQueue.enqueue``
-takes the scope: the job queue's statements live in engine/queue.py). The scope's
+store its reply and enqueue its memory job atomically: in one statement, as
+a ``FollowUp`` of the reply's INSERT (``JobQueue.with_reply``: the job
+queue's statements live in engine/queue.py). The scope's
 transaction is the database's row-level security scope too: an id that
 belongs to another user is simply not there.
 """
