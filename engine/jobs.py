@@ -138,6 +138,8 @@ class MemoryDispatcher:
         self._settled = asyncio.Condition()
         self._dispatcher: asyncio.Task[None] | None = None
         self._running: dict[int, asyncio.Task[None]] = {}
+        self._running_users: dict[int, str] = {}
+        """Whose job each running task serves, until the task has finished."""
         self._stopping = False
         self._last_requeue = 0.0
         self._rate_limit: float | None = None
@@ -207,10 +209,13 @@ class MemoryDispatcher:
     async def wait_idle(self, user_ids: Iterable[str] | None = None, within: float = 60.0) -> bool:
         """Wait until the given users (or everyone) have no open job; False on timeout."""
         users = list(user_ids) if user_ids is not None else None
+        wanted = set(users) if users is not None else None
         deadline = time.monotonic() + within
         while True:
             counted = time.monotonic()
-            if await self._open_jobs(users) == 0:
+            # A job settled here counts as done once its task has finished (the
+            # background consolidation it may queue, its vectors): not at COMMIT.
+            if await self._open_jobs(users) == 0 and not self._finishing(wanted):
                 return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -224,6 +229,10 @@ class MemoryDispatcher:
             pause = RECOUNT_SECONDS - (time.monotonic() - counted)
             if pause > 0:
                 await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+
+    def _finishing(self, users: set[str] | None) -> bool:
+        running = self._running_users.values()
+        return bool(running) if users is None else any(u in users for u in running)
 
     async def _open_jobs(self, users: list[str] | None) -> int:
         if users is None:
@@ -256,6 +265,7 @@ class MemoryDispatcher:
                 await self._idle()
                 continue
             for job in jobs:
+                self._running_users[job.job_id] = job.user_id
                 self._running[job.job_id] = asyncio.create_task(
                     self._run(job), name=f"memory-job-{job.job_id}"
                 )
@@ -295,6 +305,7 @@ class MemoryDispatcher:
             raise
         finally:
             self._running.pop(job.job_id, None)
+            self._running_users.pop(job.job_id, None)
             self._wake.set()
             async with self._settled:
                 self._settled.notify_all()
