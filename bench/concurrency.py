@@ -91,6 +91,7 @@ async def measure(server: BenchServer, users: int, timing: ModelTiming) -> Point
             "settings": "defaults",
             "memory_concurrency": settings.memory.concurrency,
             "coalesce_turns": settings.memory.coalesce_turns,
+            "coalesce_wait_ms": settings.memory.coalesce_wait_ms,
             "pool_max_size": settings.database.pool_max_size,
         },
         figures={

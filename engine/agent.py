@@ -12,8 +12,8 @@ A turn:
    needs (memories, recent history) in that same transaction;
 2. streams the model's reply, yielding typed events;
 3. stores the reply with its outcome (complete, failed, cancelled) and,
-   in the same transaction, whatever the ``after_reply`` hook adds (the
-   memory job), so the reply and its follow-up work are never half-written.
+   in the same statement, whatever the ``with_reply`` hook adds (the memory
+   job), so the reply and its follow-up work are never half-written.
 
 A model error ends the turn as failed with its text; cancelling the consumer
 (or closing the generator) stores the partial reply as cancelled. The user's
@@ -49,7 +49,7 @@ from engine.models.prompt_blocks import render_context_memories
 from engine.priority import ReplyPriority
 from engine.recall import chat_memories, turn_vector
 from engine.records import Memory, Message, MessageStatus
-from engine.store import Store, UserScope
+from engine.store import FollowUp, Store, UserScope
 from engine.validation import clean_text, parse_session_id
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,9 @@ def tokens_cut_mark(max_tokens: int) -> str:
     return f"\n\n*[reply cut off: it reached model.max_tokens ({max_tokens:,} tokens)]*"
 
 
-AfterReply = Callable[[UserScope, Message, Message], Awaitable[None]]
-"""Runs in the transaction that stores a completed reply: (scope, user msg, reply)."""
+WithReply = Callable[[UserScope, Message], Awaitable[FollowUp | None]]
+"""Runs in the transaction that stores a completed reply, before it is written:
+(scope, user message) -> the work the reply's own statement does too (its memory job)."""
 
 
 class Agent:
@@ -115,7 +116,7 @@ class Agent:
         store: Store,
         model: ChatModel,
         settings: Settings,
-        after_reply: AfterReply | None = None,
+        with_reply: WithReply | None = None,
         priority: ReplyPriority | None = None,
         embedder: Embedder | None = None,
     ) -> None:
@@ -125,7 +126,7 @@ class Agent:
         self.priority = priority or ReplyPriority()
         self.model = model
         self.settings = settings
-        self.after_reply = after_reply
+        self.with_reply = with_reply
         # Cancelled replies still being written (shielded from the cancel), so
         # that shutdown can wait for them instead of closing the pool under them.
         self._storing: set[asyncio.Future[Message]] = set()
@@ -149,13 +150,19 @@ class Agent:
     ) -> AsyncGenerator[TurnEvent, None]:
         text = self.check_text(text)
         sid = parse_session_id(session_id)
-        user_message, prompt = await self._begin(user_id, sid, text)
-        # aclosing: a consumer that stops early closes the answer at once, so the
-        # partial reply is stored (cancelled) now, not when the generator is collected.
-        answer = self._answer(user_id, user_message, prompt, replaces=None)
-        async with contextlib.aclosing(answer) as events:
-            async for event in events:
-                yield event
+        # Under way from the message's storing to the reply's: a memory job of
+        # this user may wait for it to take this turn along (memory.coalesce_wait_ms).
+        with self.priority.turn(user_id) as under_way:
+            user_message, prompt = await self._begin(user_id, sid, text)
+            under_way.message_id = user_message.message_id
+            # aclosing: a consumer that stops early closes the answer at once, so the
+            # partial reply is stored (cancelled) now, not when the generator is collected.
+            answer = self._answer(user_id, user_message, prompt, replaces=None)
+            async with contextlib.aclosing(answer) as events:
+                async for event in events:
+                    if isinstance(event, TurnCompleted | TurnFailed | TurnCancelled):
+                        under_way.stored()  # the reply and its job are written
+                    yield event
 
     async def regenerate(
         self, user_id: str, session_id: str | uuid.UUID
@@ -284,9 +291,8 @@ class Agent:
         # Before the transaction, bounded; None (full text) when it fails.
         near = await turn_vector(self.embedder, text) if add_memories else None
         async with self.store.scope(user_id) as s:
-            # The session check happens inside append_message (NotFound).
-            user_message = await s.append_message(session_id, "user", text)
-            history = await s.last_messages(session_id, history_limit + 1)
+            # The session check happens inside append_user_message (NotFound).
+            user_message, history = await s.append_user_message(session_id, text, history_limit)
             memories = (
                 await chat_memories(s, self.settings.memory, text, near)
                 if self.settings.memory.add_to_context
@@ -298,12 +304,21 @@ class Agent:
         self, user_id: str, session_id: uuid.UUID
     ) -> tuple[Message, Message | None, list[ChatMessage] | str]:
         history_limit = self.settings.history.max_messages
+        add_memories = self.settings.memory.add_to_context
         async with self.store.scope(user_id) as s:
             user_message, old_reply = await s.last_turn(session_id)
+        # Outside the transaction, like _begin's: the vector of the text answered again.
+        near = await turn_vector(self.embedder, user_message.content) if add_memories else None
+        async with self.store.scope(user_id) as s:
             history = await s.messages_before(
                 session_id, user_message.message_id + 1, history_limit + 1
             )
-            memories = await s.list_memories() if self.settings.memory.add_to_context else []
+            # Bounded like a new turn's: never the whole list (issue 15, item 3).
+            memories = (
+                await chat_memories(s, self.settings.memory, user_message.content, near)
+                if add_memories
+                else []
+            )
         return user_message, old_reply, self._fit_prompt(user_message, history, memories)
 
     def _fit_prompt(
@@ -407,19 +422,6 @@ class Agent:
         replacing: bool = False,
     ) -> Message:
         async with self.store.scope(user_id) as s:
-            if replacing:
-                reply = await s.replace_reply(
-                    user_message, content, status=status, error=error, usage=usage
-                )
-            else:
-                reply = await s.append_message(
-                    user_message.session_id,
-                    "assistant",
-                    content,
-                    status=status,
-                    error=error,
-                    usage=usage,
-                )
             # A regenerated reply gets a memory job like any completed reply
             # (the audit holds every completed reply to one): the old reply's
             # job keeps its row (its reply reference becomes NULL), and what it
@@ -427,6 +429,26 @@ class Agent:
             # which is unchanged. The new job sees the new reply beside the
             # memories already there, so it adds what the new exchange says
             # and duplicates nothing (content_key).
-            if status == "complete" and self.after_reply is not None:
-                await self.after_reply(s, user_message, reply)
-        return reply
+            follow_up = (
+                await self.with_reply(s, user_message)
+                if status == "complete" and self.with_reply is not None
+                else None
+            )
+            if replacing:
+                return await s.replace_reply(
+                    user_message,
+                    content,
+                    status=status,
+                    error=error,
+                    usage=usage,
+                    follow_up=follow_up,
+                )
+            return await s.append_message(
+                user_message.session_id,
+                "assistant",
+                content,
+                status=status,
+                error=error,
+                usage=usage,
+                follow_up=follow_up,
+            )

@@ -233,6 +233,16 @@ class MemorySettings(_Section):
             "later queued turns along (1: one call per turn)."
         ),
     )
+    coalesce_wait_ms: int = Field(
+        default=300,
+        ge=0,
+        le=10_000,
+        description=(
+            "A memory job whose user has a turn under way in this process waits up to this "
+            "long for that turn's reply, so that one extraction call covers both "
+            "(0: never waits)."
+        ),
+    )
     optimize_threshold: int = Field(
         default=200,
         ge=0,

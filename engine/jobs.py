@@ -41,6 +41,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from engine.admin import AdminReader
 from engine.config import MemorySettings
@@ -54,8 +55,8 @@ from engine.optimize_policy import OptimizePolicy
 from engine.priority import ReplyPriority
 from engine.queue import ClaimedJob, JobOutcome, JobQueue, TurnMessages
 from engine.recall import extraction_memories, turn_vector
-from engine.records import JobCounts, JobStatus, MemoryJob
-from engine.store import Store
+from engine.records import JobCounts, JobStatus, Memory, MemoryJob
+from engine.store import Store, UserScope
 from engine.vectors import embed_missing
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,27 @@ class _Held:
     @property
     def job_ids(self) -> list[int]:
         return [self.job.job_id, *self.absorbed]
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """What a run reads before its model call: its turns (the jobs it took along
+    are held from then on) and the memories the prompt shows."""
+
+    found: list[TurnMessages]
+    absorbed: list[int]
+    texts: list[str]
+    memories: list[Memory] | None
+    """None: to be picked by similarity, once the turns' vector is known."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Chained:
+    """The user's next job, claimed by the transaction that settled the last one,
+    with what it reads already read there (None: read after gathering)."""
+
+    job: ClaimedJob
+    read: _Read | None
 
 
 async def job_counts(db: Database) -> JobCounts:
@@ -116,6 +138,8 @@ class MemoryDispatcher:
         self._settled = asyncio.Condition()
         self._dispatcher: asyncio.Task[None] | None = None
         self._running: dict[int, asyncio.Task[None]] = {}
+        self._running_users: dict[int, str] = {}
+        """Whose job each running task serves, until the task has finished."""
         self._stopping = False
         self._last_requeue = 0.0
         self._rate_limit: float | None = None
@@ -185,10 +209,13 @@ class MemoryDispatcher:
     async def wait_idle(self, user_ids: Iterable[str] | None = None, within: float = 60.0) -> bool:
         """Wait until the given users (or everyone) have no open job; False on timeout."""
         users = list(user_ids) if user_ids is not None else None
+        wanted = set(users) if users is not None else None
         deadline = time.monotonic() + within
         while True:
             counted = time.monotonic()
-            if await self._open_jobs(users) == 0:
+            # A job settled here counts as done once its task has finished (the
+            # background consolidation it may queue, its vectors): not at COMMIT.
+            if await self._open_jobs(users) == 0 and not self._finishing(wanted):
                 return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -202,6 +229,10 @@ class MemoryDispatcher:
             pause = RECOUNT_SECONDS - (time.monotonic() - counted)
             if pause > 0:
                 await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+
+    def _finishing(self, users: set[str] | None) -> bool:
+        running = self._running_users.values()
+        return bool(running) if users is None else any(u in users for u in running)
 
     async def _open_jobs(self, users: list[str] | None) -> int:
         if users is None:
@@ -234,6 +265,7 @@ class MemoryDispatcher:
                 await self._idle()
                 continue
             for job in jobs:
+                self._running_users[job.job_id] = job.user_id
                 self._running[job.job_id] = asyncio.create_task(
                     self._run(job), name=f"memory-job-{job.job_id}"
                 )
@@ -243,14 +275,37 @@ class MemoryDispatcher:
                 await self._idle()
 
     async def _run(self, job: ClaimedJob) -> None:
+        current = job
+        read: _Read | None = None
+        # The chained job once its claim committed, so a cancel gives it back too.
+        claimed: list[_Chained] = []
         try:
-            await self._process(job)
+            while True:
+                # Settling a job claims its user's next one in the same statement
+                # (not while stopping), read in the same transaction: a chained
+                # job costs no claim and no transaction of its own to begin.
+                _, chained = await self._run_job(
+                    current, read=read, chain=claimed if not self._stopping else None
+                )
+                claimed.clear()
+                if chained is None:
+                    break
+                async with self._settled:
+                    self._settled.notify_all()  # wait_idle counts again
+                current, read = chained.job, chained.read
         except asyncio.CancelledError:
             # stop() ran out of drain time: hand the job back for the next start.
-            await self._give_back(job)
+            await self._give_back(current)
+            for chained in claimed:
+                await self._give_back(chained.job)
+                if chained.read is not None and chained.read.absorbed:
+                    taken = _Held(chained.job)
+                    taken.absorbed = chained.read.absorbed
+                    await self._release_absorbed(taken)
             raise
         finally:
             self._running.pop(job.job_id, None)
+            self._running_users.pop(job.job_id, None)
             self._wake.set()
             async with self._settled:
                 self._settled.notify_all()
@@ -328,36 +383,57 @@ class MemoryDispatcher:
     async def _process(self, job: ClaimedJob, *, deadline: float | None = None) -> bool:
         """Run one job to its outcome; False when ``deadline`` (``time.monotonic()``)
         came during the model call and the job was given back, pending."""
-        if job.attempts > self.settings.max_attempts:
-            await self._settle(job, "failed", error="gave up: the worker running it was lost")
-            return True
+        done, _ = await self._run_job(job, deadline=deadline)
+        return done
+
+    async def _run_job(
+        self,
+        job: ClaimedJob,
+        *,
+        deadline: float | None = None,
+        read: _Read | None = None,
+        chain: list[_Chained] | None = None,
+    ) -> tuple[bool, _Chained | None]:
+        """``_process``, and the user's next job when ``chain`` is given: the settle
+        claims it, and it is put in ``chain`` as soon as that commits.
+
+        ``read``: what the transaction that claimed this job already read for it.
+        """
         held = _Held(job)
-        heartbeat = asyncio.create_task(self._heartbeat(held))
+        if read is not None:
+            held.absorbed = read.absorbed
+        chained: _Chained | None = None
+        heartbeat: asyncio.Task[None] | None = None
         try:
-            result = await self._extract_and_apply(held, deadline)
+            if job.attempts > self.settings.max_attempts:
+                await self._settle(job, "failed", error="gave up: the worker running it was lost")
+                return True, None
+            heartbeat = asyncio.create_task(self._heartbeat(held))
+            result, chained = await self._extract_and_apply(held, deadline, read, chain)
         except OutOfTime:
             await self._give_back(job)
-            return False
+            return False, None
         except LeaseLost:
             # Its lease ran out and another worker took it, or its user was deleted.
             log.warning("memory job %s is no longer ours; its changes were rolled back", job.job_id)
-            return True
+            return True, None
         except ModelError as exc:
             if isinstance(exc, ModelRateLimited):
                 self._rate_limited()
             await self._fail_or_retry(job, exc.message, permanent=exc.permanent)
-            return True
+            return True, None
         except MemchatError as exc:
             await self._fail_or_retry(job, exc.message)
-            return True
+            return True, None
         except Exception as exc:
             log.exception("memory job %s failed unexpectedly", job.job_id)
             await self._fail_or_retry(job, f"internal error: {type(exc).__name__}: {exc}")
-            return True
+            return True, None
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            if heartbeat is not None:
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeat
             if held.absorbed:
                 # The head did not end done (retry, failure, lease lost, shutdown):
                 # the jobs it took along run again on their own, none is lost.
@@ -372,33 +448,58 @@ class MemoryDispatcher:
             # After settling, outside any transaction; bounded and never failing
             # the job: vectors are an index, full text finds a memory without one.
             await embed_missing(self.store, self.embedder, job.user_id)
-        return True
+        return True, chained
+
+    def _gathers(self, job: ClaimedJob) -> bool:
+        """Whether a run of this job now waits for a later turn of its user under way."""
+        return (
+            self.settings.coalesce_wait_ms > 0
+            and self.priority is not None
+            and self.priority.turns_after(job.user_id, job.user_message_id) > 0
+        )
+
+    async def _gather(self, job: ClaimedJob) -> None:
+        """Wait, bounded, for the user's later turn under way here to be stored (its
+        job then queued), so that this run takes it along: one model call for both."""
+        if self._gathers(job) and self.priority is not None:
+            await self.priority.wait_turns_after(
+                job.user_id, job.user_message_id, self.settings.coalesce_wait_ms / 1000
+            )
+
+    async def _read(self, s: UserScope, job: ClaimedJob) -> _Read:
+        """The job's turn and the later ones it takes along, and (without vectors)
+        the memories related to them, in the caller's transaction."""
+        found = await self.queue.absorb_turns(
+            s, job, self.name, self.settings.lease_seconds, self.settings.coalesce_turns - 1
+        )
+        absorbed = [t.job_id for t in found if t.job_id != job.job_id]
+        # Related to every turn the run covers, plus the newest (engine/recall.py).
+        texts = [m.content for t in found for m in (t.user_message, t.reply) if m is not None]
+        by_similarity = self.embedder is not None and self.embedder.usable and bool(texts)
+        memories = None if by_similarity else await extraction_memories(s, self.settings, *texts)
+        return _Read(found, absorbed, texts, memories)
 
     async def _extract_and_apply(
-        self, held: _Held, deadline: float | None = None
-    ) -> ApplyResult | None:
+        self,
+        held: _Held,
+        deadline: float | None = None,
+        read: _Read | None = None,
+        chain: list[_Chained] | None = None,
+    ) -> tuple[ApplyResult | None, _Chained | None]:
         job = held.job
-        async with self.store.scope(job.user_id) as s:
-            found = await self.queue.absorb_turns(
-                s,
-                job,
-                self.name,
-                self.settings.lease_seconds,
-                self.settings.coalesce_turns - 1,
-            )
-            held.absorbed = [t.job_id for t in found if t.job_id != job.job_id]
-            # Related to every turn the run covers, plus the newest (engine/recall.py).
-            texts = [m.content for t in found for m in (t.user_message, t.reply) if m is not None]
-            by_similarity = self.embedder is not None and self.embedder.usable and bool(texts)
-            if not by_similarity:
-                memories = await extraction_memories(s, self.settings, *texts)
-        if by_similarity:
+        if read is None:
+            await self._gather(job)
+            async with self.store.scope(job.user_id) as s:
+                read = await self._read(s, job)
+                held.absorbed = read.absorbed
+        memories = read.memories
+        if memories is None:
             # The turns' vector is asked for with no transaction open, then the
             # memories are picked in a second one (only when embeddings are on).
-            near = await turn_vector(self.embedder, *texts)
+            near = await turn_vector(self.embedder, *read.texts)
             async with self.store.scope(job.user_id) as s:
-                memories = await extraction_memories(s, self.settings, *texts, near=near)
-        turns = _turns(found)
+                memories = await extraction_memories(s, self.settings, *read.texts, near=near)
+        turns = _turns(read.found)
         if not turns:
             # The session was deleted meanwhile: nothing left to learn from.
             outcome = JobOutcome(note="its turn was deleted")
@@ -408,7 +509,7 @@ class MemoryDispatcher:
                 ):
                     raise LeaseLost
             held.absorbed = []
-            return None
+            return None, None
         if self.settings.pause_while_streaming and self.priority is not None:
             await self.priority.wait_until_quiet()
         if deadline is None:
@@ -420,18 +521,39 @@ class MemoryDispatcher:
                     plan = await self.manager.plan(memories, turns)
             except TimeoutError:
                 raise OutOfTime from None
+        chained: _Chained | None = None
         async with self.store.scope(job.user_id) as s:
             result = await self.manager.apply(s, plan, turns)
             notes = [n for n in (plan.note, result.note(self.settings)) if n]
             if held.absorbed:
                 notes.append(f"extracted with job(s) {', '.join(map(str, held.absorbed))}")
             outcome = JobOutcome("; ".join(notes) or None, plan.extraction, plan.usage)
-            if not await self.queue.settle(
-                s, job.job_id, self.name, "done", outcome=outcome, absorbed=held.absorbed
-            ):
+            if chain is not None:
+                held_still, following = await self.queue.settle_and_claim_next(
+                    s,
+                    job.job_id,
+                    self.name,
+                    self.settings.lease_seconds,
+                    outcome=outcome,
+                    absorbed=held.absorbed,
+                )
+                if following is not None:
+                    # A turn of the user under way: read once it is stored (_gather),
+                    # so that the next run takes it along; else read now, here.
+                    read_now = not self._gathers(following)
+                    chained = _Chained(
+                        following, await self._read(s, following) if read_now else None
+                    )
+            else:
+                held_still = await self.queue.settle(
+                    s, job.job_id, self.name, "done", outcome=outcome, absorbed=held.absorbed
+                )
+            if not held_still:
                 raise LeaseLost
         held.absorbed = []  # settled with the head
-        return result
+        if chain is not None and chained is not None:
+            chain.append(chained)
+        return result, chained
 
     async def _fail_or_retry(self, job: ClaimedJob, error: str, *, permanent: bool = False) -> None:
         if permanent or job.attempts >= self.settings.max_attempts:

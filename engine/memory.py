@@ -422,26 +422,12 @@ class MemoryManager:
         result = ApplyResult()
         allowed = plan.calls[: self.settings.max_calls_per_job * max(len(turns), 1)]
         result.over_call_limit = len(plan.calls) - len(allowed)
-        room = None
-        counted = None
-        if any(call.name == "add_memory" for call in allowed):
-            counted = await scope.count_memories()
-            room = self.settings.max_per_user - counted
         for call in allowed:
-            full = room is not None and room <= 0
-            if full and call.name == "add_memory" and call.error is None:
-                result.over_memory_limit += 1
-                continue
             try:
-                before = len(result.added) - len(result.deleted)
                 turn = _turn_of(call, turns)
                 await self._apply_one(scope, plan.aliases, call, turn, result)
-                if room is not None:
-                    room -= len(result.added) - len(result.deleted) - before
             except (InvalidInput, NotFound) as exc:
                 result.rejected.append(f"{call.name}: {exc.message}")
-        if counted is not None:
-            result.memory_count = counted + len(result.added) - len(result.deleted)
         return result
 
     async def _apply_one(
@@ -460,17 +446,23 @@ class MemoryManager:
         if call.name in ("add_memory", "update_memory"):
             _not_the_example(_text(args, "memory"))
         if call.name == "add_memory":
-            memory = await scope.add_memory(
+            # Each add counts the user's memories in its own statement, so no
+            # add takes the user past memory.max_per_user, without a count first.
+            added = await scope.add_memory_within(
                 _text(args, "memory"),
                 _topics(args),
+                self.settings.max_per_user,
                 source_session_id=source.session_id,
                 actor="job",
                 **audit,
             )
-            if memory is None:
+            result.memory_count = added.count
+            if added.refused:
+                result.over_memory_limit += 1
+            elif added.memory is None:
                 result.skipped_duplicates += 1
             else:
-                result.added.append(memory)
+                result.added.append(added.memory)
         elif call.name == "update_memory":
             memory_id = _resolve(aliases, args)
             topics = _topics(args) if "topics" in args else None
@@ -483,6 +475,8 @@ class MemoryManager:
             result.deleted.append(
                 await scope.delete_memory(_resolve(aliases, args), actor="job", **audit)
             )
+            if result.memory_count is not None:
+                result.memory_count -= 1
         else:
             raise InvalidInput(f"unknown tool {printable(call.name)}")
 

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Literal
 from engine.db import Database
 from engine.models.base import Usage
 from engine.records import JobCounts, JobStatus, MemoryJob, Message
-from engine.store import stored_error
+from engine.store import FollowUp, stored_error
 from engine.validation import storable
 
 if TYPE_CHECKING:
@@ -68,6 +68,19 @@ ENQUEUE = """
     SELECT job_id FROM job, LATERAL pg_notify($5, json_build_object(
         'user_id', $1::text, 'job_id', job_id, 'state', 'pending')::text) n
 """
+
+# ENQUEUE as a follow-up of the statement that stores the reply (store.FollowUp):
+# the reply row is ``msg``, $10 the turn's user message, $11 the channel.
+ENQUEUE_WITH_REPLY = """
+    , job AS (
+        INSERT INTO memory_jobs
+            (user_id, session_id, user_message_id, assistant_message_id)
+        SELECT user_id, session_id, $10, message_id FROM msg
+        RETURNING user_id, job_id
+    )
+"""
+ENQUEUED_JOB = """(SELECT job_id FROM job, LATERAL pg_notify($11, json_build_object(
+    'user_id', job.user_id, 'job_id', job.job_id, 'state', 'pending')::text) n)"""
 
 CLAIM_HEAD_JOB = f"""
     WITH claimed AS (
@@ -207,6 +220,48 @@ SETTLE_WITH_ABSORBED = f"""
     SELECT (SELECT count(*) FROM head) AS head, (SELECT count(*) FROM rest) AS rest
 """
 
+# SETTLE_WITH_ABSORBED ($1..$12, the head done) and, in the same statement,
+# the user's next head claimed by this worker ($13: lease seconds), so that a
+# chained run needs no transaction and no dispatcher claim of its own. The
+# head rule is memchat_queue_head's (migration 0007), written out because
+# this statement's snapshot still shows the jobs it settles as running.
+SETTLE_AND_CLAIM_NEXT = f"""
+    WITH head AS ({SETTLE}), rest AS (
+        UPDATE memory_jobs
+           SET status = 'done', last_error = NULL,
+               note = concat_ws('; ', $12::text, 'succeeded after: ' || last_error),
+               extraction = COALESCE($8, extraction),
+               finished_at = clock_timestamp(), lease_until = NULL
+         WHERE job_id = ANY($11::bigint[]) AND worker = $2 AND status = 'running'
+        RETURNING pg_notify($6, json_build_object(
+            'user_id', user_id, 'job_id', job_id, 'state', 'done')::text)
+    ), next AS (
+        UPDATE memory_jobs
+           SET status = 'running', attempts = attempts + 1, worker = $2,
+               started_at = clock_timestamp(),
+               lease_until = clock_timestamp() + make_interval(secs => $13)
+         WHERE job_id = (
+                   SELECT j.job_id FROM memory_jobs j
+                    WHERE j.user_id = (SELECT user_id FROM head)
+                      AND j.status = 'pending' AND j.run_after <= clock_timestamp()
+                      AND NOT EXISTS (
+                          SELECT 1 FROM memory_jobs older
+                           WHERE older.user_id = j.user_id
+                             AND older.status IN ('pending', 'running')
+                             AND older.job_id < j.job_id
+                             AND older.job_id <> ALL(array_append($11::bigint[], $1)))
+                    ORDER BY j.job_id LIMIT 1
+                      FOR UPDATE SKIP LOCKED)
+        RETURNING job_id, user_id, session_id, user_message_id, assistant_message_id,
+                  attempts, pg_notify($6, json_build_object(
+                      'user_id', user_id, 'job_id', job_id, 'state', 'running')::text)
+    )
+    SELECT (SELECT count(*) FROM head) AS head, (SELECT count(*) FROM rest) AS rest,
+           next.job_id, next.user_id, next.session_id, next.user_message_id,
+           next.assistant_message_id, next.attempts
+      FROM (SELECT 1) one LEFT JOIN next ON true
+"""
+
 GET_JOB = f"SELECT {_JOB_COLUMNS} FROM memory_jobs WHERE job_id = $1"
 
 # A person's "retry" of a failed job: pending and due again, attempts reset;
@@ -335,6 +390,12 @@ class JobQueue:
         return job_id
 
     @staticmethod
+    def with_reply(user_message: Message) -> FollowUp:
+        """The turn's job, queued by the very statement that stores its reply
+        (``UserScope.append_message``): one round trip, not two."""
+        return FollowUp(ENQUEUE_WITH_REPLY, ENQUEUED_JOB, (user_message.message_id, JOB_CHANNEL))
+
+    @staticmethod
     async def claim_head_job(
         scope: UserScope, worker: str, lease_seconds: float
     ) -> MemoryJob | None:
@@ -369,19 +430,7 @@ class JobQueue:
         ``absorbed`` jobs (only with ``done``) end ``done`` in the same
         statement, noted as coalesced into this one; False if any was lost.
         """
-        outcome = outcome or JobOutcome()
-        args = (
-            job_id,
-            worker,
-            status,
-            stored_error(error),
-            retry_in,
-            JOB_CHANNEL,
-            storable(outcome.note) if outcome.note is not None else None,
-            outcome.extraction,
-            outcome.usage.prompt_tokens if outcome.usage else None,
-            outcome.usage.completion_tokens if outcome.usage else None,
-        )
+        args = _settle_args(job_id, worker, status, error, retry_in, outcome or JobOutcome())
         if absorbed:
             if status != "done":
                 raise ValueError("only a job that ends done settles the jobs it took along")
@@ -392,6 +441,43 @@ class JobQueue:
             settled: bool = row["head"] == 1 and row["rest"] == len(absorbed)
             return settled
         return await scope.conn.fetchrow(SETTLE, *args) is not None
+
+    @staticmethod
+    async def settle_and_claim_next(
+        scope: UserScope,
+        job_id: int,
+        worker: str,
+        lease_seconds: float,
+        *,
+        outcome: JobOutcome,
+        absorbed: Sequence[int] = (),
+    ) -> tuple[bool, ClaimedJob | None]:
+        """Settle a job ``done`` (with the jobs it took along) and claim its user's
+        next head in the same statement: (still held, the claimed job or None).
+
+        Nothing is claimed when the job was no longer held; the caller rolls
+        back then, as after ``settle``.
+        """
+        row = await scope.conn.fetchrow(
+            SETTLE_AND_CLAIM_NEXT,
+            *_settle_args(job_id, worker, "done", None, None, outcome),
+            list(absorbed),
+            f"coalesced into job {job_id}",
+            lease_seconds,
+        )
+        assert row is not None  # one row: FROM (SELECT 1) LEFT JOIN next
+        if row["head"] != 1 or row["rest"] != len(absorbed):
+            return False, None
+        if row["job_id"] is None:
+            return True, None
+        return True, ClaimedJob(
+            row["job_id"],
+            row["user_id"],
+            row["session_id"],
+            row["user_message_id"],
+            row["assistant_message_id"],
+            row["attempts"],
+        )
 
     @staticmethod
     async def absorb_turns(
@@ -485,3 +571,26 @@ class JobQueue:
         if row["status"] == "failed":
             return "failed", row["last_error"]
         return "idle", None
+
+
+def _settle_args(
+    job_id: int,
+    worker: str,
+    status: JobStatus,
+    error: str | None,
+    retry_in: float | None,
+    outcome: JobOutcome,
+) -> tuple[object, ...]:
+    """SETTLE's parameters, $1 to $10."""
+    return (
+        job_id,
+        worker,
+        status,
+        stored_error(error),
+        retry_in,
+        JOB_CHANNEL,
+        storable(outcome.note) if outcome.note is not None else None,
+        outcome.extraction,
+        outcome.usage.prompt_tokens if outcome.usage else None,
+        outcome.usage.completion_tokens if outcome.usage else None,
+    )

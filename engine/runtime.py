@@ -20,14 +20,14 @@ from engine.models import ChatModel, create_model
 from engine.priority import ReplyPriority
 from engine.queue import JobQueue
 from engine.records import Message
-from engine.store import Store, UserScope
+from engine.store import FollowUp, Store, UserScope
 
 log = logging.getLogger(__name__)
 
 
-async def enqueue_memory_job(scope: UserScope, user_message: Message, reply: Message) -> None:
-    """The agent's after-reply hook: the job is written with the reply, atomically."""
-    await JobQueue.enqueue(scope, user_message, reply)
+async def memory_job_with_reply(scope: UserScope, user_message: Message) -> FollowUp:
+    """The agent's hook: the memory job is written by the reply's own statement."""
+    return JobQueue.with_reply(user_message)
 
 
 @dataclass(slots=True)
@@ -120,7 +120,7 @@ async def open_runtime(
         store,
         model,
         settings,
-        after_reply=enqueue_memory_job,
+        with_reply=memory_job_with_reply,
         priority=priority,
         embedder=embedder,
     )

@@ -2,8 +2,9 @@
 
 Use it as ``async with store.scope(user_id) as s: await s.list_sessions()``.
 Everything done through one ``UserScope`` is one transaction, so a turn can
-store its reply and enqueue its memory job atomically (``JobQueue.enqueue``
-takes the scope: the job queue's statements live in engine/queue.py). The scope's
+store its reply and enqueue its memory job atomically: in one statement, as
+a ``FollowUp`` of the reply's INSERT (``JobQueue.with_reply``: the job
+queue's statements live in engine/queue.py). The scope's
 transaction is the database's row-level security scope too: an id that
 belongs to another user is simply not there.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -58,9 +60,51 @@ _MEMORY_COLUMNS = (
     "memory_id, user_id, content, topics, source_session_id, source_message_id, "
     "created_at, updated_at"
 )
+# A message and its session's touch, as the CTE ``msg`` ($1 to $9, see
+# UserScope._append_args); the caller's statement goes on from there.
+_APPEND_MESSAGE = f"""
+    WITH touched AS (
+        UPDATE sessions
+           SET updated_at = clock_timestamp(), title = COALESCE(title, $7)
+         WHERE session_id = $1
+        RETURNING session_id
+    ), msg AS (
+        INSERT INTO messages (session_id, user_id, role, content, status, error,
+                              prompt_tokens, completion_tokens)
+        SELECT session_id, $2, $3, $4, $5, $6, $8, $9 FROM touched
+        RETURNING {_MESSAGE_COLUMNS}
+    )
+"""
+
+_ADDED_COLUMNS = ", ".join("m." + c for c in _MEMORY_COLUMNS.split(", "))
+
 _EVENT_COLUMNS = (
     "event_id, memory_id, user_id, op, before, after, job_id, source_message_id, actor, at"
 )
+
+
+@dataclass(frozen=True, slots=True)
+class FollowUp:
+    """Work done by the statement that appends a message, over its new row ``msg``.
+
+    ``ctes`` (each starting with a comma) follow the message's CTEs; ``column``
+    is an expression the final SELECT evaluates once (it must read the CTEs
+    whose effects must happen, e.g. a NOTIFY); ``args`` are numbered from $10.
+    """
+
+    ctes: str
+    column: str
+    args: tuple[object, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Added:
+    """What ``add_memory_within`` did: the new memory (None: a duplicate, or
+    ``refused`` at the limit) and how many memories the user has now."""
+
+    memory: Memory | None
+    count: int
+    refused: bool = False
 
 
 class Store:
@@ -191,40 +235,90 @@ class UserScope:
         status: MessageStatus = "complete",
         error: str | None = None,
         usage: Usage | None = None,
+        follow_up: FollowUp | None = None,
     ) -> Message:
-        """Append one message; a user's first message becomes the session's title."""
+        """Append one message; a user's first message becomes the session's title.
+
+        ``follow_up``: more work over the new row, done by the same statement
+        (the memory job of a reply: ``JobQueue.follow_reply``).
+        """
         sid = parse_session_id(session_id)
-        content = storable(content)
-        title = default_title(content) if role == "user" else None
-        try:
-            row = await self.conn.fetchrow(
-                f"""
-                WITH touched AS (
-                    UPDATE sessions
-                       SET updated_at = clock_timestamp(), title = COALESCE(title, $7)
-                     WHERE session_id = $1
-                    RETURNING session_id
-                )
-                INSERT INTO messages (session_id, user_id, role, content, status, error,
-                                      prompt_tokens, completion_tokens)
-                SELECT session_id, $2, $3, $4, $5, $6, $8, $9 FROM touched
-                RETURNING {_MESSAGE_COLUMNS}
-                """,
-                sid,
-                self.user_id,
-                role,
-                content,
-                status,
-                stored_error(error),
-                title,
-                usage.prompt_tokens if usage else None,
-                usage.completion_tokens if usage else None,
-            )
-        except asyncpg.ForeignKeyViolationError:
-            row = None
-        if row is None:
+        args = self._append_args(sid, role, content, status, error, usage)
+        extra = follow_up or FollowUp("", "NULL", ())
+        query = (
+            f"{_APPEND_MESSAGE}{extra.ctes} "
+            f"SELECT {_MESSAGE_COLUMNS}, {extra.column} AS follow_up FROM msg"
+        )
+        row = await self._fetch_appended(sid, query, *args, *extra.args)
+        return Message(**{k: v for k, v in row.items() if k != "follow_up"})
+
+    async def append_user_message(
+        self, session_id: str | uuid.UUID, content: str, history: int
+    ) -> tuple[Message, list[Message]]:
+        """Append the user's message and read the ``history`` messages before it, in
+        one statement: (the message, the history and the message, oldest first)."""
+        sid = parse_session_id(session_id)
+        args = self._append_args(sid, "user", content, "complete", None, None)
+        # The statement's snapshot is taken before its INSERT: the earlier
+        # messages are read as they were, and the new one comes from RETURNING.
+        query = f"""
+            {_APPEND_MESSAGE}
+            SELECT {_MESSAGE_COLUMNS}, 0 AS newest FROM msg
+            UNION ALL
+            SELECT * FROM (
+                SELECT {_MESSAGE_COLUMNS}, 1 AS newest FROM messages
+                 WHERE session_id = $1
+                 ORDER BY message_id DESC
+                 LIMIT $10
+            ) earlier
+        """
+        rows = await self._fetch_all_appended(sid, query, *args, max(history, 0))
+        new = [r for r in rows if r["newest"] == 0]
+        if not new:
             raise self._no_session(sid)
-        return Message(**row)
+        messages = [Message(**{k: v for k, v in r.items() if k != "newest"}) for r in rows]
+        return Message(**{k: v for k, v in new[0].items() if k != "newest"}), sorted(
+            messages, key=lambda m: m.message_id
+        )
+
+    def _append_args(
+        self,
+        sid: uuid.UUID,
+        role: MessageRole,
+        content: str,
+        status: MessageStatus,
+        error: str | None,
+        usage: Usage | None,
+    ) -> tuple[object, ...]:
+        """_APPEND_MESSAGE's parameters, $1 to $9."""
+        content = storable(content)
+        return (
+            sid,
+            self.user_id,
+            role,
+            content,
+            status,
+            stored_error(error),
+            default_title(content) if role == "user" else None,
+            usage.prompt_tokens if usage else None,
+            usage.completion_tokens if usage else None,
+        )
+
+    async def _fetch_appended(self, sid: uuid.UUID, query: str, *args: object) -> asyncpg.Record:
+        rows = await self._fetch_all_appended(sid, query, *args)
+        return rows[0]
+
+    async def _fetch_all_appended(
+        self, sid: uuid.UUID, query: str, *args: object
+    ) -> list[asyncpg.Record]:
+        try:
+            rows = await self.conn.fetch(query, *args)
+        except asyncpg.ForeignKeyViolationError:
+            rows = []
+        # No row: the session is not there (deleted, or another user's).
+        if not rows:
+            raise self._no_session(sid)
+        return rows
 
     async def last_turn(self, session_id: str | uuid.UUID) -> tuple[Message, Message | None]:
         """The session's last user message and its reply (None when unanswered).
@@ -260,6 +354,7 @@ class UserScope:
         status: MessageStatus = "complete",
         error: str | None = None,
         usage: Usage | None = None,
+        follow_up: FollowUp | None = None,
     ) -> Message:
         """Store a new reply to ``user_message`` in place of the one(s) it had.
 
@@ -294,7 +389,7 @@ class UserScope:
             user_message.message_id,
         )
         return await self.append_message(
-            sid, "assistant", content, status=status, error=error, usage=usage
+            sid, "assistant", content, status=status, error=error, usage=usage, follow_up=follow_up
         )
 
     async def last_messages(self, session_id: str | uuid.UUID, limit: int) -> list[Message]:
@@ -401,16 +496,42 @@ class UserScope:
         actor: str = "user",
     ) -> Memory | None:
         """Remember a fact; None when the user already has the same memory."""
+        added = await self.add_memory_within(
+            content,
+            topics,
+            None,
+            source_session_id=source_session_id,
+            source_message_id=source_message_id,
+            job_id=job_id,
+            actor=actor,
+        )
+        return added.memory
+
+    async def add_memory_within(
+        self,
+        content: str,
+        topics: Sequence[str],
+        limit: int | None,
+        *,
+        source_session_id: uuid.UUID | None = None,
+        source_message_id: int | None = None,
+        job_id: int | None = None,
+        actor: str = "user",
+    ) -> Added:
+        """``add_memory``, refused when the user has ``limit`` memories already:
+        the count and the add are one statement (a memory job's adds)."""
         content = self._clean_memory(content)
         try:
-            # The memory, its audit row and the NOTIFY in one statement (one
-            # round trip): this runs once per extracted fact.
+            # The count, the memory, its audit row and the NOTIFY in one
+            # statement (one round trip): this runs once per extracted fact.
             row = await self.conn.fetchrow(
                 f"""
-                WITH m AS (
+                WITH n AS (
+                    SELECT count(*) AS before FROM memories WHERE user_id = $1
+                ), m AS (
                     INSERT INTO memories
                         (user_id, content, topics, source_session_id, source_message_id)
-                    VALUES ($1, $2, $3, $4, $5)
+                    SELECT $1, $2, $3, $4, $5 FROM n WHERE $9::int IS NULL OR n.before < $9
                     ON CONFLICT (user_id, content_key) DO NOTHING
                     RETURNING {_MEMORY_COLUMNS}
                 ), ev AS (
@@ -419,11 +540,13 @@ class UserScope:
                     SELECT memory_id, user_id, 'add', NULL, content, $6, $5, $7 FROM m
                     RETURNING event_id
                 )
-                SELECT {_MEMORY_COLUMNS},
-                       pg_notify($8, json_build_object(
-                           'user_id', m.user_id, 'memory_id', m.memory_id, 'op', 'add',
-                           'event_id', (SELECT event_id FROM ev))::text)::text AS notified
-                  FROM m
+                SELECT n.before AS counted, {_ADDED_COLUMNS},
+                       CASE WHEN m.memory_id IS NOT NULL THEN
+                           pg_notify($8, json_build_object(
+                               'user_id', m.user_id, 'memory_id', m.memory_id, 'op', 'add',
+                               'event_id', (SELECT event_id FROM ev))::text)::text
+                       END AS notified
+                  FROM n LEFT JOIN m ON true
                 """,
                 self.user_id,
                 content,
@@ -433,6 +556,7 @@ class UserScope:
                 job_id,
                 actor,
                 MEMORY_CHANNEL,
+                limit,
             )
         except asyncpg.ForeignKeyViolationError as exc:
             missing = (
@@ -443,9 +567,13 @@ class UserScope:
             raise NotFound(
                 f"cannot add a memory for user {printable(self.user_id)}: {missing}"
             ) from None
-        if row is None:
-            return None
-        return _memory(row)
+        assert row is not None  # FROM n (one row) LEFT JOIN m
+        fields = dict(row)
+        counted: int = fields.pop("counted")
+        if fields["memory_id"] is None:
+            full = limit is not None and counted >= limit
+            return Added(None, counted, refused=full)
+        return Added(_memory(fields), counted + 1)
 
     async def update_memory(
         self,

@@ -205,3 +205,30 @@ async def test_two_hundred_users_three_turns_each_on_one_agent(
         f"\n200 users x {turns} turns: wall {wall:.2f}s, ideal {ideal:.2f}s, "
         f"overhead per turn {(wall - ideal) / turns * 1000:.0f} ms"
     )
+
+
+async def test_regenerating_carries_at_most_context_limit_memories(
+    store: Store, settings: Settings, model: OpenAIChatModel, fake: FakeOpenAI
+) -> None:
+    # Issue 15, item 3: never the whole list, on a regenerated reply either.
+    settings.memory.context_limit = 3
+    agent = Agent(store, model, settings)
+    sid = await _session(store, "rena")
+    async with store.scope("rena") as s:
+        for n in range(12):
+            assert await s.add_memory(f"Rena owns plant number {n}.") is not None
+    await agent.run("rena", sid, "Which plants do I own?")
+    first = _memory_lines(fake.requests[-1])
+    events = [e async for e in agent.regenerate("rena", sid)]
+    assert isinstance(events[-1], TurnCompleted)
+    again = _memory_lines(fake.requests[-1])
+    assert fake.requests[-1]["messages"][-1]["content"] == "Which plants do I own?"
+    assert 0 < len(again) <= 3, again
+    assert len(first) == len(again)
+
+
+def _memory_lines(request: dict[str, object]) -> list[str]:
+    messages = request["messages"]
+    assert isinstance(messages, list)
+    system = str(messages[0]["content"])
+    return [line for line in system.splitlines() if line.startswith("- Rena owns plant")]

@@ -40,9 +40,9 @@ from engine.events import MemoryChanged, Resync
 from engine.jobs import job_counts
 from engine.queue import JobQueue
 from engine.records import Message
-from engine.runtime import Runtime, enqueue_memory_job, open_runtime
+from engine.runtime import Runtime, memory_job_with_reply, open_runtime
 from engine.scenarios import run_load
-from engine.store import UserScope
+from engine.store import FollowUp, UserScope
 from tests.conftest import make_settings
 
 pytestmark = [pytest.mark.db, pytest.mark.slow]
@@ -355,14 +355,14 @@ async def test_reply_write_hitting_a_dropped_connection_still_records_an_outcome
         storing = asyncio.Event()
         go_on = asyncio.Event()
 
-        async def hook(scope: UserScope, user_message: Message, reply: Message) -> None:
+        async def hook(scope: UserScope, user_message: Message) -> FollowUp:
             # Inside the transaction that stores the reply: hold it while PostgreSQL
             # drops every connection, then carry on as the runtime's hook does.
             storing.set()
             await go_on.wait()
-            await enqueue_memory_job(scope, user_message, reply)
+            return await memory_job_with_reply(scope, user_message)
 
-        agent = Agent(rt.store, rt.model, rt.settings, after_reply=hook)
+        agent = Agent(rt.store, rt.model, rt.settings, with_reply=hook)
         sid = await _new_session(rt, "alice")
         turn = asyncio.create_task(agent.run("alice", sid, "Hello there."))
         await storing.wait()

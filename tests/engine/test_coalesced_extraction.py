@@ -255,3 +255,40 @@ async def test_endpoint_429s_halve_concurrency_and_successes_give_it_back(
     assert lowered and "job(s) at once now, not 16" in lowered[0], lowered
     assert {r["status"]: r["n"] for r in statuses} == {"done": USERS * TURNS}, "none lost"
     assert rt.dispatcher.concurrency == 16, "successes gave the slots back"
+
+
+async def _gathered_calls(tmp_path: Path, dsn: str, wait_ms: int) -> tuple[int, int]:
+    """Sixty users each say two things in a row, workers running: the model calls
+    their memory jobs made, and the memories stored."""
+    users = [f"g{n}@example.com" for n in range(USERS)]
+    # Replies take 0.3 s: a user's first job starts while their second turn streams.
+    with FakeOpenAI(first_token_latency=0.3) as fake:
+        settings = _settings(tmp_path, dsn, fake, coalesce_wait_ms=wait_ms)
+        async with open_runtime(settings) as rt:
+
+            async def talk(n: int, user_id: str) -> None:
+                async with rt.store.scope(user_id) as s:
+                    sid = (await s.create_session("gather")).session_id
+                await rt.agent.run(user_id, sid, f"User{n} lives in town {n}.")
+                await rt.agent.run(user_id, sid, f"User{n} keeps {n} bees.")
+
+            await asyncio.gather(*(talk(n, u) for n, u in enumerate(users)))
+            assert await rt.dispatcher.wait_idle(users, within=120)
+            async with rt.db.admin() as conn:
+                stored = await conn.fetchval("SELECT count(*) FROM memories")
+        return len(_extraction_requests(fake)), stored
+
+
+async def test_a_job_waits_for_its_users_turn_under_way_and_takes_it_along(
+    tmp_path: Path, database_dsn: str, empty_database_dsn: str
+) -> None:
+    # memory.coalesce_wait_ms: a run whose user has a later turn streaming waits
+    # (bounded) for it, so one call covers both; 0 runs at once.
+    for name in ("wait", "nowait"):
+        (tmp_path / name).mkdir()
+    gathered, kept = await _gathered_calls(tmp_path / "wait", database_dsn, 5000)
+    assert kept == 2 * USERS  # no fact lost either way
+    assert gathered == USERS, "one call per user: the first job took the second turn along"
+    at_once, kept = await _gathered_calls(tmp_path / "nowait", empty_database_dsn, 0)
+    assert kept == 2 * USERS
+    assert at_once > gathered

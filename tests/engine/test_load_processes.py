@@ -117,8 +117,10 @@ async def test_processes_and_a_worker_over_http_audit_clean(
     assert len(body["cpu_s_per_process"]) == 3
     _, jobs = await _audit_again(database_dsn, tmp_path)
     assert jobs == 100
-    # Every turn and every memory job went over HTTP to the one fake server.
-    assert fake.request_count >= 200
+    # Every turn and every memory job went over HTTP to the one fake server:
+    # 100 replies, and at least one extraction per user (a run may take the
+    # user's second turn along: memory.coalesce_turns), so not 200 exactly.
+    assert fake.request_count >= 100 + 50
 
 
 @pytest.mark.slow
