@@ -1,0 +1,188 @@
+-- memchat schema: the runtime roles' grants as rows, not as code (issue 15).
+--
+-- Until now each migration that granted something new to the app, admin or
+-- worker login copied memchat_grant_runtime_roles whole (0006, 0007, 0008,
+-- 0009, 0011) with one step more. Now what each kind of login may do is a row
+-- of memchat_runtime_grants, and the function reads them: a later migration
+-- inserts its rows and calls memchat_apply_runtime_grants(<its version>) (for
+-- a database whose roles were granted already), and copies nothing.
+--
+-- The grants are exactly those 0011's function gave (tests/engine/
+-- test_runtime_grants.py compares every ACL and policy before and after).
+-- The table is the owner's: no runtime login can read or change it.
+
+CREATE TABLE memchat_runtime_grants (
+    grant_id    integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind        text NOT NULL CHECK (kind IN ('app', 'admin', 'worker')),
+    -- POLICY: a permissive SELECT policy <table>_<kind>_read, USING (true): a
+    -- read across users (the admin's), where row-level security would
+    -- otherwise show it nothing.
+    object_type text NOT NULL CHECK (object_type IN ('SCHEMA', 'TABLE', 'FUNCTION', 'POLICY')),
+    -- A table's name, or a function's signature as to_regprocedure reads it.
+    object_name text NOT NULL,
+    -- Keywords only (it is pasted into GRANT): 'SELECT, INSERT', 'EXECUTE'.
+    privileges  text NOT NULL CHECK (privileges ~ '^[A-Z]+(, [A-Z]+)*$'),
+    -- Skipped while the object does not exist (memory_vectors on a server
+    -- without pgvector); any other missing object is an error, not a silent gap.
+    optional    boolean NOT NULL DEFAULT false,
+    -- The migration that added the row.
+    since       integer NOT NULL,
+    UNIQUE (kind, object_type, object_name, privileges)
+);
+
+INSERT INTO memchat_runtime_grants (kind, object_type, object_name, privileges, optional, since)
+VALUES
+    -- 0006: the three logins and what each does.
+    ('app', 'SCHEMA', 'public', 'USAGE', false, 6),
+    ('admin', 'SCHEMA', 'public', 'USAGE', false, 6),
+    ('worker', 'SCHEMA', 'public', 'USAGE', false, 6),
+    -- app: a user's rows through the scope policies, nothing else.
+    ('app', 'TABLE', 'users', 'SELECT, INSERT, UPDATE, DELETE', false, 6),
+    ('app', 'TABLE', 'sessions', 'SELECT, INSERT, UPDATE, DELETE', false, 6),
+    ('app', 'TABLE', 'memories', 'SELECT, INSERT, UPDATE, DELETE', false, 6),
+    ('app', 'TABLE', 'memory_jobs', 'SELECT, INSERT, UPDATE, DELETE', false, 6),
+    ('app', 'TABLE', 'messages', 'SELECT, INSERT', false, 6),
+    ('app', 'TABLE', 'memory_events', 'SELECT, INSERT', false, 6),
+    -- admin: SELECT across users, through policies for it alone.
+    ('admin', 'POLICY', 'users', 'SELECT', false, 6),
+    ('admin', 'POLICY', 'sessions', 'SELECT', false, 6),
+    ('admin', 'POLICY', 'messages', 'SELECT', false, 6),
+    ('admin', 'POLICY', 'memories', 'SELECT', false, 6),
+    ('admin', 'POLICY', 'memory_events', 'SELECT', false, 6),
+    ('admin', 'POLICY', 'memory_jobs', 'SELECT', false, 6),
+    ('admin', 'TABLE', 'users', 'SELECT', false, 6),
+    ('admin', 'TABLE', 'sessions', 'SELECT', false, 6),
+    ('admin', 'TABLE', 'messages', 'SELECT', false, 6),
+    ('admin', 'TABLE', 'memories', 'SELECT', false, 6),
+    ('admin', 'TABLE', 'memory_events', 'SELECT', false, 6),
+    ('admin', 'TABLE', 'memory_jobs', 'SELECT', false, 6),
+    ('admin', 'TABLE', 'memchat_migrations', 'SELECT', false, 6),
+    ('admin', 'TABLE', 'memchat_queue_limits', 'SELECT', false, 6),
+    ('admin', 'FUNCTION', 'memchat_job_counts()', 'EXECUTE', false, 6),
+    -- worker: the queue functions and nothing else.
+    ('worker', 'FUNCTION', 'memchat_claim_jobs(text, double precision, integer)', 'EXECUTE',
+     false, 6),
+    ('worker', 'FUNCTION', 'memchat_requeue_expired_jobs()', 'EXECUTE', false, 6),
+    ('worker', 'FUNCTION', 'memchat_job_counts()', 'EXECUTE', false, 6),
+    -- 0007: the queue's rule and channel.
+    ('app', 'FUNCTION', 'memchat_queue_head(text, bigint)', 'EXECUTE', false, 7),
+    ('app', 'FUNCTION', 'memchat_job_channel()', 'EXECUTE', false, 7),
+    ('admin', 'FUNCTION', 'memchat_job_channel()', 'EXECUTE', false, 7),
+    ('worker', 'FUNCTION', 'memchat_job_channel()', 'EXECUTE', false, 7),
+    -- 0008: a reply may be replaced (the restrictive policy
+    -- messages_delete_replies keeps user messages undeletable).
+    ('app', 'TABLE', 'messages', 'DELETE', false, 8),
+    -- 0009: the memory search, for the app's own scope's user only.
+    ('app', 'FUNCTION', 'memchat_recall(text, integer, integer)', 'EXECUTE', false, 9),
+    -- 0011: memory vectors, where this database has them (pgvector).
+    ('app', 'TABLE', 'memory_vectors', 'SELECT, INSERT, UPDATE, DELETE', true, 11),
+    ('app', 'FUNCTION', 'memchat_recall_vector(text, text, text, integer, integer)', 'EXECUTE',
+     true, 11),
+    ('admin', 'POLICY', 'memory_vectors', 'SELECT', true, 11),
+    ('admin', 'TABLE', 'memory_vectors', 'SELECT', true, 11);
+
+-- Gives p_app, p_admin, p_worker what the rows from migration p_since on say.
+CREATE FUNCTION memchat_apply_grants(p_app text, p_admin text, p_worker text, p_since integer)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = public, pg_temp
+AS $$
+DECLARE
+    g memchat_runtime_grants;
+    v_role text;
+    v_object text;
+BEGIN
+    FOR g IN SELECT * FROM memchat_runtime_grants WHERE since >= p_since ORDER BY grant_id LOOP
+        v_role := CASE g.kind WHEN 'app' THEN p_app WHEN 'admin' THEN p_admin ELSE p_worker END;
+        -- The object as the catalogue names it (quoted where it must be), or NULL.
+        v_object := CASE g.object_type
+            WHEN 'SCHEMA' THEN (SELECT quote_ident(nspname) FROM pg_namespace
+                                 WHERE nspname = g.object_name)
+            WHEN 'FUNCTION' THEN to_regprocedure(g.object_name)::text
+            ELSE to_regclass(g.object_name)::text
+        END;
+        IF v_object IS NULL THEN
+            IF g.optional THEN
+                CONTINUE;
+            END IF;
+            RAISE EXCEPTION 'memchat_runtime_grants row %: no % %', g.grant_id, g.object_type,
+                g.object_name;
+        END IF;
+        IF g.object_type = 'POLICY' THEN
+            EXECUTE format('DROP POLICY IF EXISTS %I ON %s',
+                           g.object_name || '_' || g.kind || '_read', v_object);
+            EXECUTE format('CREATE POLICY %I ON %s FOR %s TO %I USING (true)',
+                           g.object_name || '_' || g.kind || '_read', v_object, g.privileges,
+                           v_role);
+        ELSE
+            EXECUTE format('GRANT %s ON %s %s TO %I', g.privileges, g.object_type, v_object,
+                           v_role);
+        END IF;
+    END LOOP;
+END
+$$;
+REVOKE ALL ON FUNCTION memchat_apply_grants(text, text, text, integer) FROM PUBLIC;
+
+-- For a later migration: give the roles this database was granted to (if it
+-- was: a new database is granted after its migrations) the rows it added.
+CREATE FUNCTION memchat_apply_runtime_grants(p_since integer)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_app text := (SELECT rolname FROM memchat_runtime_roles WHERE kind = 'app');
+    v_admin text := (SELECT rolname FROM memchat_runtime_roles WHERE kind = 'admin');
+    v_worker text := (SELECT rolname FROM memchat_runtime_roles WHERE kind = 'worker');
+BEGIN
+    IF v_app IS NOT NULL AND v_admin IS NOT NULL AND v_worker IS NOT NULL THEN
+        PERFORM memchat_apply_grants(v_app, v_admin, v_worker, p_since);
+    END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION memchat_apply_runtime_grants(integer) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION memchat_grant_runtime_roles(p_app text, p_admin text, p_worker text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_role text;
+BEGIN
+    -- 1. Whoever held this database's grants before, and is not one of the new roles.
+    FOR v_role IN
+        SELECT r.rolname FROM pg_roles r
+         WHERE r.rolname IN (SELECT rolname FROM memchat_runtime_roles
+                             UNION ALL SELECT 'memchat_app' UNION ALL SELECT 'memchat_admin')
+           AND r.rolname <> ALL (ARRAY[p_app, p_admin, p_worker])
+    LOOP
+        EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA public FROM %I', v_role);
+        EXECUTE format('REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM %I', v_role);
+        EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA public FROM %I', v_role);
+        EXECUTE format('REVOKE ALL ON SCHEMA public FROM %I', v_role);
+        IF pg_has_role(current_user, (SELECT datdba FROM pg_database
+                                       WHERE datname = current_database()), 'MEMBER') THEN
+            EXECUTE format('REVOKE ALL ON DATABASE %I FROM %I', current_database(), v_role);
+        END IF;
+    END LOOP;
+
+    -- 2. What each kind may do: memchat_runtime_grants, every row.
+    PERFORM memchat_apply_grants(p_app, p_admin, p_worker, 0);
+
+    -- 3. Only these roles (and the owner, superusers) may connect, where we may say so:
+    --    another deployment's logins on this cluster cannot even open this database.
+    --    (Needs the database's owner; otherwise PUBLIC keeps CONNECT, and the tables'
+    --    grants above are what keeps other logins out.)
+    IF EXISTS (SELECT 1 FROM pg_database d WHERE d.datname = current_database()
+                 AND pg_has_role(current_user, d.datdba, 'MEMBER')) THEN
+        EXECUTE format('REVOKE CONNECT, TEMPORARY ON DATABASE %I FROM PUBLIC', current_database());
+        EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I, %I, %I',
+                       current_database(), p_app, p_admin, p_worker);
+    END IF;
+
+    DELETE FROM memchat_runtime_roles;
+    INSERT INTO memchat_runtime_roles VALUES ('app', p_app), ('admin', p_admin),
+                                             ('worker', p_worker);
+END
+$$;
