@@ -71,7 +71,14 @@ async def _migrate_before(conn: asyncpg.Connection, version: int) -> None:
 
 def _new_in_0012(privileges: Privileges) -> Privileges:
     """What 0012 itself adds: its table and functions, the owner's alone."""
-    added = ("memchat_runtime_grants", "memchat_apply_grants(", "memchat_apply_runtime_grants(")
+    added = (
+        "memchat_runtime_grants",
+        "memchat_apply_grants(",
+        "memchat_apply_runtime_grants(",
+        "memory_words",
+        "memchat_count_memory_words(",
+        "memchat_forget_memory_words(",
+    )
     return frozenset(p for p in privileges if p[1].startswith(added))
 
 
