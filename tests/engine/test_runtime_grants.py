@@ -78,6 +78,9 @@ def _new_in_0012(privileges: Privileges) -> Privileges:
         "memory_words",
         "memchat_count_memory_words(",
         "memchat_forget_memory_words(",
+        "memchat_vector_index_name(",
+        "memchat_install_recall_vector(",
+        "memchat_index_vectors(",
     )
     return frozenset(p for p in privileges if p[1].startswith(added))
 
