@@ -8,6 +8,7 @@ over HTTP to the fake server where the prompt is what is checked.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -188,6 +189,48 @@ async def test_word_counts_follow_every_change_of_the_memories(
         assert await s.delete_user()
     assert await _word_counts(database_dsn, "ann") == {}
     assert (await _word_counts(database_dsn, "bo"))["dog"] == 1
+
+
+async def test_word_counts_stay_exact_under_concurrent_writers(
+    store: Store, database_dsn: str
+) -> None:
+    # 50 users writing at once, and 10 transactions writing one shared user's
+    # memories at once (statements interleaved: the '' row is what they queue
+    # on, so none deadlocks), then every count is recounted from the memories.
+    users = [f"user{i}" for i in range(50)]
+
+    async def write(user_id: str, tag: int) -> None:
+        async with store.scope(user_id) as s:
+            await s.ensure_user()
+            first = await s.add_memory(f"Keeps a parrot number {tag}")
+            await s.add_memory(f"Likes the colour {tag} and the sea")
+            assert first is not None
+            await s.update_memory(first.memory_id, f"Kept a parrot {tag} once")
+            await s.add_memory(f"Reads about the sea {tag}")
+
+    await asyncio.gather(*(write(user, i) for i, user in enumerate(users)))
+    await asyncio.gather(*(write("shared", 100 + i) for i in range(10)))
+    owner = await asyncpg.connect(database_dsn)
+    try:
+        wrong = await owner.fetchval(
+            """
+            WITH kept AS (SELECT user_id, lexeme, memories FROM memory_words),
+            counted AS (
+                SELECT m.user_id, l.lexeme, count(*)::int FROM memories AS m,
+                       unnest(array_append(tsvector_to_array(m.search), '')) AS l(lexeme)
+                 GROUP BY m.user_id, l.lexeme
+            )
+            SELECT (SELECT count(*) FROM (TABLE kept EXCEPT ALL TABLE counted) AS a)
+                 + (SELECT count(*) FROM (TABLE counted EXCEPT ALL TABLE kept) AS b)
+            """
+        )
+        shared = await owner.fetchval(
+            "SELECT memories FROM memory_words WHERE user_id = 'shared' AND lexeme = 'sea'"
+        )
+    finally:
+        await owner.close()
+    assert wrong == 0
+    assert shared == 20
 
 
 async def test_another_users_memories_never_come_back(store: Store, database_dsn: str) -> None:
