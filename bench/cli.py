@@ -25,7 +25,8 @@ SCENARIOS: dict[str, str] = {
     "cost": "CPU ms per run of memchat and PostgreSQL, SQL statements per run",
     "freshness": "turn completion -> memory visible to a subscriber; the NOTIFY hop",
     "soak": "20,000 runs: RSS and connections stay flat",
-    "recall": "10,000 memories vs 50: prompt size, turn CPU; retrieval p95 (1 M rows)",
+    "recall": "10,000 memories vs 50: prompt size, turn CPU; retrieval p95 (1 M rows); "
+    "vectors: exact vs HNSW",
     "tui": "keystroke latency while 3 panes stream, opening a long session, RSS",
     "processes": "the same load in 1 and in 2 memchat processes on one PostgreSQL",
     "peers": "the agent framework's cookbook workload beside memchat's (needs agno)",

@@ -16,7 +16,8 @@ Two points:
 * retrieval: ``engine.recall.relevant_memories`` alone, inside an open
   scope, for random big users and random turns: p50 / p95 / p99 latency, and
   the CPU a call costs PostgreSQL and memchat (what a shared machine's other
-  load does not inflate, unlike the latency).
+  load does not inflate, unlike the latency);
+* vector retrieval (where the server has pgvector): bench/recall_vectors.py.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from bench.harness import (
     percentile,
     used,
 )
+from bench.recall_vectors import vector_point
 from engine.agent import TurnCompleted
 from engine.models import ChatMessage, OfflineChatModel, StreamEvent
 from engine.models.prompt_blocks import parse_context_memories
@@ -176,6 +178,7 @@ async def run(server: BenchServer, *, quick: bool) -> list[Point]:
             latencies, leaks = await _retrieval(runtime, _big_users(big_users), samples, rng)
         cpu = used(readings)
         rows = await _row_count(dsn)
+        vectors = await vector_point(runtime, dsn, big_user, per_user, samples // 10, rng)
     limit = settings.memory.context_limit
     calls = samples + samples // 10
     turn_point = Point(
@@ -222,7 +225,7 @@ async def run(server: BenchServer, *, quick: bool) -> list[Point]:
         },
         targets={"retrieval_p95_ms": ("<=", TARGET_P95_MS), "leaks": ("<=", 0)},
     )
-    return [turn_point, retrieval_point]
+    return [turn_point, retrieval_point, *([vectors] if vectors else [])]
 
 
 async def _retrieval(

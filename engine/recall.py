@@ -8,10 +8,12 @@ scope's user only; the rows then come through row-level security as always.
 * relevance: PostgreSQL full-text search on ``memories.search`` (a generated
   tsvector, 'simple' configuration: any language, no stemming) with OR
   semantics, so any word the turn shares with a memory counts. A word found in
-  ``COMMON_HITS`` or more of the user's ``COMMON_SAMPLE`` newest memories
-  ("the", "is", the user's own name) says little about which memory the turn
-  is about and would make every memory a match to rank, so it does not count:
-  a stop list learnt from the user's own memories, in whatever language;
+  ``COMMON_HITS`` or more of the user's memories and in ``1/COMMON_SHARE`` of
+  them or more ("the", "is", the user's own name) says little about which
+  memory the turn is about and would make every memory a match to rank, so it
+  does not count: a stop list learnt from the user's own memories, in whatever
+  language. The counts are kept as memories change (memory_words, migration
+  0012), so judging a turn's words costs one index probe each;
 * recency: the newest memories fill what relevance leaves, and a fifth of the
   places are always theirs (what was just learnt stays in view).
 
@@ -47,10 +49,11 @@ MAX_TERMS = 16
 memchat_recall's LIMIT."""
 
 COMMON_HITS = 32
-COMMON_SAMPLE = 128
-"""A word in COMMON_HITS of the user's COMMON_SAMPLE newest memories is too common
-to pick one out (memchat_recall's figures). Judged on a sample, so that it costs
-the same at 100 memories and at 100,000."""
+COMMON_SHARE = 4
+"""A word in COMMON_HITS or more of the user's memories, and in a COMMON_SHARE-th
+of them or more, is too common to pick one out (memchat_recall's figures, 0012).
+Up to 128 memories that is the first rule alone, as 0009's sample of the newest
+128 said; beyond, the same share of all of them."""
 
 _COLUMNS = (
     "memory_id, user_id, content, topics, source_session_id, source_message_id, "

@@ -39,6 +39,7 @@ from engine.db.dsn import check_dsn, redact_dsn, with_database, with_login
 from engine.db.embedded import DATABASE_NAME, EmbeddedServer, start_embedded
 from engine.db.migrate import migrate
 from engine.db.roles import KINDS, RoleNames, role_names
+from engine.db.vector_index import index_vectors
 from engine.errors import DatabaseError, MemchatError
 from engine.text import reason_of
 from engine.validation import validate_user_id
@@ -205,6 +206,7 @@ class Database:
             applied = await migrate(owner, given=given, credentials=credentials)
             if applied:
                 log.info("applied migrations %s", applied)
+            await index_vectors(owner, settings.memory.embeddings_model)
             version = str(await owner.fetchval("SHOW server_version")).split()[0]
             database = str(await owner.fetchval("SELECT current_database()"))
         finally:

@@ -8,6 +8,7 @@ over HTTP to the fake server where the prompt is what is checked.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from engine.models import OpenAIChatModel
 from engine.models.prompt_blocks import parse_context_memories
 from engine.recall import (
     COMMON_HITS,
-    COMMON_SAMPLE,
+    COMMON_SHARE,
     MAX_TERMS,
     chat_memories,
     describe_retrieval,
@@ -130,6 +131,108 @@ async def test_words_common_among_the_users_memories_do_not_count(store: Store) 
     assert (await _pick(store, "bo", "my colour", limit=3))[0] == "Likes the colour red"
 
 
+async def test_a_word_in_a_quarter_of_a_large_users_memories_does_not_count(
+    store: Store,
+) -> None:
+    # 400 memories: "colour" is in 120 (over COMMON_HITS, and 120 * COMMON_SHARE
+    # >= 400): too common. "violet" in 60 is over COMMON_HITS but under a
+    # quarter, so it still picks its memories out, above the newest.
+    await _add(store, "ann", _filler(120), newest_last=False)
+    await _add(store, "ann", _filler(60, "violet"), newest_last=False)
+    await _add(store, "ann", [f"Fact {i}" for i in range(220)], newest_last=True, later_s=500)
+    assert COMMON_HITS <= 120 and 120 * COMMON_SHARE >= 400 and 60 * COMMON_SHARE < 400
+    by_recency = await _pick(store, "ann", "nothing shared", limit=5)
+    assert await _pick(store, "ann", "colour", limit=5) == by_recency
+    violet = await _pick(store, "ann", "violet", limit=5)
+    assert all(p.startswith("Likes the violet") for p in violet[:4])
+
+
+async def _word_counts(database_dsn: str, user_id: str) -> dict[str, int]:
+    owner = await asyncpg.connect(database_dsn)
+    try:
+        kept = await owner.fetch(
+            "SELECT lexeme, memories FROM memory_words WHERE user_id = $1", user_id
+        )
+        # What they must be: counted from the memories themselves.
+        counted = await owner.fetch(
+            "SELECT l.lexeme, count(*)::int AS memories FROM memories AS m, "
+            "unnest(array_append(tsvector_to_array(m.search), '')) AS l(lexeme) "
+            "WHERE m.user_id = $1 GROUP BY l.lexeme",
+            user_id,
+        )
+    finally:
+        await owner.close()
+    assert dict(kept) == dict(counted)
+    return dict(kept)
+
+
+async def test_word_counts_follow_every_change_of_the_memories(
+    store: Store, database_dsn: str
+) -> None:
+    await _add(store, "ann", ["Keeps an iguana", "Keeps a cat", "Likes tea"], newest_last=True)
+    await _add(store, "bo", ["Keeps a dog"], newest_last=True)
+    counts = await _word_counts(database_dsn, "ann")
+    assert (counts["keeps"], counts["iguana"], counts[""]) == (2, 1, 3)
+    async with store.scope("ann") as s:
+        added = await s.add_memory("Keeps bees")
+        assert added is not None
+        iguana = next(m for m in await s.list_memories() if m.content == "Keeps an iguana")
+        await s.update_memory(iguana.memory_id, "Had an iguana once")
+        await s.conn.execute("UPDATE memories SET topics = ARRAY['pets']")  # words unchanged
+    counts = await _word_counts(database_dsn, "ann")
+    assert (counts["keeps"], counts["iguana"], counts["had"], counts[""]) == (2, 1, 1, 4)
+    async with store.scope("ann") as s:
+        await s.delete_memory(iguana.memory_id)
+    counts = await _word_counts(database_dsn, "ann")
+    assert "iguana" not in counts and "had" not in counts and counts[""] == 3
+    async with store.scope("ann") as s:
+        assert await s.delete_user()
+    assert await _word_counts(database_dsn, "ann") == {}
+    assert (await _word_counts(database_dsn, "bo"))["dog"] == 1
+
+
+async def test_word_counts_stay_exact_under_concurrent_writers(
+    store: Store, database_dsn: str
+) -> None:
+    # 50 users writing at once, and 10 transactions writing one shared user's
+    # memories at once (statements interleaved: the '' row is what they queue
+    # on, so none deadlocks), then every count is recounted from the memories.
+    users = [f"user{i}" for i in range(50)]
+
+    async def write(user_id: str, tag: int) -> None:
+        async with store.scope(user_id) as s:
+            await s.ensure_user()
+            first = await s.add_memory(f"Keeps a parrot number {tag}")
+            await s.add_memory(f"Likes the colour {tag} and the sea")
+            assert first is not None
+            await s.update_memory(first.memory_id, f"Kept a parrot {tag} once")
+            await s.add_memory(f"Reads about the sea {tag}")
+
+    await asyncio.gather(*(write(user, i) for i, user in enumerate(users)))
+    await asyncio.gather(*(write("shared", 100 + i) for i in range(10)))
+    owner = await asyncpg.connect(database_dsn)
+    try:
+        wrong = await owner.fetchval(
+            """
+            WITH kept AS (SELECT user_id, lexeme, memories FROM memory_words),
+            counted AS (
+                SELECT m.user_id, l.lexeme, count(*)::int FROM memories AS m,
+                       unnest(array_append(tsvector_to_array(m.search), '')) AS l(lexeme)
+                 GROUP BY m.user_id, l.lexeme
+            )
+            SELECT (SELECT count(*) FROM (TABLE kept EXCEPT ALL TABLE counted) AS a)
+                 + (SELECT count(*) FROM (TABLE counted EXCEPT ALL TABLE kept) AS b)
+            """
+        )
+        shared = await owner.fetchval(
+            "SELECT memories FROM memory_words WHERE user_id = 'shared' AND lexeme = 'sea'"
+        )
+    finally:
+        await owner.close()
+    assert wrong == 0
+    assert shared == 20
+
+
 async def test_another_users_memories_never_come_back(store: Store, database_dsn: str) -> None:
     await _add(store, "bob", ["Bob keeps a secret iguana", *_filler(100)], newest_last=True)
     await _add(store, "ann", ["Likes tea"], newest_last=True)
@@ -165,8 +268,9 @@ async def test_another_users_memories_never_come_back(store: Store, database_dsn
 async def test_the_limits_in_python_are_the_functions(store: Store) -> None:
     async with store.scope("ann") as s:
         body = await s.conn.fetchval("SELECT prosrc FROM pg_proc WHERE proname = 'memchat_recall'")
-    assert f"LIMIT {MAX_TERMS}\n" in body and f"LIMIT {COMMON_SAMPLE}\n" in body
-    assert f"HAVING count(*) >= {COMMON_HITS}\n" in body
+    assert f"LIMIT {MAX_TERMS}\n" in body
+    assert f"c.memories >= {COMMON_HITS}\n" in body
+    assert f"c.memories * {COMMON_SHARE} >= " in body
 
 
 async def test_any_script_is_searchable(store: Store) -> None:

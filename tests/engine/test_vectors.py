@@ -22,13 +22,14 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from bench.fake_openai import FakeOpenAI, hashed_embedding
+from bench.fake_openai import EMBEDDING_DIMS, FakeOpenAI, hashed_embedding
 from engine.admin import CHECK_RLS, AdminReader
 from engine.agent import TurnCompleted
 from engine.config import Settings, load_settings
 from engine.db import Database
 from engine.db.dsn import with_login
 from engine.db.migrate import _ENSURE_LEGACY_ROLES
+from engine.db.vector_index import index_vectors
 from engine.doctor import RETRIEVAL, diagnose
 from engine.embeddings import COOLDOWN_SECONDS, Embedder, embeddings_endpoint, vector_literal
 from engine.errors import ConfigError
@@ -137,6 +138,51 @@ async def test_a_memory_near_in_meaning_is_picked_among_500(
     assert [round(float(x), 5) for x in stored.strip("[]").split(",")] == [
         round(x, 5) for x in hashed_embedding(IGUANA)
     ]
+
+
+async def test_the_hnsw_index_is_built_by_the_owner_and_finds_the_same_memory(
+    vector_dsn: str, store: Store, embedder: Embedder
+) -> None:
+    await _add(store, "ann", [IGUANA, *_filler(500)])
+    await _add(store, "bo", ["Bo keeps an iguana too", *_filler(300)])
+    for user in ("ann", "bo"):
+        await embed_missing(store, embedder, user, limit=1000)
+    exact = await _pick(store, embedder, "ann", QUESTION)
+    owner = await asyncpg.connect(vector_dsn)
+    try:
+        assert await index_vectors(owner, None) is None
+        said = await index_vectors(owner, "fake-embed")
+        assert said == f"HNSW index for fake-embed ({EMBEDDING_DIMS} dimensions)"
+        assert await index_vectors(owner, "fake-embed") == said  # once is enough
+        assert await index_vectors(owner, "no-such-model") == (
+            "exact search: no vectors of no-such-model yet"
+        )
+        name = await owner.fetchval(
+            "SELECT memchat_vector_index_name('fake-embed', $1)", EMBEDDING_DIMS
+        )
+        index = await owner.fetchval("SELECT indexdef FROM pg_indexes WHERE indexname = $1", name)
+        roles = dict(await owner.fetch("SELECT kind, rolname FROM memchat_runtime_roles"))
+        may_index = await owner.fetchval(
+            "SELECT has_function_privilege($1, 'memchat_index_vectors(text)', 'EXECUTE')",
+            roles["app"],
+        )
+    finally:
+        await owner.close()
+    assert f"hnsw (((embedding)::vector({EMBEDDING_DIMS})) vector_cosine_ops)" in index
+    assert "WHERE ((model = 'fake-embed'::text)" in index
+    assert may_index is False, "the runtime logins gain no right"
+    # With sorting priced out the planner must take the index: the search
+    # goes through it (this transaction's scans of it), still puts the iguana
+    # first, and only ann's memories come back.
+    near = await turn_vector(embedder, QUESTION)
+    async with store.scope("ann") as s:
+        await s.conn.execute("SET LOCAL enable_sort = off")
+        picked = [m.content for m in await relevant_memories(s, QUESTION, 50, near)]
+        scans = await s.conn.fetchval("SELECT pg_stat_get_xact_numscans($1::regclass)", name)
+    assert scans >= 1
+    assert picked[0] == exact[0] == IGUANA
+    assert "Bo keeps an iguana too" not in picked
+    assert len(picked) == 50
 
 
 async def test_the_chat_and_extraction_prompts_over_http_use_similarity(
