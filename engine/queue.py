@@ -204,10 +204,9 @@ RELEASE_ABSORBED = """
         'user_id', user_id, 'job_id', job_id, 'state', 'pending')::text)
 """
 
-# SETTLE for the head ($1..$10) and, in the same statement, its absorbed jobs
-# ($11) done with their note ($12): both counts say whether we still held them.
-SETTLE_WITH_ABSORBED = f"""
-    WITH head AS ({SETTLE}), rest AS (
+# The absorbed jobs ($11) of a head settled by SETTLE ($1..$10), done with
+# their note ($12); a CTE of the two statements below.
+_SETTLE_ABSORBED = """
         UPDATE memory_jobs
            SET status = 'done', last_error = NULL,
                note = concat_ws('; ', $12::text, 'succeeded after: ' || last_error),
@@ -216,7 +215,12 @@ SETTLE_WITH_ABSORBED = f"""
          WHERE job_id = ANY($11::bigint[]) AND worker = $2 AND status = 'running'
         RETURNING pg_notify($6, json_build_object(
             'user_id', user_id, 'job_id', job_id, 'state', 'done')::text)
-    )
+"""
+
+# SETTLE for the head ($1..$10) and, in the same statement, its absorbed jobs
+# ($11) done with their note ($12): both counts say whether we still held them.
+SETTLE_WITH_ABSORBED = f"""
+    WITH head AS ({SETTLE}), rest AS ({_SETTLE_ABSORBED})
     SELECT (SELECT count(*) FROM head) AS head, (SELECT count(*) FROM rest) AS rest
 """
 
@@ -226,16 +230,7 @@ SETTLE_WITH_ABSORBED = f"""
 # head rule is memchat_queue_head's (migration 0007), written out because
 # this statement's snapshot still shows the jobs it settles as running.
 SETTLE_AND_CLAIM_NEXT = f"""
-    WITH head AS ({SETTLE}), rest AS (
-        UPDATE memory_jobs
-           SET status = 'done', last_error = NULL,
-               note = concat_ws('; ', $12::text, 'succeeded after: ' || last_error),
-               extraction = COALESCE($8, extraction),
-               finished_at = clock_timestamp(), lease_until = NULL
-         WHERE job_id = ANY($11::bigint[]) AND worker = $2 AND status = 'running'
-        RETURNING pg_notify($6, json_build_object(
-            'user_id', user_id, 'job_id', job_id, 'state', 'done')::text)
-    ), next AS (
+    WITH head AS ({SETTLE}), rest AS ({_SETTLE_ABSORBED}), next AS (
         UPDATE memory_jobs
            SET status = 'running', attempts = attempts + 1, worker = $2,
                started_at = clock_timestamp(),
