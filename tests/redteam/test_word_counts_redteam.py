@@ -239,8 +239,9 @@ async def test_hostile_memory_text_is_counted_exactly(store: Store, database_dsn
 async def test_counts_stay_exact_through_rollbacks_deletions_and_noop_updates(
     store: Store, database_dsn: str
 ) -> None:
-    # 60 users at once, each: memories added, one updated to the same words,
-    # one updated to other words, one deleted, a transaction that writes and
+    # 60 users at once, each: memories added, one added again twice at once,
+    # one updated to the same words, one updated to other words, one deleted,
+    # a transaction that writes and
     # rolls back, and every fifth user deleted whole (the cascade); meanwhile 12
     # transactions write and roll back, or write and commit, one shared user's.
     users = [f"u{i:02d}" for i in range(60)]
@@ -252,6 +253,14 @@ async def test_counts_stay_exact_through_rollbacks_deletions_and_noop_updates(
             b = await s.add_memory(f"Reads {HOSTILE[tag % len(HOSTILE)][:300]} by the sea")
             c = await s.add_memory(f"Swims in the sea every {tag} days")
             assert a is not None and b is not None and c is not None
+
+        async def duplicate() -> None:
+            # Two transactions adding a memory the user has (the dedup path):
+            # neither may count it again.
+            async with store.scope(user_id) as s:
+                assert await s.add_memory(f"Swims in the sea every {tag} days") is None
+
+        await asyncio.gather(duplicate(), duplicate())
         async with store.scope(user_id) as s:
             await s.update_memory(a.memory_id, f"keeps a PARROT number {tag} near the SEA")
             await s.update_memory(b.memory_id, f"Reads novels {tag} by the lake")
