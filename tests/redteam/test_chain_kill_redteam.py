@@ -104,3 +104,49 @@ async def test_worker_killed_mid_chain_strands_no_job(
     assert [j.attempts for j in jobs] == [1, 2, 1]
     assert extractions == 2, "the worker made no third call: it died holding the second"
     assert audit.ok, [str(f) for c in audit.failed for f in c.findings]
+
+
+async def test_stop_cancelling_a_chained_job_gives_it_back_at_once(
+    tmp_path: Path, database_dsn: str, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop() running out of drain time while the chain's job hangs in the model:
+    that job (claimed by a settle, not by the dispatcher) is pending again at once,
+    not "running" until its lease ends."""
+    record = fake._record
+    extractions = 0
+    second = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def hang_the_second_extraction(body: dict[str, Any]) -> Any:
+        nonlocal extractions
+        number, fault, queued = record(body)
+        if body.get("tools") and not body.get("tool_choice"):
+            extractions += 1
+            if extractions == 2:
+                loop.call_soon_threadsafe(second.set)
+                return number, Fault("timeout"), queued
+        return number, fault, queued
+
+    monkeypatch.setattr(fake, "_record", hang_the_second_extraction)
+    settings = make_settings(
+        tmp_path,
+        database={"url": database_dsn},
+        model={"provider": "openai", "base_url": fake.base_url, "api_key": "sk-test-4f9a1c2e7b"},
+        memory={
+            "extraction": "tools",
+            "coalesce_turns": 1,
+            "lease_seconds": 600,
+            "drain_timeout": 0.5,
+        },
+    )
+    async with open_runtime(settings, run_workers=False) as rt:
+        async with rt.store.scope("alice") as s:
+            sid = (await s.create_session("chain")).session_id
+        for text in ("My name is Alice.", "I like tea.", "I live in Lisbon."):
+            await rt.agent.run("alice", sid, text)
+        rt.dispatcher.start()
+        await asyncio.wait_for(second.wait(), timeout=60)
+        await rt.dispatcher.stop()
+        async with rt.store.scope("alice") as s:
+            jobs = sorted(await JobQueue.list_jobs(s), key=lambda j: j.job_id)
+    assert [j.status for j in jobs] == ["done", "pending", "pending"]
