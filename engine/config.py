@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -50,8 +58,22 @@ APP_NAME = "memchat"
 OVERRIDES_KWARG = "memchat overrides"
 
 
+_NUMBERS = (int, float, int | None, float | None)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # pydantic's lax mode reads true as 1 and false as 0: `coalesce_wait_ms =
+    # true` would start with a 1 ms wait instead of telling the user the value
+    # is not a number (red team, this session).
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_true_or_false_for_a_number(cls, value: object, info: ValidationInfo) -> object:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and field.annotation in _NUMBERS:
+            raise ValueError("must be a number, not true or false")
+        return value
 
 
 class DatabaseSettings(_Section):
