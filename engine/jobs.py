@@ -141,6 +141,10 @@ class MemoryDispatcher:
         self._running_users: dict[int, str] = {}
         """Whose job each running task serves, until the task has finished."""
         self._stopping = False
+        self._gathering = 0
+        """Running jobs waiting for their user's next turn (_gather): they hold no slot."""
+        self._resuming = 0
+        """Jobs whose wait ended, waiting for a slot: served before new claims."""
         self._last_requeue = 0.0
         self._rate_limit: float | None = None
         """A ceiling below memory.concurrency learnt from the endpoint's 429s."""
@@ -161,6 +165,11 @@ class MemoryDispatcher:
     @property
     def running_jobs(self) -> int:
         return len(self._running)
+
+    @property
+    def _active(self) -> int:
+        """Jobs holding one of the memory.concurrency slots (not waiting for a turn)."""
+        return len(self._running) - self._gathering - self._resuming
 
     @property
     def concurrency(self) -> int:
@@ -247,7 +256,7 @@ class MemoryDispatcher:
 
     async def _dispatch(self) -> None:
         while not self._stopping:
-            free = self.concurrency - len(self._running)
+            free = self.concurrency - self._active - self._resuming
             if free <= 0:
                 await self._idle()  # a finishing job wakes us
                 continue
@@ -461,10 +470,29 @@ class MemoryDispatcher:
     async def _gather(self, job: ClaimedJob) -> None:
         """Wait, bounded, for the user's later turn under way here to be stored (its
         job then queued), so that this run takes it along: one model call for both."""
-        if self._gathers(job) and self.priority is not None:
+        if not (self._gathers(job) and self.priority is not None):
+            return
+        # The wait gives its slot back: another user's job must not queue behind
+        # a turn that may take long to end (red-team G1, memory.concurrency = 1).
+        self._gathering += 1
+        self._wake.set()
+        async with self._settled:
+            self._settled.notify_all()  # a job waiting to resume may take the slot
+        try:
             await self.priority.wait_turns_after(
                 job.user_id, job.user_message_id, self.settings.coalesce_wait_ms / 1000
             )
+        finally:
+            self._gathering -= 1
+        # A slot again before the model is asked, ahead of new claims.
+        self._resuming += 1
+        try:
+            while self._active >= self.concurrency:
+                async with self._settled:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._settled.wait(), IDLE_POLL_SECONDS)
+        finally:
+            self._resuming -= 1
 
     async def _read(self, s: UserScope, job: ClaimedJob) -> _Read:
         """The job's turn and the later ones it takes along, and (without vectors)

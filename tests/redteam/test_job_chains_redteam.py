@@ -205,12 +205,6 @@ async def test_a_hung_stream_holds_its_users_job_only_for_the_bounded_wait(
                 await hanging
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team finding: a job gathering for its user's hung turn holds a dispatcher "
-    "slot; with memory.concurrency = 1 every other user's job waits behind it "
-    "(up to coalesce_wait_ms per job of that user)",
-)
 async def test_another_users_job_is_not_held_behind_a_gathering_job(
     tmp_path: Path, database_dsn: str, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
