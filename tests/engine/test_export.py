@@ -26,6 +26,7 @@ async def _session_with_messages(store: Store, user: str) -> str:
         session = await s.create_session("Trip to Paris")
         await s.append_message(session.session_id, "user", "Show me \x1b]52;c;aGk=\x07 code")
         await s.append_message(session.session_id, "assistant", REPLY)
+        await s.append_message(session.session_id, "user", "And in shell?")
         await s.append_message(session.session_id, "assistant", "half", status="cancelled")
     return str(session.session_id)
 
@@ -37,12 +38,17 @@ async def test_export_holds_every_message_in_order_with_who_and_outcome(store: S
     assert text.startswith("# Trip to Paris\n")
     assert f"- session: {session_id}" in text
     headings = [line for line in text.splitlines() if line.startswith("## ")]
-    assert [h.split(" · ")[0] for h in headings] == ["## alice", "## assistant", "## assistant"]
-    assert headings[2].endswith("(cancelled)")
+    assert [h.split(" · ")[0] for h in headings] == [
+        "## alice",
+        "## assistant",
+        "## alice",
+        "## assistant",
+    ]
+    assert headings[3].endswith("(cancelled)")
     # The file holds the text as written: it is a document, not a terminal.
     assert "\x1b]52;c;aGk=\x07" in text
     assert text.index("Show me") < text.index("print('hi')") < text.index("half")
-    assert exported.summary == "3 messages"
+    assert exported.summary == "4 messages"
 
 
 async def test_export_pages_through_long_sessions(store: Store) -> None:
