@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import re
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -153,16 +154,22 @@ async def test_chained_jobs_under_faults_and_regenerate_are_each_run_once_for_th
     assert audit.ok, [str(f) for c in audit.failed for f in c.findings]
 
 
-async def test_a_hung_stream_holds_its_users_job_only_for_the_bounded_wait(
-    tmp_path: Path, database_dsn: str, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A turn that never ends (the endpoint says nothing) holds its user's earlier
-    job for coalesce_wait_ms, not for ever: the job ends while the turn still hangs."""
+@contextlib.asynccontextmanager
+async def _ann_behind_a_hung_turn(
+    tmp_path: Path,
+    database_dsn: str,
+    fake: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+    wait_ms: int,
+) -> AsyncIterator[tuple[Runtime, asyncio.Task[None]]]:
+    """Ann's first turn stored, then her second (newer) one, which hangs (the endpoint
+    says nothing); then the first one's reply, whose job then waits for the second.
+    Yields the runtime (memory.concurrency 1) and the hanging turn's task."""
     settings = make_settings(
         tmp_path,
         database={"url": database_dsn},
         model={"provider": "openai", "base_url": fake.base_url, "api_key": None, "timeout": 60},
-        memory={"concurrency": 1, "coalesce_wait_ms": 1500},
+        memory={"concurrency": 1, "coalesce_wait_ms": wait_ms},
     )
     record = fake._record
     hung = asyncio.Event()
@@ -180,58 +187,6 @@ async def test_a_hung_stream_holds_its_users_job_only_for_the_bounded_wait(
         async with rt.store.scope("ann") as s:
             first_sid = str((await s.create_session()).session_id)
             other_sid = str((await s.create_session()).session_id)
-        # Ann's first turn stored, then her second (newer) one, which hangs; then
-        # the first one's reply, whose job then waits for the second.
-        first = rt.agent.stream("ann", first_sid, "I keep a parrot named Polly.")
-        assert isinstance(await anext(first), TurnStarted)
-        second = rt.agent.stream("ann", other_sid, "HANGS: I also keep a cat.")
-
-        async def run_second() -> None:
-            async for _ in second:
-                pass
-
-        hanging = asyncio.create_task(run_second())
-        await asyncio.wait_for(hung.wait(), timeout=30)
-        assert isinstance(await _drain(first), TurnCompleted)
-        try:
-            assert await rt.dispatcher.wait_idle(["ann"], within=20)
-            assert not hanging.done()  # the job ended; the turn still hangs
-            async with rt.db.admin() as conn:
-                statuses = await conn.fetch("SELECT status FROM memory_jobs WHERE user_id = 'ann'")
-            assert [r["status"] for r in statuses] == ["done"]
-        finally:
-            hanging.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await hanging
-
-
-async def test_another_users_job_is_not_held_behind_a_gathering_job(
-    tmp_path: Path, database_dsn: str, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    settings = make_settings(
-        tmp_path,
-        database={"url": database_dsn},
-        model={"provider": "openai", "base_url": fake.base_url, "api_key": None, "timeout": 60},
-        memory={"concurrency": 1, "coalesce_wait_ms": 5000},
-    )
-    record = fake._record
-    hung = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def hang_the_marked_turn(body: dict[str, Any]) -> Any:
-        number, fault, queued = record(body)
-        if not body.get("tools") and "HANGS" in str(body.get("messages")):
-            loop.call_soon_threadsafe(hung.set)
-            return number, Fault("timeout"), queued
-        return number, fault, queued
-
-    monkeypatch.setattr(fake, "_record", hang_the_marked_turn)
-    async with open_runtime(settings) as rt:
-        async with rt.store.scope("ann") as s:
-            first_sid = str((await s.create_session()).session_id)
-            other_sid = str((await s.create_session()).session_id)
-        async with rt.store.scope("bob") as s:
-            bob_sid = str((await s.create_session()).session_id)
         first = rt.agent.stream("ann", first_sid, "I keep a parrot named Polly.")
         assert isinstance(await anext(first), TurnStarted)
         second = rt.agent.stream("ann", other_sid, "HANGS: I also keep a cat.")
@@ -244,15 +199,44 @@ async def test_another_users_job_is_not_held_behind_a_gathering_job(
         await asyncio.wait_for(hung.wait(), timeout=30)
         assert isinstance(await _drain(first), TurnCompleted)  # Ann's job: gathering
         try:
-            assert isinstance(
-                await _drain(rt.agent.stream("bob", bob_sid, "I like tea.")), TurnCompleted
-            )
-            assert await rt.dispatcher.wait_idle(["bob"], within=30)
-            async with rt.db.admin() as conn:
-                ann = await conn.fetchval("SELECT status FROM memory_jobs WHERE user_id = 'ann'")
-            # Bob's job ran while Ann's still waited for her hung turn.
-            assert ann == "running"
+            yield rt, hanging
         finally:
             hanging.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await hanging
+
+
+async def test_a_hung_stream_holds_its_users_job_only_for_the_bounded_wait(
+    tmp_path: Path, database_dsn: str, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A turn that never ends (the endpoint says nothing) holds its user's earlier
+    job for coalesce_wait_ms, not for ever: the job ends while the turn still hangs."""
+    async with _ann_behind_a_hung_turn(tmp_path, database_dsn, fake, monkeypatch, 1500) as (
+        rt,
+        hanging,
+    ):
+        assert await rt.dispatcher.wait_idle(["ann"], within=20)
+        assert not hanging.done()  # the job ended; the turn still hangs
+        async with rt.db.admin() as conn:
+            statuses = await conn.fetch("SELECT status FROM memory_jobs WHERE user_id = 'ann'")
+        assert [r["status"] for r in statuses] == ["done"]
+
+
+async def test_another_users_job_is_not_held_behind_a_gathering_job(
+    tmp_path: Path, database_dsn: str, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """G1: Ann's job waits for her hung turn; with one slot, Bob's job still runs."""
+    async with _ann_behind_a_hung_turn(tmp_path, database_dsn, fake, monkeypatch, 5000) as (
+        rt,
+        _hanging,
+    ):
+        async with rt.store.scope("bob") as s:
+            bob_sid = str((await s.create_session()).session_id)
+        assert isinstance(
+            await _drain(rt.agent.stream("bob", bob_sid, "I like tea.")), TurnCompleted
+        )
+        assert await rt.dispatcher.wait_idle(["bob"], within=30)
+        async with rt.db.admin() as conn:
+            ann = await conn.fetchval("SELECT status FROM memory_jobs WHERE user_id = 'ann'")
+        # Bob's job ran while Ann's still waited for her hung turn.
+        assert ann == "running"
