@@ -176,9 +176,13 @@ def test_small_terminals_keep_the_chat(term: Terminal, database_dsn: str) -> Non
     term.send("f9")
     term.wait_for("ben@example.com ›")
     term.resize(80, 24)
-    screen = term.wait_for("ben@example.com ›")
-    footer = [line for line in screen.splitlines() if line.strip()][-1]
-    assert "Help" in footer, "the footer keeps F1"
+
+    def footer(screen: str) -> str:
+        return ([line for line in screen.splitlines() if line.strip()] or [""])[-1]
+
+    # The whole frame, not its first half: a resize redraws top to bottom.
+    screen = term.wait_for(lambda s: "ben@example.com ›" in s and "Help" in footer(s))
+    assert "Help" in footer(screen), "the footer keeps F1"
 
 
 def test_ctrl_q_quits(term: Terminal) -> None:
