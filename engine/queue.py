@@ -58,18 +58,7 @@ _JOB_COLUMNS = (
 
 # -- named queries: a user's scope (app login, row-level security) -------------
 
-ENQUEUE = """
-    WITH job AS (
-        INSERT INTO memory_jobs
-            (user_id, session_id, user_message_id, assistant_message_id)
-        VALUES ($1, $2, $3, $4)
-        RETURNING job_id
-    )
-    SELECT job_id FROM job, LATERAL pg_notify($5, json_build_object(
-        'user_id', $1::text, 'job_id', job_id, 'state', 'pending')::text) n
-"""
-
-# ENQUEUE as a follow-up of the statement that stores the reply (store.FollowUp):
+# A turn's job, queued by the statement that stores its reply (store.FollowUp):
 # the reply row is ``msg``, $10 the turn's user message, $11 the channel.
 ENQUEUE_WITH_REPLY = """
     , job AS (
@@ -370,19 +359,6 @@ class JobQueue:
         return JobCounts(**row)
 
     # -- within one user's scope -------------------------------------------
-
-    @staticmethod
-    async def enqueue(scope: UserScope, user_message: Message, reply: Message) -> int:
-        """Queue extraction for one turn; workers hear of it when the scope commits."""
-        job_id: int = await scope.conn.fetchval(
-            ENQUEUE,
-            scope.user_id,
-            user_message.session_id,
-            user_message.message_id,
-            reply.message_id,
-            JOB_CHANNEL,
-        )
-        return job_id
 
     @staticmethod
     def with_reply(user_message: Message) -> FollowUp:

@@ -81,8 +81,12 @@ async def test_history_outlives_the_memory_and_jobs_outlive_their_session(
     session_id, message_id, memory_id = await _alices_rows(store)
     async with store.scope("alice") as s:
         user_message = (await s.get_messages([message_id]))[message_id]
-        reply = await s.append_message(session_id, "assistant", "Hi Alice")
-        job_id = await JobQueue.enqueue(s, user_message, reply)
+        reply = await s.append_message(
+            session_id, "assistant", "Hi Alice", follow_up=JobQueue.with_reply(user_message)
+        )
+        queued = await JobQueue.job_for_reply(s, reply.message_id)
+        assert queued is not None
+        job_id = queued.job_id
         await s.update_memory(memory_id, "Name is Alice B")
         await s.delete_memory(memory_id)
     async with store.scope("alice") as s:
