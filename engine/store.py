@@ -100,10 +100,11 @@ class FollowUp:
 @dataclass(frozen=True, slots=True)
 class Added:
     """What ``add_memory_within`` did: the new memory (None: a duplicate, or
-    ``refused`` at the limit) and how many memories the user has now."""
+    ``refused`` at the limit) and how many memories the user has now (None:
+    not counted, no limit was given)."""
 
     memory: Memory | None
-    count: int
+    count: int | None
     refused: bool = False
 
 
@@ -240,7 +241,7 @@ class UserScope:
         """Append one message; a user's first message becomes the session's title.
 
         ``follow_up``: more work over the new row, done by the same statement
-        (the memory job of a reply: ``JobQueue.follow_reply``).
+        (the memory job of a reply: ``JobQueue.with_reply``).
         """
         sid = parse_session_id(session_id)
         args = self._append_args(sid, role, content, status, error, usage)
@@ -527,7 +528,10 @@ class UserScope:
             row = await self.conn.fetchrow(
                 f"""
                 WITH n AS (
-                    SELECT count(*) AS before FROM memories WHERE user_id = $1
+                    -- Counted only against a limit (an InitPlan runs when used).
+                    SELECT CASE WHEN $9::int IS NOT NULL THEN
+                               (SELECT count(*) FROM memories WHERE user_id = $1)
+                           END AS before
                 ), m AS (
                     INSERT INTO memories
                         (user_id, content, topics, source_session_id, source_message_id)
@@ -569,11 +573,11 @@ class UserScope:
             ) from None
         assert row is not None  # FROM n (one row) LEFT JOIN m
         fields = dict(row)
-        counted: int = fields.pop("counted")
+        counted: int | None = fields.pop("counted")
         if fields["memory_id"] is None:
-            full = limit is not None and counted >= limit
+            full = counted is not None and limit is not None and counted >= limit
             return Added(None, counted, refused=full)
-        return Added(_memory(fields), counted + 1)
+        return Added(_memory(fields), None if counted is None else counted + 1)
 
     async def update_memory(
         self,
