@@ -19,6 +19,7 @@ import pytest
 from engine.db import Database
 from engine.recall import relevant_memories
 from engine.store import Store
+from tests.engine.test_recall import word_count_drift
 
 pytestmark = pytest.mark.db
 
@@ -35,26 +36,6 @@ HOSTILE = [
     "日" * 700,  # 2,100 bytes: dropped by to_tsvector, must not break the count
     "tab\there newline\nthere \u00a0nbsp \u200bzero-width",
 ]
-
-_RECOUNT = """
-    WITH kept AS (SELECT user_id, lexeme, memories FROM memory_words),
-    counted AS (
-        SELECT m.user_id, l.lexeme, count(*)::int FROM memories AS m,
-               unnest(array_append(tsvector_to_array(m.search), '')) AS l(lexeme)
-         GROUP BY m.user_id, l.lexeme
-    )
-    SELECT (SELECT count(*) FROM (TABLE kept EXCEPT ALL TABLE counted) AS a)
-         + (SELECT count(*) FROM (TABLE counted EXCEPT ALL TABLE kept) AS b)
-"""
-
-
-async def _drift(database_dsn: str) -> int:
-    """How many (user, lexeme) counts differ from a recount of the memories."""
-    owner = await asyncpg.connect(database_dsn)
-    try:
-        return int(await owner.fetchval(_RECOUNT))
-    finally:
-        await owner.close()
 
 
 class Rollback(Exception):
@@ -107,7 +88,7 @@ async def test_runtime_logins_cannot_touch_word_counts_grant_rows_or_the_index_b
     async with store.scope("bob") as s:
         await s.ensure_user()
         await s.add_memory("Bob drinks tea at noon")
-    before = await _drift(database_dsn)
+    before = await word_count_drift(database_dsn)
     async with _login(db, kind) as conn:
         # Each login as itself, in a read-write transaction of its own making
         # (the admin's pool opens a read-only one: leave it, as an attacker would).
@@ -130,7 +111,7 @@ async def test_runtime_logins_cannot_touch_word_counts_grant_rows_or_the_index_b
         if kind in ("app", "worker"):
             await conn.execute("ROLLBACK")
     assert refused == _FORBIDDEN
-    assert before == 0 and await _drift(database_dsn) == 0
+    assert before == 0 and await word_count_drift(database_dsn) == 0
     owner = await asyncpg.connect(database_dsn)
     try:
         assert (
@@ -219,13 +200,13 @@ async def test_hostile_memory_text_is_counted_exactly(store: Store, database_dsn
         await s.conn.execute(
             "UPDATE memories SET content = upper(content) || ' ' WHERE user_id = 'mallory'"
         )
-    assert await _drift(database_dsn) == 0
+    assert await word_count_drift(database_dsn) == 0
     async with store.scope("mallory") as s:
         found = [m.content for m in await relevant_memories(s, "O'Brien's backslash", 3)]
     assert any("O'BRIEN" in c for c in found), found
     async with store.scope("mallory") as s:
         await s.conn.execute("DELETE FROM memories WHERE memory_id = ANY($1::uuid[])", ids[::2])
-    assert await _drift(database_dsn) == 0
+    assert await word_count_drift(database_dsn) == 0
     owner = await asyncpg.connect(database_dsn)
     try:
         assert await owner.fetchval("SELECT count(*) FROM memory_words") > 0
@@ -297,7 +278,7 @@ async def test_counts_stay_exact_through_rollbacks_deletions_and_noop_updates(
         ),
         timeout=120,
     )
-    assert await _drift(database_dsn) == 0
+    assert await word_count_drift(database_dsn) == 0
     owner = await asyncpg.connect(database_dsn)
     try:
         assert (
@@ -350,4 +331,4 @@ async def test_a_writer_of_one_user_never_stalls_another_user(
     finally:
         release.set()
         await holder
-    assert await _drift(database_dsn) == 0
+    assert await word_count_drift(database_dsn) == 0
