@@ -220,10 +220,7 @@ async def test_tokens_are_summed_per_user_and_unknown_when_never_reported(
             await s.append_message(session.session_id, "user", "hi")
             if user_id == "alice":
                 await s.append_message(session.session_id, "assistant", "one", usage=Usage(100, 20))
-                await s.append_message(session.session_id, "user", "and?")
                 await s.append_message(session.session_id, "assistant", "two", usage=Usage(50, 5))
-                # A user message has one reply (0013): a third turn for the one without usage.
-                await s.append_message(session.session_id, "user", "more?")
             await s.append_message(session.session_id, "assistant", "no usage reported")
     await _insert_job(db, "alice", "done", tokens=(300, 12))
     await _insert_job(db, "alice", "done")  # this endpoint said nothing

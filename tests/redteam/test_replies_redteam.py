@@ -197,15 +197,20 @@ async def test_two_regenerates_at_once_leave_one_reply_and_the_users_words(
             assert left[0].content == f"hello from {user}"
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team finding R2: a regenerate that starts while a turn's reply is still "
+    "streaming (another process: a CLI, a second tab of the same user) answers that turn "
+    "too; both replies are stored, the turn ends with two",
+)
 async def test_regenerate_during_a_streaming_reply_leaves_one_reply(
     tmp_path: Path, database_dsn: str
 ) -> None:
     """Attack: while a reply streams (its user message stored, no reply yet), another
     process regenerates the session, for 50 users at once. Expected: one reply per
-    user message. Finding R2: `_begin_again` takes the reply-less user message as its
+    user message. On main: `_begin_again` takes the reply-less user message as its
     turn ("a message left without a reply gets one"), `replace_reply` deletes nothing,
-    and the streaming turn then appended its own reply: two replies. Fixed by
-    migration 0013: the reply stored last (here the turn's) removes the other."""
+    and the streaming turn then appends its own reply: two replies."""
     users = [f"s{n}@example.com" for n in range(USERS)]
     async with open_runtime(_offline(tmp_path, database_dsn), run_workers=False) as rt:
         sessions = {}
